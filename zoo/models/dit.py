@@ -1,0 +1,1 @@
+"""(family module; filled in by its issue)"""
