@@ -1,0 +1,51 @@
+# mmzoo: every target installs what it needs first, so on a fresh machine `make train` and `make test` suffice.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mmzoo-installed
+# torch first and pinned: on our machines these two wheels install from local disk; override for another build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+RECIPE ?= recipes/moe_llava/shapes_tiny.yaml
+MODEL  ?= moe_llava_tiny.shapes
+TASKS  ?= shapes_vqa,shapes_pope
+PYTEST_ARGS ?=
+
+.PHONY: setup train eval test test-all bench lint clean help
+
+help:
+	@echo "make setup            create $(VENV) with mmzoo (editable) and dev tools"
+	@echo "make train [RECIPE=]  run a staged recipe (default: $(RECIPE))"
+	@echo "make eval  [MODEL= TASKS=]  evaluate a model (default: $(MODEL) on $(TASKS))"
+	@echo "make test             fast test suite;  make test-all  also the slow end-to-end tests"
+	@echo "make bench            benchmarks, printed as ratios against same-run baselines"
+	@echo "make lint             ruff"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+train: setup
+	$(BIN)/zoo train $(RECIPE)
+
+eval: setup
+	$(BIN)/zoo eval --model $(MODEL) --tasks $(TASKS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m eval.bench
+
+lint: setup
+	$(BIN)/ruff check zoo data eval tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
