@@ -1,0 +1,392 @@
+"""LLaVA conversation data: records, readers, template application, masking, image-token expansion, batching.
+
+Records follow LLaVA's JSON: ``{"id", "image": "rel/path.png" | [paths] (absent for text-only records),
+"conversations": [{"from": "human" | "gpt", "value": "..."}, ...]}``; a human turn holds one ``<image>`` placeholder
+per image. They come from a JSON file + an image folder, or from webdataset shards (``<key>.json`` holding the record,
+``<key>.png``/``.jpg`` the image).
+
+Encoding (per record): the conversation template renders ``(text, supervised)`` pieces; each piece is tokenized on its
+own and labels are the token ids on supervised pieces (the answers and their end-of-turn token) and ``-100``
+elsewhere, so masking never depends on re-counting a rendered string. Every ``<image>`` token is expanded to
+``num_image_tokens`` copies, which the model replaces with the projected patch features. Sequences longer than
+``max_length`` are truncated from the right (counted), unless truncation would cut an image or leave no supervised
+token: then the record is over-long.
+
+Bad input (missing or corrupt image, ``<image>`` without an image or an image without ``<image>``, malformed fields,
+over-long records) raises ``LlavaDataError`` naming the file, the record and the field, or, with
+``on_error="skip"``, is skipped and counted; ``LlavaDataset.summary()`` reports the counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from zoo.conversation import IMAGE_PLACEHOLDER, Template, Turn
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LlavaDataError",
+    "Record",
+    "Encoded",
+    "parse_record",
+    "read_llava_json",
+    "read_llava_webdataset",
+    "encode_conversation",
+    "build_image_transform",
+    "LlavaDataset",
+    "LlavaCollator",
+]
+
+IGNORE_INDEX = -100
+_ROLES = ("human", "gpt")
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class LlavaDataError(ValueError):
+    """A record that cannot be used; the message names the file, the record and the field.
+
+    ``reason`` is a short category (``image``, ``placeholder``, ``overlong``, ``format``) used for skip counts.
+    """
+
+    def __init__(self, message: str, reason: str = "format") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: str
+    conversations: tuple[Turn, ...]
+    images: tuple[str, ...] = ()  # paths relative to the image folder, or shard member names
+    source: str = "<memory>"  # the file the record came from, for error messages
+    image_bytes: tuple[bytes, ...] | None = None  # webdataset records carry their images in memory
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: record {self.id!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def parse_record(obj: Any, source: str, index: int) -> Record:
+    """Validate one LLaVA JSON record; errors name ``source``, the record (id or index) and the field."""
+    rid = obj.get("id", f"#{index}") if isinstance(obj, dict) else f"#{index}"
+    where = f"{source}: record {rid!r} (index {index})"
+    if not isinstance(obj, dict):
+        raise LlavaDataError(f"{where}: expected an object with 'id' and 'conversations', got {type(obj).__name__}")
+    convs = obj.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise LlavaDataError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} turns")
+    turns = []
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+            raise LlavaDataError(
+                f"{where}: field 'conversations[{j}]' must be {{\"from\": \"human\"|\"gpt\", \"value\": str}}, "
+                f"got {turn!r}"
+            )
+        turns.append(Turn(turn["from"], turn["value"]))
+    for j, t in enumerate(turns):
+        if t.role != _ROLES[j % 2]:
+            raise LlavaDataError(
+                f"{where}: field 'conversations[{j}].from' is {t.role!r}; turns must alternate human, gpt, ..."
+            )
+    image = obj.get("image")
+    if image is None:
+        images: tuple[str, ...] = ()
+    elif isinstance(image, str):
+        images = (image,)
+    elif isinstance(image, list) and all(isinstance(p, str) for p in image):
+        images = tuple(image)
+    else:
+        raise LlavaDataError(f"{where}: field 'image' must be a path or a list of paths, got {image!r}")
+    return Record(id=str(rid), conversations=tuple(turns), images=images, source=source)
+
+
+def read_llava_json(path: str | os.PathLike) -> list[Record]:
+    """Read a LLaVA conversation JSON file (a list of records)."""
+    path = Path(path)
+    try:
+        items = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LlavaDataError(f"{path}: file not found (data.json_path)") from None
+    except json.JSONDecodeError as e:
+        raise LlavaDataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(items, list):
+        raise LlavaDataError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
+    return [parse_record(obj, str(path), i) for i, obj in enumerate(items)]
+
+
+def read_llava_webdataset(urls: str | Sequence[str]) -> list[Record]:
+    """Read webdataset shards whose samples hold ``json`` (the LLaVA record) and optionally an image member."""
+    import webdataset as wds
+
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    for url in urls:
+        if not Path(url).exists():
+            raise LlavaDataError(f"{url}: shard not found (data.shards)")
+    records = []
+    for i, sample in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False)):
+        source = f"{sample.get('__url__', urls[0])}[{sample['__key__']}]"
+        if "json" not in sample:
+            raise LlavaDataError(f"{source}: sample {sample['__key__']!r} has no .json member with the record")
+        try:
+            obj = json.loads(sample["json"])
+        except json.JSONDecodeError as e:
+            raise LlavaDataError(f"{source}: field 'json' is not valid JSON ({e})") from None
+        rec = parse_record(obj, source, i)
+        data = [sample[ext] for ext in _IMAGE_EXTS if ext in sample]
+        if rec.images and len(data) != len(rec.images):
+            raise LlavaDataError(
+                f"{rec.where}: field 'image' names {len(rec.images)} image(s) but the shard sample holds "
+                f"{len(data)} image member(s) ({', '.join(_IMAGE_EXTS)})"
+            )
+        if data and not rec.images:
+            rec = Record(rec.id, rec.conversations, (f"{sample['__key__']}.image",), source, tuple(data))
+        elif data:
+            rec = Record(rec.id, rec.conversations, rec.images, source, tuple(data))
+        records.append(rec)
+    return records
+
+
+def encode_conversation(
+    record: Record,
+    template: Template,
+    tokenizer: Any,
+    num_image_tokens: int,
+    max_length: int,
+    truncate: bool = True,
+) -> Encoded:
+    """Token ids and labels for ``record`` (see the module docstring); raises ``LlavaDataError`` on bad input."""
+    n_placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in record.conversations)
+    if any(IMAGE_PLACEHOLDER in t.text for t in record.conversations if t.role == "gpt"):
+        raise LlavaDataError(
+            f"{record.where}: field 'conversations': {IMAGE_PLACEHOLDER} in a gpt turn", "placeholder"
+        )
+    if n_placeholders != len(record.images):
+        what = (
+            f"has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(record.images)} image(s)"
+            if record.images
+            else f"has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but no 'image' field"
+        )
+        raise LlavaDataError(
+            f"{record.where}: field 'conversations' {what}; put one {IMAGE_PLACEHOLDER} in a human turn per image",
+            "placeholder",
+        )
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, supervised in template.segments(record.conversations):
+        for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if k:
+                ids += [image_id] * num_image_tokens
+                labels += [IGNORE_INDEX] * num_image_tokens
+            if part:
+                toks = tokenizer(part, add_special_tokens=False).input_ids
+                ids += toks
+                labels += toks if supervised else [IGNORE_INDEX] * len(toks)
+    if not any(lab != IGNORE_INDEX for lab in labels):
+        raise LlavaDataError(f"{record.where}: field 'conversations' has no gpt answer to supervise")
+    if len(ids) <= max_length:
+        return Encoded(ids, labels, truncated=False)
+    cut_ids, cut_labels = ids[:max_length], labels[:max_length]
+    cuts_image = cut_ids.count(image_id) != ids.count(image_id)
+    if not truncate or cuts_image or all(lab == IGNORE_INDEX for lab in cut_labels):
+        why = "it would cut an image" if cuts_image else "no answer token would remain"
+        raise LlavaDataError(
+            f"{record.where}: field 'conversations' is {len(ids)} tokens long (with {num_image_tokens} tokens per "
+            f"image), over max_length={max_length}; "
+            + ("truncation is off" if not truncate else f"truncating is not possible because {why}")
+            + "; raise max_length or shorten the record",
+            "overlong",
+        )
+    return Encoded(cut_ids, cut_labels, truncated=True)
+
+
+def build_image_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_to_square: bool = True,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalised float tensor [3, S, S]; LLaVA's ``pad`` aspect mode pads to a square with the mean."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    fill = tuple(int(round(m * 255)) for m in mean)
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB")
+        w, h = img.size
+        if pad_to_square and w != h:
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), fill)
+            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+            img = canvas
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
+        return (x.permute(2, 0, 1).float() / 255.0 - mean_t) / std_t
+
+    return transform
+
+
+@dataclass
+class DataStats:
+    total: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    examples: list[str] = field(default_factory=list)  # first few skip messages
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+
+class LlavaDataset(Dataset):
+    """Map-style dataset of encoded LLaVA records.
+
+    Text is validated and encoded up front (cheap, and it gives exact truncation and skip counts before training);
+    images are opened up front too when ``verify_images`` (so a missing or corrupt file fails before step 1) and
+    decoded lazily in ``__getitem__``.
+    """
+
+    def __init__(
+        self,
+        records: Iterable[Record],
+        *,
+        tokenizer: Any,
+        template: Template,
+        num_image_tokens: int,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        image_folder: str | os.PathLike | None = None,
+        max_length: int = 2048,
+        truncate: bool = True,
+        on_error: Literal["raise", "skip"] = "raise",
+        verify_images: bool = True,
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.template, self.tokenizer = template, tokenizer
+        self.image_transform = image_transform
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.on_error = on_error
+        self.stats = DataStats()
+        self.records: list[Record] = []
+        self.encoded: list[Encoded] = []
+        for rec in records:
+            self.stats.total += 1
+            try:
+                enc = encode_conversation(rec, template, tokenizer, num_image_tokens, max_length, truncate)
+                if verify_images:
+                    for k in range(len(rec.images)):
+                        with self._open(rec, k) as img:
+                            img.verify()
+            except LlavaDataError as e:
+                self._fail(e)
+                continue
+            self.stats.truncated += enc.truncated
+            self.records.append(rec)
+            self.encoded.append(enc)
+        if not self.records:
+            raise LlavaDataError(f"no usable records (of {self.stats.total}); {self.summary()}")
+
+    def _fail(self, err: LlavaDataError) -> None:
+        if self.on_error == "raise":
+            raise err
+        self.stats.skip(err.reason, str(err))
+
+    def _open(self, rec: Record, k: int) -> Image.Image:
+        if rec.image_bytes is not None:
+            where, fp = f"{rec.where}: field 'image' ({rec.images[k]})", io.BytesIO(rec.image_bytes[k])
+        else:
+            path = (self.image_folder / rec.images[k]) if self.image_folder is not None else Path(rec.images[k])
+            where = f"{rec.where}: field 'image': {path}"
+            if not path.is_file():
+                raise LlavaDataError(f"{where} not found (check data.image_folder)", "image")
+            fp = path
+        try:
+            return Image.open(fp)
+        except (UnidentifiedImageError, OSError) as e:
+            raise LlavaDataError(f"{where} is not a readable image ({e})", "image") from None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        rec, enc = self.records[i], self.encoded[i]
+        try:
+            images = []
+            for k in range(len(rec.images)):
+                with self._open(rec, k) as img:
+                    try:
+                        images.append(self.image_transform(img))
+                    except OSError as e:  # truncated files pass verify() but fail on decode
+                        raise LlavaDataError(f"{rec.where}: field 'image' cannot be decoded ({e})", "image") from None
+        except LlavaDataError as e:
+            self._fail(e)
+            return None  # the collator drops it
+        return {
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "images": images,
+            "id": rec.id,
+        }
+
+    def summary(self) -> str:
+        s = self.stats
+        parts = [f"{len(self.records)}/{s.total} records used", f"{s.truncated} truncated"]
+        if s.skipped:
+            parts.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(s.skipped.items())))
+        return "; ".join(parts)
+
+    def num_supervised_tokens(self) -> int:
+        return sum(sum(lab != IGNORE_INDEX for lab in e.labels) for e in self.encoded)
+
+
+@dataclass(frozen=True, slots=True)
+class LlavaCollator:
+    """Pads a list of dataset items into ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values``.
+
+    ``pixel_values`` stacks the images of the batch in order of appearance ([N_images, 3, H, W]) or is ``None`` for
+    a text-only batch; the model fills the image-token positions of the batch with them in the same order.
+    """
+
+    pad_token_id: int
+    padding_side: Literal["right", "left"] = "right"
+
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        items = [it for it in items if it is not None]
+        if not items:
+            raise LlavaDataError("a whole batch was skipped (every record in it is bad); see the dataset summary")
+        n = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), n), dtype=torch.long)
+        for b, it in enumerate(items):
+            k = len(it["input_ids"])
+            sl = slice(0, k) if self.padding_side == "right" else slice(n - k, n)
+            ids[b, sl], labels[b, sl], mask[b, sl] = it["input_ids"], it["labels"], 1
+        images = [img for it in items for img in it["images"]]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": torch.stack(images) if images else None,
+            "ids": [it["id"] for it in items],
+        }
