@@ -1,0 +1,292 @@
+"""Vision towers: thin adapters over open_clip, transformers and timm ViTs with one interface.
+
+Every tower exposes ``forward_features(pixels) -> [B, N, C]`` (the patch features an LLaVA-style model feeds its
+projector), ``out_dim`` (C), ``num_patches`` (N) and ``data_cfg`` (mean, std, image size for the transform).
+
+Features follow LLaVA: the hidden states after layer ``select_layer`` (``-2`` = the penultimate layer, before any
+final norm), with ``select_feature="patch"`` dropping the class/prefix tokens or ``"cls_patch"`` keeping them.
+``drop_first_token=True`` reproduces MoE-LLaVA's SigLIP quirk: its tower code drops index 0 although SigLIP has no
+class token, so SigLIP-so400m/14 at 384 px gives 728 instead of 729 tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "VisionTowerConfig",
+    "VisionTower",
+    "HFVisionTower",
+    "OpenClipVisionTower",
+    "TimmVisionTower",
+    "build_vision_tower",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+# Class/prefix tokens in front of the patch tokens and the normalisation each HF vision model type was trained with.
+_HF_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+_HF_DEFAULT_NORM = {"clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "siglip_vision_model": (HALF, HALF)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionTowerConfig:
+    """What a tower is. JSON-able, so it rides in a checkpoint's ``model_args``.
+
+    ``kind``: ``"hf"`` (``config`` is a transformers vision config dict with ``model_type`` ``clip_vision_model`` or
+    ``siglip_vision_model``), ``"open_clip"`` (``model_name`` is an open_clip config name, ``config`` extra kwargs for
+    ``open_clip.create_model``), ``"timm"`` (``model_name`` a timm ViT name, ``config`` kwargs for
+    ``timm.create_model``), ``"zoo"`` (``model_name`` a registered mmzoo architecture whose model has an open_clip
+    ``.visual``, ``config`` its model_args).
+    """
+
+    kind: str
+    model_name: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    select_layer: int = -2
+    select_feature: str = "patch"
+    drop_first_token: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _BUILDERS:
+            raise ValueError(f"vision tower kind {self.kind!r} unknown; use one of {sorted(_BUILDERS)}")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("mean", "std"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | VisionTowerConfig) -> VisionTowerConfig:
+        if isinstance(d, VisionTowerConfig):
+            return d
+        d = dict(d)
+        for k in ("mean", "std"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class VisionTower(nn.Module):
+    """Base: subclasses provide ``_select_hidden(pixels) -> [B, prefix + patches, C]`` and the size attributes."""
+
+    num_prefix_tokens: int
+    grid_tokens: int  # patch tokens per image
+    width: int
+    image_size: int
+
+    def __init__(self, cfg: VisionTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must implement _select_hidden")
+
+    def _block_index(self, num_blocks: int) -> int:
+        # HF's hidden_states has num_blocks + 1 entries (embeddings first); hidden_states[s] is block s-1's output.
+        s = self.cfg.select_layer
+        idx = num_blocks + s if s < 0 else s - 1
+        if not 0 <= idx < num_blocks:
+            raise ValueError(f"select_layer={s} is out of range for a tower with {num_blocks} blocks")
+        return idx
+
+    @property
+    def out_dim(self) -> int:
+        return self.width
+
+    @property
+    def num_patches(self) -> int:
+        n = self.grid_tokens + (self.num_prefix_tokens if self.cfg.select_feature == "cls_patch" else 0)
+        return n - (1 if self.cfg.drop_first_token else 0)
+
+    @property
+    def data_cfg(self) -> dict[str, Any]:
+        mean, std = self._default_norm()
+        return {
+            "mean": tuple(self.cfg.mean or mean),
+            "std": tuple(self.cfg.std or std),
+            "image_size": self.image_size,
+        }
+
+    def _default_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"vision tower expects pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+        h = self._select_hidden(pixels)
+        if self.cfg.select_feature == "patch":
+            h = h[:, self.num_prefix_tokens :]
+        if self.cfg.drop_first_token:
+            h = h[:, 1:]
+        return h
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(pixels)
+
+
+class HFVisionTower(VisionTower):
+    """transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` (via ``output_hidden_states=True``)."""
+
+    def __init__(self, cfg: VisionTowerConfig, model: nn.Module | None = None) -> None:
+        super().__init__(cfg)
+        from transformers import AutoConfig, AutoModel
+
+        if model is None:
+            conf = dict(cfg.config)
+            model_type = conf.pop("model_type", None)
+            if model_type not in _HF_PREFIX_TOKENS:
+                raise ValueError(
+                    f"hf vision tower config needs model_type in {sorted(_HF_PREFIX_TOKENS)}, got {model_type!r}"
+                )
+            model = AutoModel.from_config(AutoConfig.for_model(model_type, **conf), attn_implementation="sdpa")
+        self.model = model
+        c = model.config
+        self.model_type = c.model_type
+        self.num_prefix_tokens = _HF_PREFIX_TOKENS[c.model_type]
+        self.grid_tokens = (c.image_size // c.patch_size) ** 2
+        self.width = c.hidden_size
+        self.image_size = c.image_size
+
+    def _default_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return _HF_DEFAULT_NORM[self.model_type]
+
+    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        return out.hidden_states[self.cfg.select_layer]
+
+
+class OpenClipVisionTower(VisionTower):
+    """An open_clip ``VisionTransformer`` (``model.visual``), via its ``forward_intermediates``."""
+
+    def __init__(self, cfg: VisionTowerConfig, visual: nn.Module | None = None) -> None:
+        super().__init__(cfg)
+        if visual is None:
+            visual = _build_open_clip_visual(cfg)
+        if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
+            raise TypeError(f"{type(visual).__name__} is not an open_clip VisionTransformer")
+        self.visual = visual
+        self.num_prefix_tokens = 1  # open_clip ViTs always carry one class token
+        grid = visual.grid_size
+        self.grid_tokens = int(grid[0] * grid[1])
+        self.width = visual.transformer.width
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self._block = self._block_index(len(visual.transformer.resblocks))
+
+    def _default_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        pre = getattr(self.visual, "preprocess_cfg", None) or {}
+        mean = pre.get("mean", getattr(self.visual, "image_mean", None)) or OPENAI_CLIP_MEAN
+        std = pre.get("std", getattr(self.visual, "image_std", None)) or OPENAI_CLIP_STD
+        return tuple(mean), tuple(std)
+
+    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.visual.forward_intermediates(
+            pixels,
+            indices=[self._block],
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+
+
+class TimmVisionTower(VisionTower):
+    """A timm ViT (``VisionTransformer`` family), via its ``forward_intermediates``."""
+
+    def __init__(self, cfg: VisionTowerConfig, model: nn.Module | None = None) -> None:
+        super().__init__(cfg)
+        import timm
+
+        if model is None:
+            if not cfg.model_name:
+                raise ValueError("timm vision tower needs model_name (a timm ViT architecture)")
+            model = timm.create_model(cfg.model_name, pretrained=False, num_classes=0, **cfg.config)
+        self.model = model
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.grid_tokens = int(model.patch_embed.num_patches)
+        self.width = int(model.embed_dim)
+        self.image_size = int(model.patch_embed.img_size[0])
+        self._block = self._block_index(len(model.blocks))
+
+    def _default_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        pc = getattr(self.model, "pretrained_cfg", None) or {}
+        return tuple(pc.get("mean", HALF)), tuple(pc.get("std", HALF))
+
+    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.forward_intermediates(
+            pixels,
+            indices=[self._block],
+            return_prefix_tokens=True,
+            norm=False,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        spatial, prefix = out[0]
+        if prefix is None:
+            return spatial
+        return torch.cat([prefix, spatial], dim=1)
+
+
+def _build_open_clip_visual(cfg: VisionTowerConfig) -> nn.Module:
+    import open_clip
+
+    if not cfg.model_name:
+        raise ValueError("open_clip vision tower needs model_name (an open_clip config name such as 'ViT-B-32')")
+    model = open_clip.create_model(cfg.model_name, pretrained=None, **cfg.config)
+    return model.visual
+
+
+def _build_zoo_visual(cfg: VisionTowerConfig) -> nn.Module:
+    from zoo.registry import create_model
+
+    if not cfg.model_name:
+        raise ValueError("zoo vision tower needs model_name (a registered mmzoo CLIP architecture)")
+    model = create_model(cfg.model_name, **cfg.config)
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise TypeError(f"mmzoo model {cfg.model_name!r} has no open_clip `.visual` image tower")
+    return visual
+
+
+def _hf(cfg: VisionTowerConfig) -> VisionTower:
+    return HFVisionTower(cfg)
+
+
+def _open_clip(cfg: VisionTowerConfig) -> VisionTower:
+    return OpenClipVisionTower(cfg)
+
+
+def _timm(cfg: VisionTowerConfig) -> VisionTower:
+    return TimmVisionTower(cfg)
+
+
+def _zoo(cfg: VisionTowerConfig) -> VisionTower:
+    return OpenClipVisionTower(cfg, _build_zoo_visual(cfg))
+
+
+_BUILDERS = {"hf": _hf, "open_clip": _open_clip, "timm": _timm, "zoo": _zoo}
+
+
+def build_vision_tower(cfg: VisionTowerConfig | dict[str, Any]) -> VisionTower:
+    cfg = VisionTowerConfig.from_dict(cfg)
+    tower = _BUILDERS[cfg.kind](cfg)
+    if tower.num_patches <= 0:
+        raise ValueError(f"vision tower {cfg} yields no patch tokens")
+    return tower
