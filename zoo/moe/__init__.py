@@ -1,0 +1,67 @@
+"""One mixture-of-experts core for every family (MoE-LLaVA, Uni-MoE, DiT-MoE, DeepSeekMoE-style models).
+
+Usage::
+
+    from zoo.moe import MoE, MoEConfig, collect_aux_loss, moe_layers, upcycle_causal_lm
+
+    cfg = MoEConfig(hidden_size=512, expert_hidden_size=1024, num_experts=8, top_k=2)   # SwiGLU, dropless
+    moe = MoE(cfg, name="layers.3.mlp")
+    y = moe(x)                      # x [..., 512] -> y [..., 512]; drops into an MLP slot
+    loss = task_loss + collect_aux_loss(model)   # sum of every MoE layer's weighted aux loss (training mode)
+    moe.last_stats                  # MoEStats: top_k_indices [T, k], top_k_weights, expert_load [E], drop_rate, ...
+
+    MoE.from_dense(hf_mlp_or_timm_mlp, num_experts=4, top_k=2, capacity_factor=1.5, ...)   # upcycling
+    MoE.from_hf(mixtral_or_qwen2moe_or_deepseekv2_block)                              # exact import
+    upcycle_causal_lm(hf_causal_lm, num_experts=4, top_k=2, layers="sparse")           # every other layer
+
+Family settings:
+
+* MoE-LLaVA (DeepSpeed top-2): ``expert_type="gelu", activation="gelu_new"`` (Phi-2) or SwiGLU (StableLM),
+  ``num_experts=4, top_k=2, capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0, normalize_top_k=True,
+  balance_loss="top1", balance_loss_coef=0.01`` (optionally ``second_choice_noise=True`` for DeepSpeed's Gumbel
+  second choice in training).
+* Uni-MoE / MixLoRA: ``lora_rank=8, lora_alpha=16`` (frozen base FFN shared by all experts, per-expert LoRA),
+  ``balance_loss=None``.
+* DiT-MoE: SwiGLU, ``normalize_top_k=False``, ``num_shared_experts=2`` with ``shared_expert_hidden_size=2*D``,
+  ``balance_loss="topk"`` (f counted over all T*k choices, times E, as DiT-MoE's code), ``balance_loss_coef=0.01``.
+* DeepSeek-V2 / Qwen2-MoE: ``routed_scaling``, ``num_groups``/``topk_groups``, ``shared_expert_gate=True``,
+  ``granularity`` (fine-grained split of each expert into m narrower ones, m*k active).
+
+Parameter names and shapes (E = routed experts after the fine-grained split, h = their width, d = hidden size):
+
+* ``router.weight [E, d]`` (fp32 always; bias-free)
+* SwiGLU experts: ``experts.gate_up_proj [E, 2h, d]`` (rows 0..h-1 = gate_proj, h..2h-1 = up_proj, as transformers
+  v5) and ``experts.down_proj [E, d, h]``
+* GELU experts: ``experts.fc1_weight [E, h, d]``, ``experts.fc1_bias [E, h]``, ``experts.fc2_weight [E, d, h]``,
+  ``experts.fc2_bias [E, d]``
+* LoRA experts: frozen ``experts.base.{gate_proj,up_proj,down_proj}.weight`` (or ``experts.base.fc1/fc2``) plus
+  ``experts.lora_A_<p> [E, r, in]`` and ``experts.lora_B_<p> [E, out, r]`` for p in gate/up/down (or fc1/fc2)
+* shared experts: ``shared_expert.{gate_proj,up_proj,down_proj}.weight`` (SwiGLU) or ``shared_expert.fc1/fc2``
+  (GELU), ``shared_expert_gate.weight [1, d]``
+
+Semantics: router logits in fp32, softmax over all E, top-k (first choice first). Capacity mode follows DeepSpeed /
+GShard: capacity = max(ceil(T / E * factor * k), min_capacity) with the train or eval factor; first choices have
+priority over second choices, then token order; the kept weights are renormalised (if ``normalize_top_k``); a token
+whose every choice is dropped gets 0 from the routed experts (plus any shared expert) and passes via the residual.
+``aux_loss`` = balance_loss_coef * E * sum_i f_i P_i + z_loss_coef * mean(logsumexp(logits)^2), computed in training
+mode only.
+"""
+
+from zoo.moe.convert import from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
+from zoo.moe.grouped import grouped_linear
+from zoo.moe.layer import ACTIVATIONS, MoE, MoEConfig, MoEStats, capacity_for, collect_aux_loss, moe_layers
+
+__all__ = [
+    "ACTIVATIONS",
+    "MoE",
+    "MoEConfig",
+    "MoEStats",
+    "capacity_for",
+    "collect_aux_loss",
+    "from_dense",
+    "from_hf",
+    "grouped_linear",
+    "moe_layer_indices",
+    "moe_layers",
+    "upcycle_causal_lm",
+]
