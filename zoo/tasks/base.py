@@ -1,0 +1,267 @@
+"""StageTask: the LightningModule every recipe task derives from.
+
+A task is *model + loss + data + evaluation* for one kind of stage. Subclasses write the parts that differ; the base
+class owns the training loop plumbing so that every family resumes, shards and schedules the same way::
+
+    @register_task("my_task")
+    class MyTask(StageTask):
+        ModelConfig = MyModelConfig        # dataclasses: the recipe's `model:`, `data:` and `eval:` sections are
+        DataConfig = MyDataConfig          # validated against them (unknown key / wrong type -> error naming the
+        EvalConfig = MyEvalConfig          # file and key path) and passed in as instances
+
+        def __init__(self, model_cfg, data_cfg, eval_cfg, stage):
+            super().__init__(model_cfg, data_cfg, eval_cfg, stage)
+            self.architecture, self.model_args = "my_model_tiny", {"width": model_cfg.width}
+            self.model = create_model(self.architecture, **self.model_args)   # a plain nn.Module
+
+        def train_dataset(self) -> Dataset: ...                  # map-style, deterministic per index
+        def compute_loss(self, batch) -> tuple[Tensor, dict]: ... # (loss, {"name": value} to log)
+        def evaluate(self, out_dir: Path) -> dict[str, float]: ...# after training, on global rank 0
+
+Optional overrides: ``collate_fn`` (default: torch's default collate), ``init_from(source)`` (default: strict load
+of an exported directory into ``self.model``; override e.g. to upcycle a dense checkpoint into MoE experts) and
+``export(out_dir)`` (default: ``save_pretrained(self.model, out_dir, self.architecture, self.model_args)``).
+
+What the base class supplies:
+
+- ``train_dataloader``: an infinite, resumable stream (:class:`StepBatchSampler`). Micro-batch ``k`` on rank ``r``
+  is a pure function of ``(seed, k, r)``, so a run resumed from a checkpoint sees exactly the batches an
+  uninterrupted run would have seen, and ``N`` processes with ``batch_size = B / N`` see the same global batches as
+  one process with ``batch_size = B``.
+- ``on_train_batch_start``: reseeds ``torch``/``numpy``/``random`` from ``(seed, step, micro-batch, rank)`` so
+  dropout and random augmentation are also a function of the step (Lightning checkpoints do not store RNG state).
+- ``training_step`` (logs ``loss``, the task's logs and ``lr``), ``configure_optimizers`` (over parameters with
+  ``requires_grad``; weight decay only on tensors with ``ndim >= 2``; warmup + cosine/linear/constant schedule,
+  stepped per optimizer step).
+
+The runner (``zoo/train.py``) constructs the task, calls ``init_from`` (fresh stages only: a resumed stage gets its
+weights from the checkpoint), applies the recipe's ``trainable``/``frozen`` globs to ``self.model``, fits, then calls
+``evaluate`` and ``export``. Keep the task module's top-level imports light (torch, lightning, config dataclasses):
+import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from zoo.registry import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
+
+if TYPE_CHECKING:
+    from zoo.recipe import StageSpec
+
+__all__ = ["StageTask", "StepBatchSampler", "build_lr_lambda", "mix_seed"]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; distinct tuples give unrelated streams (splitmix64 finaliser)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """An infinite stream of micro-batches of dataset indices, each a pure function of its position.
+
+    The global sample stream walks a fresh seeded permutation of the dataset every epoch. Micro-batch ``k``
+    (counted from the start of the stage) covers global positions ``[k*B*W + r*B, k*B*W + (r+1)*B)`` on rank ``r`` of
+    ``W`` ranks with per-rank batch ``B``. ``start`` is where a resumed run picks up (``global_step * accumulate``).
+    It has no ``__len__``: training length comes from ``trainer.max_steps``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if num_samples <= 0:
+            raise ValueError("the training dataset is empty")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=gen)
+        return int(self._perm[offset])
+
+    def batch(self, k: int) -> list[int]:
+        first = k * self.batch_size * self.world_size + self.rank * self.batch_size
+        return [self._index(p) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = self.start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+def build_lr_lambda(name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Multiplier on the base lr at optimizer step ``s``: linear warmup, then cosine / linear decay or constant."""
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if name == "cosine" else 1.0 - progress
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+    return fn
+
+
+class StageTask(L.LightningModule, ABC):
+    """Base class of recipe tasks; see the module docstring for the contract."""
+
+    ModelConfig: ClassVar[type]
+    DataConfig: ClassVar[type]
+    EvalConfig: ClassVar[type]
+    task_name: ClassVar[str]  # set by @register_task
+
+    #: set by subclasses in __init__: the registered architecture and the kwargs that rebuild ``self.model``
+    architecture: str
+    model_args: dict[str, Any]
+    model: nn.Module
+
+    def __init__(self, model_cfg: Any, data_cfg: Any, eval_cfg: Any, stage: StageSpec):
+        super().__init__()
+        self.model_cfg, self.data_cfg, self.eval_cfg, self.stage = model_cfg, data_cfg, eval_cfg, stage
+        self._train_dataset: Dataset | None = None
+        self.last_logs: dict[str, float] = {}
+
+    # ---- hooks for subclasses -------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def train_dataset(self) -> Dataset:
+        """The map-style training dataset (item ``i`` must be a deterministic function of ``i``)."""
+
+    def collate_fn(self, samples: list[Any]) -> Any:
+        """Turn a list of dataset items into a batch (default: torch's default collate)."""
+        return torch.utils.data.default_collate(samples)
+
+    @abstractmethod
+    def compute_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Return ``(loss, logs)``; ``logs`` values are logged under their names (scalars)."""
+
+    def evaluate(self, out_dir: Path) -> dict[str, float]:
+        """Numbers for summary.json and the results table, computed after training on global rank 0."""
+        return {}
+
+    def init_from(self, source: Path) -> None:
+        """Load an exported directory (``config.json`` + ``model.safetensors``) into ``self.model``, strictly."""
+        import json
+
+        from safetensors.torch import load_model
+
+        source = Path(source)
+        config = json.loads((source / CONFIG_NAME).read_text())
+        if config.get("architecture") != self.architecture:
+            raise ValueError(
+                f"{source}: holds a {config.get('architecture')!r} model but task {self.task_name!r} builds "
+                f"{self.architecture!r}; override {type(self).__name__}.init_from to convert between them"
+            )
+        missing, unexpected = load_model(self.model, str(source / WEIGHTS_NAME), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{source / WEIGHTS_NAME}: does not match {self.architecture}: missing {sorted(missing)[:10]}, "
+                f"unexpected {sorted(unexpected)[:10]}"
+            )
+
+    def export(self, out_dir: Path) -> Path:
+        """Write the trained model as a ``zoo.load``-able directory."""
+        extra = {"task": self.task_name, "stage": self.stage.name}
+        return save_pretrained(self.model, out_dir, self.architecture, self.model_args, **extra)
+
+    # ---- supplied by the base class -------------------------------------------------------------------------------
+
+    def get_train_dataset(self) -> Dataset:
+        """``train_dataset()``, built once."""
+        if self._train_dataset is None:
+            self._train_dataset = self.train_dataset()
+        return self._train_dataset
+
+    @property
+    def micro_batches_done(self) -> int:
+        trainer = self._trainer
+        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.get_train_dataset()
+        trainer = self.trainer
+        sampler = StepBatchSampler(
+            len(dataset),
+            self.stage.batch_size,
+            self.stage.seed,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            start=self.micro_batches_done,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.stage.num_workers,
+            persistent_workers=False,
+        )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        accumulate = self.trainer.accumulate_grad_batches
+        seed = mix_seed(self.stage.seed, self.trainer.global_step, batch_idx % accumulate, self.trainer.global_rank)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, logs = self.compute_loss(batch)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=self.stage.batch_size)
+        values = {"loss": float(loss.detach())}
+        for name, value in logs.items():
+            value = float(value.detach()) if isinstance(value, Tensor) else float(value)
+            self.log(name, value, on_step=True, batch_size=self.stage.batch_size)
+            values[name] = value
+        values["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("lr", values["lr"], on_step=True, batch_size=self.stage.batch_size)
+        self.last_logs = values
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optim, sched = self.stage.optim, self.stage.schedule
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {self.stage.name!r}: no trainable parameters (check `trainable` / `frozen`)")
+        decay = [p for _, p in params if p.ndim >= 2]
+        no_decay = [p for _, p in params if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if optim.name == "adamw":
+            opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        elif optim.name == "adam":
+            opt = torch.optim.Adam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        else:
+            opt = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+        total = self.trainer.max_steps
+        lr_lambda = build_lr_lambda(sched.name, sched.warmup_steps, total, sched.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def config_dict(self) -> dict[str, Any]:
+        """The task's three configs as plain dicts (for logs and exported metadata)."""
+        return {
+            k: asdict(v) if is_dataclass(v) else v
+            for k, v in (("model", self.model_cfg), ("data", self.data_cfg), ("eval", self.eval_cfg))
+        }
