@@ -13,6 +13,7 @@ Sections: config, layers, model, checkpoint filter, size table, registered names
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.moe import MoE, MoEConfig, collect_aux_loss
 from zoo.registry import register_model
 
 __all__ = [
@@ -213,8 +215,6 @@ def build_moe(cfg: DiTConfig, index: int) -> nn.Module:
     """The DiT-MoE feed-forward from the shared MoE core: SwiGLU routed experts (4D wide by default), one fused
     shared SwiGLU (num_shared_experts * D wide), softmax top-k without renormalisation, dropless, expert-level
     balance loss over all k choices."""
-    from zoo.moe import MoE, MoEConfig
-
     return MoE(
         MoEConfig(
             hidden_size=cfg.hidden_size,
@@ -388,8 +388,6 @@ class DiT(nn.Module):
         """Sum of the MoE layers' balance losses from the last training forward (0 for dense models)."""
         if not any(b.is_moe for b in self.blocks):
             return self.pos_embed.new_zeros(())
-        from zoo.moe import collect_aux_loss
-
         return collect_aux_loss(self)
 
     def routing_stats(self) -> dict[int, Any]:
@@ -474,22 +472,31 @@ def _convert_moe_keys(group: dict[str, Tensor], model: DiT) -> dict[str, Tensor]
     return out
 
 
-def load_official_checkpoint(model: DiT, state: Mapping[str, Any]) -> DiT:
-    """Strictly load an official DiT / DiT-MoE state dict (or a ``torch.load``-ed training checkpoint)."""
-    mapped = checkpoint_filter_fn(state, model)
+def load_official_checkpoint(model: DiT, source: Mapping[str, Any] | str | os.PathLike) -> DiT:
+    """Strictly load an official DiT / DiT-MoE checkpoint into ``model``: a ``.pt`` path (read with
+    ``torch.load(weights_only=True)``) or an already loaded dict; raw state dicts and {"ema"|"model"|"module": ...}
+    wrappers are accepted. Missing and unexpected keys are listed in the error."""
+    where = ""
+    if isinstance(source, (str, os.PathLike)):
+        where = f"{source}: "
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        mapped = checkpoint_filter_fn(source, model)
+    except KeyError as e:
+        raise KeyError(f"{where}{e.args[0]}") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(mapped))
     unexpected = sorted(set(mapped) - set(own))
     if missing or unexpected:
         raise KeyError(
-            f"checkpoint does not match {type(model).__name__}(depth={model.cfg.depth}, "
+            f"{where}checkpoint does not match {type(model).__name__}(depth={model.cfg.depth}, "
             f"hidden={model.cfg.hidden_size}, experts={model.cfg.num_experts}, qk_norm={model.cfg.qk_norm}): "
             f"{len(missing)} missing keys {missing[:12]}{' ...' if len(missing) > 12 else ''}; "
             f"{len(unexpected)} unexpected keys {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}"
         )
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
-        raise ValueError(f"checkpoint shapes do not match the model (key, checkpoint, model): {wrong[:12]}")
+        raise ValueError(f"{where}checkpoint shapes do not match the model (key, checkpoint, model): {wrong[:12]}")
     model.load_state_dict(mapped, strict=True, assign=any(p.is_meta for p in model.parameters()))
     return model
 
