@@ -24,6 +24,7 @@ __all__ = [
     "OpenClipVisionTower",
     "TimmVisionTower",
     "build_vision_tower",
+    "image_to_tensor",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
 ]
@@ -290,3 +291,29 @@ def build_vision_tower(cfg: VisionTowerConfig | dict[str, Any]) -> VisionTower:
     if tower.num_patches <= 0:
         raise ValueError(f"vision tower {cfg} yields no patch tokens")
     return tower
+
+
+def image_to_tensor(
+    img: Any,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    pad_to_square: bool = True,
+) -> torch.Tensor:
+    """PIL image -> normalised ``[3, S, S]`` float tensor, as LLaVA's ``image_aspect_ratio="pad"`` preprocessing:
+    pad to a square filled with the mean colour, then a bicubic resize to the tower's size."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    w, h = img.size
+    if pad_to_square and w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), tuple(int(round(m * 255)) for m in mean))
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x.permute(2, 0, 1).float() / 255.0 - m) / s

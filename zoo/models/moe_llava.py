@@ -1,1 +1,574 @@
-"""(family module; filled in by its issue)"""
+"""MoE-LLaVA (Lin et al., 2024, arXiv 2401.15947): a vision tower, an MLP projector and a causal LM whose FFNs on
+every other decoder layer are upcycled into top-2 mixtures of experts.
+
+Image placeholders in ``input_ids`` (the data pipeline expands each ``<image>`` to ``num_image_tokens`` copies of
+``image_token_id``, as transformers' Llava does) are replaced by the projected penultimate-layer patch features of
+the vision tower. The LM is any transformers causal LM, run layer by layer by ``zoo.components.CausalLMWrapper``.
+MoE layers come from ``zoo.moe`` (DeepSpeed-style top-2 gating with capacity 1.5 train / 2.0 eval and the top-1
+balance loss summed over layers with coefficient 0.01), replacing the ``mlp`` of the chosen decoder layers.
+
+Differences from the official code (see ``zoo.convert.moe_llava`` for loading its checkpoints):
+* DeepSpeed adds Gumbel noise to the second expert choice in train *and* eval; we use a deterministic top-2 at eval
+  (``second_choice_noise`` enables the noise in training only).
+* The image placeholder is an id in the tokenizer (``<image>``) or any id given by ``image_token_id`` (official
+  checkpoints use -200); positions are masked before the embedding lookup, so out-of-vocab ids are fine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.components.lm import CausalLMWrapper, build_causal_lm
+from zoo.components.projector import build_projector
+from zoo.components.vision import VisionTowerConfig, build_vision_tower, image_to_tensor
+from zoo.conversation import IMAGE_PLACEHOLDER, get_template
+from zoo.moe import MoE, collect_aux_loss, upcycle_causal_lm
+from zoo.registry import register_model
+
+__all__ = [
+    "MoESettings",
+    "MoELLaVAConfig",
+    "MoELLaVA",
+    "build_tokenizer_from_spec",
+    "tokenizer_spec",
+    "MODEL_SIZES",
+    "IGNORE_INDEX",
+]
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoESettings:
+    """MoE-tuning settings (MoE-LLaVA's ``config.moe``; defaults are its stage-III scripts)."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    layers: str | tuple[int, ...] = "sparse"  # "sparse" = 0, 2, 4, ...; "dense", "first_half", "second_half"
+    capacity_factor: float = 1.5
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 0
+    aux_loss_coef: float = 0.01
+    second_choice_noise: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | MoESettings) -> MoESettings:
+        if isinstance(d, MoESettings):
+            return d
+        d = dict(d)
+        if not isinstance(d.get("layers", "sparse"), str):
+            d["layers"] = tuple(int(i) for i in d["layers"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not isinstance(d["layers"], str):
+            d["layers"] = list(d["layers"])
+        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoELLaVAConfig:
+    """Everything needed to rebuild the model; ``model_args`` of a checkpoint is ``asdict`` of this (JSON).
+
+    Attributes:
+        vision: a ``VisionTowerConfig`` dict.
+        lm: a transformers causal-LM config dict with ``model_type``.
+        projector: ``mlp2x_gelu`` (MoE-LLaVA) or ``linear``.
+        template: conversation template name used by ``generate``.
+        tokenizer: ``tokenizer_spec`` dict (None: forward works on ids, ``generate`` needs a tokenizer).
+        image_token_id: the placeholder id in ``input_ids`` (None: the tokenizer's ``<image>``).
+        moe: ``MoESettings`` dict, or None for the dense (stage I/II) model.
+        attn_implementation: transformers attention backend of the LM.
+        pad_to_square: LLaVA's ``image_aspect_ratio="pad"`` in ``generate``'s image transform.
+    """
+
+    vision: dict[str, Any]
+    lm: dict[str, Any]
+    projector: str = "mlp2x_gelu"
+    template: str = "phi"
+    tokenizer: dict[str, Any] | None = None
+    image_token_id: int | None = None
+    moe: dict[str, Any] | None = None
+    attn_implementation: str = "sdpa"
+    pad_to_square: bool = True
+
+
+def tokenizer_spec(tok: Any) -> dict[str, Any]:
+    """A JSON-able description of a fast tokenizer that ``build_tokenizer_from_spec`` turns back into it."""
+    specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    extra = [t for t in getattr(tok, "additional_special_tokens", []) or []]
+    return {
+        "kind": "hf_json",
+        "json": tok.backend_tokenizer.to_str(),
+        "special_tokens": specials,
+        "additional_special_tokens": extra,
+    }
+
+
+def build_tokenizer_from_spec(spec: dict[str, Any]) -> Any:
+    """``{"kind": "word_level", "json": ...}`` (zoo.tokenizers) or ``{"kind": "hf_json", "json": ..., ...}``."""
+    kind = spec.get("kind")
+    if kind == "word_level":
+        from zoo.tokenizers import tokenizer_from_json
+
+        return tokenizer_from_json(spec["json"])
+    if kind == "hf_json":
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        specials = dict(spec.get("special_tokens", {}))
+        specials.pop("additional_special_tokens", None)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(spec["json"]),
+            additional_special_tokens=list(spec.get("additional_special_tokens", [])),
+            **specials,
+        )
+    raise ValueError(f"tokenizer spec kind {kind!r} unknown; use 'word_level' or 'hf_json'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MoELLaVA(nn.Module):
+    """Vision tower -> projector -> causal LM (dense or with MoE layers).
+
+    Submodules: ``vision_tower`` (a ``zoo.components.VisionTower``), ``mm_projector`` (nn.Sequential),
+    ``llm`` (``CausalLMWrapper``; the transformers model is ``llm.lm``).
+    """
+
+    architecture = "moe_llava"
+
+    def __init__(self, cfg: MoELLaVAConfig, architecture: str = "moe_llava") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.architecture = architecture
+        self.vision_tower = build_vision_tower(cfg.vision)
+        self.tokenizer = build_tokenizer_from_spec(cfg.tokenizer) if cfg.tokenizer is not None else None
+        lm_cfg = dict(cfg.lm)
+        if "vocab_size" not in lm_cfg and self.tokenizer is not None:
+            lm_cfg["vocab_size"] = len(self.tokenizer)
+        lm = build_causal_lm(lm_cfg, attn_implementation=cfg.attn_implementation)
+        self.llm = CausalLMWrapper(lm)
+        self.mm_projector = build_projector(cfg.projector, self.vision_tower.out_dim, self.llm.hidden_size)
+        self.template = get_template(cfg.template)
+        self.moe_layers: list[int] = []
+        if cfg.moe is not None:
+            self._upcycle(MoESettings.from_dict(cfg.moe))
+        self.last_generation_stats: dict[str, float] = {}
+
+    # -- config / bookkeeping ------------------------------------------------------------------------------------
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The JSON ``model_args`` that rebuild this model through the registry."""
+        d = asdict(self.cfg)
+        d["lm"] = dict(self.cfg.lm)
+        d["lm"].setdefault("vocab_size", self.llm.config.vocab_size)
+        return d
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_tower.num_patches
+
+    @property
+    def image_token_id(self) -> int:
+        if self.cfg.image_token_id is not None:
+            return self.cfg.image_token_id
+        if self.tokenizer is None:
+            raise ValueError("model has neither image_token_id nor a tokenizer with an <image> token")
+        tid = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {IMAGE_PLACEHOLDER} token; set image_token_id in the model config")
+        return tid
+
+    @property
+    def data_cfg(self) -> dict[str, Any]:
+        return {**self.vision_tower.data_cfg, "pad_to_square": self.cfg.pad_to_square}
+
+    def _upcycle(self, moe: MoESettings) -> None:
+        self.moe_layers = upcycle_causal_lm(
+            self.llm.lm,
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            layers=moe.layers if isinstance(moe.layers, str) else list(moe.layers),
+            capacity_factor=moe.capacity_factor,
+            eval_capacity_factor=moe.eval_capacity_factor,
+            min_capacity=moe.min_capacity,
+            balance_loss="top1",
+            balance_loss_coef=moe.aux_loss_coef,
+            second_choice_noise=moe.second_choice_noise,
+        )
+
+    def enable_moe(self, moe: MoESettings | dict[str, Any] | None = None) -> list[int]:
+        """Upcycle the dense model in place (MoE-LLaVA stage III): experts start as copies of each layer's FFN.
+
+        Updates ``cfg`` so that ``model_args`` describes the MoE model. Returns the converted layer indices.
+        """
+        if self.cfg.moe is not None:
+            raise ValueError("model already has MoE layers")
+        settings = MoESettings.from_dict(moe or {})
+        self._upcycle(settings)
+        self.cfg = MoELLaVAConfig(**{**asdict(self.cfg), "moe": settings.to_dict()})
+        return self.moe_layers
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total and activated parameter counts (activated: each MoE layer counts only top-k of its experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for m in self.llm.modules():
+            if isinstance(m, MoE):
+                per_all = sum(p.numel() for p in m.experts.parameters())
+                e, k = m.cfg.routed_experts, m.cfg.routed_top_k
+                inactive += per_all * (e - k) // e
+        vision = sum(p.numel() for p in self.vision_tower.parameters())
+        proj = sum(p.numel() for p in self.mm_projector.parameters())
+        return {
+            "total": total,
+            "active": total - inactive,
+            "vision": vision,
+            "projector": proj,
+            "llm_total": total - vision - proj,
+            "llm_active": total - vision - proj - inactive,
+        }
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> projected features ``[N, num_image_tokens, D_lm]``."""
+        tower_trains = any(p.requires_grad for p in self.vision_tower.parameters()) and self.training
+        with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
+            feats = self.vision_tower.forward_features(pixel_values.to(self._tower_dtype()))
+        return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
+
+    def _tower_dtype(self) -> torch.dtype:
+        p = next(self.vision_tower.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image-token positions filled by projected patch features (in order)."""
+        has_id = self.cfg.image_token_id is not None or self.tokenizer is not None
+        image_id = self.image_token_id if (has_id or pixel_values is not None) else None
+        is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        n_tok = int(is_image.sum())
+        n_img = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_tok != n_img * self.num_image_tokens:
+            per_row = is_image.sum(1).tolist()
+            raise ValueError(
+                f"input_ids hold {n_tok} image tokens (id {image_id}; per sample {per_row}) but pixel_values has "
+                f"{n_img} image(s) x {self.num_image_tokens} tokens each; expand every <image> placeholder to "
+                f"num_image_tokens={self.num_image_tokens} ids and pass one image per placeholder"
+            )
+        embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
+        if n_img:
+            feats = self.encode_images(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns ``(loss, logits, aux)``; loss = next-token CE over labels != -100 + summed MoE aux loss."""
+        embeds = self.embed_multimodal(input_ids, pixel_values)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask)
+        logits = out.logits
+        aux: dict[str, torch.Tensor] = {}
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            lm_loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+            moe_loss = collect_aux_loss(self.llm).to(lm_loss.dtype)
+            loss = lm_loss + moe_loss
+            aux = {"lm_loss": lm_loss.detach(), "moe_aux_loss": moe_loss.detach()}
+        return loss, logits, aux
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def _encode_prompt(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if k:
+                ids += [self.image_token_id] * self.num_image_tokens
+            if part:
+                ids += self.tokenizer(part, add_special_tokens=False).input_ids
+        return ids
+
+    def _stop_ids(self) -> set[int]:
+        stop = set()
+        if self.tokenizer.eos_token_id is not None:
+            stop.add(self.tokenizer.eos_token_id)
+        tid = self.tokenizer.convert_tokens_to_ids(self.template.stop_str) if self.template.stop_str.strip() else None
+        if tid is not None and tid != self.tokenizer.unk_token_id:
+            stop.add(tid)
+        return stop
+
+    def build_generation_inputs(
+        self, images: list[Any], prompts: list[str], apply_template: bool = True
+    ) -> dict[str, torch.Tensor | None]:
+        """Left-padded ``input_ids`` / ``attention_mask`` and stacked ``pixel_values`` for ``generate``."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (model_args.tokenizer is None); cannot generate from text")
+        if len(images) != len(prompts):
+            raise ValueError(f"generate got {len(images)} image entries for {len(prompts)} prompts; pass one "
+                             "(PIL image, list of images, or None) per prompt")
+        rows: list[list[int]] = []
+        pixels: list[torch.Tensor] = []
+        dc = self.data_cfg
+        for i, (img, prompt) in enumerate(zip(images, prompts)):
+            imgs = [] if img is None else list(img) if isinstance(img, (list, tuple)) else [img]
+            n_ph = prompt.count(IMAGE_PLACEHOLDER)
+            if n_ph == 0 and imgs:
+                prompt = (IMAGE_PLACEHOLDER + "\n") * len(imgs) + prompt  # LLaVA puts the image before the question
+                n_ph = len(imgs)
+            if n_ph != len(imgs):
+                raise ValueError(f"prompt {i} has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(imgs)} image(s) "
+                                 f"were given; pass one image per placeholder (prompt: {prompt[:80]!r})")
+            text = self.template.prompt(prompt) if apply_template else prompt
+            rows.append(self._encode_prompt(text))
+            for im in imgs:
+                if not hasattr(im, "convert"):
+                    raise TypeError(f"image for prompt {i} is a {type(im).__name__}, expected a PIL.Image")
+                pixels.append(image_to_tensor(im, dc["image_size"], dc["mean"], dc["std"], dc["pad_to_square"]))
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else 0
+        n = max(len(r) for r in rows)
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for b, r in enumerate(rows):
+            if r:
+                ids[b, n - len(r):] = torch.tensor(r)
+                mask[b, n - len(r):] = 1
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels) if pixels else None}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: list[Any],
+        prompts: list[str],
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        apply_template: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """Answer ``prompts`` about ``images`` (one PIL image, a list, or None per prompt), batched.
+
+        Prompts are user questions; each is wrapped in the model's conversation template (``apply_template``) and,
+        when it has no ``<image>`` placeholder, gets one in front per image. Greedy by default; ``do_sample`` with
+        ``temperature`` and nucleus ``top_p``. Left padding and a KV cache. Timing goes to ``last_generation_stats``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template,
+                                  generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template, generator):
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        dev = next(self.parameters()).device
+        batch = self.build_generation_inputs(images, prompts, apply_template)
+        ids = batch["input_ids"].to(dev)
+        mask = batch["attention_mask"].to(dev)
+        px = batch["pixel_values"].to(dev) if batch["pixel_values"] is not None else None
+        stop = torch.tensor(sorted(self._stop_ids()), device=dev, dtype=torch.long)
+        bsz = ids.shape[0]
+
+        t0 = time.perf_counter()
+        embeds = self.embed_multimodal(ids, px)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        t1 = time.perf_counter()
+        generated: list[torch.Tensor] = []
+        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        logits = out.logits[:, -1]
+        for step in range(max_new_tokens):
+            nxt = self._next_token(logits, do_sample, temperature, top_p, generator)
+            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+            generated.append(nxt)
+            done = done | torch.isin(nxt, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(bsz, 1, dtype=mask.dtype, device=dev)], dim=1)
+            out = self.llm(input_ids=nxt[:, None], attention_mask=mask, cache=cache)
+            logits = out.logits[:, -1]
+        t2 = time.perf_counter()
+
+        texts = []
+        toks = torch.stack(generated, 1).tolist() if generated else [[] for _ in range(bsz)]
+        stop_set = set(stop.tolist())
+        n_new = 0
+        for row in toks:
+            keep = []
+            for t in row:
+                if t in stop_set:
+                    break
+                keep.append(t)
+            n_new += len(keep) + (1 if len(keep) < len(row) else 0)
+            texts.append(self.tokenizer.decode(keep, skip_special_tokens=True).strip())
+        decode_s = t2 - t1
+        self.last_generation_stats = {
+            "batch_size": float(bsz),
+            "prompt_tokens": float(ids.shape[1]),
+            "new_tokens": float(n_new),
+            "prefill_s": t1 - t0,
+            "decode_s": decode_s,
+            "tokens_per_s": n_new / max(t2 - t0, 1e-9),
+            "decode_tokens_per_s": n_new / max(decode_s, 1e-9),
+        }
+        return texts
+
+    @staticmethod
+    def _next_token(logits, do_sample, temperature, top_p, generator) -> torch.Tensor:
+        logits = logits.float()
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop = sorted_p.cumsum(-1) - sorted_p > top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint filter (official MoE-LLaVA and transformers Llava state dicts -> ours)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoELLaVA) -> dict[str, torch.Tensor]:
+    """Map an official MoE-LLaVA state dict to this model's keys (see ``zoo.convert.moe_llava``)."""
+    from zoo.convert.moe_llava import official_to_zoo_state_dict
+
+    return official_to_zoo_state_dict(state_dict, model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Size table
+# ----------------------------------------------------------------------------------------------------------------
+
+# transformers CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336) and SigLIP so400m/14-384 vision configs.
+CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                  layer_norm_eps=1e-5)
+SIGLIP_SO400M_384 = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                         num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,
+                         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+# LLM backbones (standard HF configs). Qwen-1.8B (Qwen v1) is expressed with transformers' Qwen2 architecture, which
+# has the same computation (qkv bias, SwiGLU, RMSNorm, rotary); zoo.convert maps its `transformer.h.*` keys.
+PHI2 = dict(model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.4, hidden_act="gelu_new",
+            max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+STABLELM2_1_6B = dict(model_type="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632,
+                      num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25,
+                      hidden_act="silu", max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=True,
+                      rope_theta=10000.0, tie_word_embeddings=False)
+QWEN_1_8B = dict(model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                 num_attention_heads=16, num_key_value_heads=16, hidden_act="silu", max_position_embeddings=8192,
+                 rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "phi2": dict(lm=PHI2, template="phi"),
+    "stablelm": dict(lm=STABLELM2_1_6B, template="stablelm"),
+    "qwen": dict(lm=QWEN_1_8B, template="qwen"),
+}
+
+# Paper (README model zoo) sizes: LLM parameters in billions, total (all experts) and activated (top-2).
+PAPER_PARAMS_B = {"stablelm": (2.9, 2.0), "qwen": (3.1, 2.2), "phi2": (5.3, 3.6)}
+
+TINY_LM = dict(model_type="phi", hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=4, partial_rotary_factor=0.5, hidden_act="gelu_new", max_position_embeddings=512,
+               tie_word_embeddings=False)
+TINY_VISION = dict(kind="zoo", model_name="clip_vit_tiny")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registered architectures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _build(architecture: str, defaults: dict[str, Any], **model_args: Any) -> MoELLaVA:
+    args = {**defaults, **model_args}
+    if isinstance(args.get("vision"), VisionTowerConfig):
+        args["vision"] = args["vision"].to_dict()
+    return MoELLaVA(MoELLaVAConfig(**args), architecture=architecture)
+
+
+def _full(size: str, vision: dict[str, Any], **model_args: Any) -> dict[str, Any]:
+    return dict(vision=vision, moe=MoESettings().to_dict(), **MODEL_SIZES[size], **model_args)
+
+
+@register_model
+def moe_llava_tiny(**model_args: Any) -> MoELLaVA:
+    """Tiny CLIP tower + 4-layer Phi-like LM over the synthetic world's word-level vocabulary (CPU recipe)."""
+    if "tokenizer" not in model_args:
+        from zoo.tokenizers import build_tokenizer, tokenizer_to_json
+
+        model_args["tokenizer"] = {"kind": "word_level", "json": tokenizer_to_json(build_tokenizer())}
+    return _build("moe_llava_tiny", dict(vision=TINY_VISION, lm=TINY_LM, template="phi"), **model_args)
+
+
+@register_model
+def moe_llava_phi2_4e(**model_args: Any) -> MoELLaVA:
+    """MoE-LLaVA-2.7Bx4-Top2: CLIP-L/336 + Phi-2 with 16 MoE layers."""
+    vision = dict(kind="hf", config=CLIP_L_336)
+    return _build("moe_llava_phi2_4e", _full("phi2", vision), **model_args)
+
+
+@register_model
+def moe_llava_phi2_4e_384(**model_args: Any) -> MoELLaVA:
+    """MoE-LLaVA-2.7Bx4-Top2-384: SigLIP-so400m/14-384 (with the first-token quirk) + Phi-2."""
+    vision = dict(kind="hf", config=SIGLIP_SO400M_384, drop_first_token=True)
+    return _build("moe_llava_phi2_4e_384", _full("phi2", vision), **model_args)
+
+
+@register_model
+def moe_llava_stablelm_4e(**model_args: Any) -> MoELLaVA:
+    """MoE-LLaVA-1.6Bx4-Top2: CLIP-L/336 + StableLM-2-1.6B with 12 MoE layers."""
+    vision = dict(kind="hf", config=CLIP_L_336)
+    return _build("moe_llava_stablelm_4e", _full("stablelm", vision), **model_args)
+
+
+@register_model
+def moe_llava_stablelm_4e_384(**model_args: Any) -> MoELLaVA:
+    """MoE-LLaVA-1.6Bx4-Top2-384: SigLIP-so400m/14-384 (with the first-token quirk) + StableLM-2-1.6B."""
+    vision = dict(kind="hf", config=SIGLIP_SO400M_384, drop_first_token=True)
+    return _build("moe_llava_stablelm_4e_384", _full("stablelm", vision), **model_args)
+
+
+@register_model
+def moe_llava_qwen_4e(**model_args: Any) -> MoELLaVA:
+    """MoE-LLaVA-1.8Bx4-Top2: CLIP-L/336 + Qwen-1.8B with 12 MoE layers."""
+    vision = dict(kind="hf", config=CLIP_L_336)
+    return _build("moe_llava_qwen_4e", _full("qwen", vision), **model_args)
+
+
+@register_model
+def moe_llava_custom(**model_args: Any) -> MoELLaVA:
+    """Any combination given fully by ``model_args`` (what ``zoo convert`` writes for official checkpoints)."""
+    return _build("moe_llava_custom", {}, **model_args)
