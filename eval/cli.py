@@ -1,0 +1,75 @@
+"""``zoo eval``: evaluate a model on benchmark tasks and print the results table.
+
+zoo eval --model moe_llava_tiny.shapes --tasks shapes_vqa,shapes_pope --limit 8
+zoo eval --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zoo eval", description="Evaluate a model on benchmark tasks (see eval/tasks/)."
+    )
+    p.add_argument(
+        "--model", help="weights name (zoo list) or a checkpoint directory written by save_pretrained"
+    )
+    p.add_argument("--tasks", default="shapes_vqa,shapes_pope", help="comma-separated task or group names")
+    p.add_argument("--limit", type=int, default=None, help="only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where results.json / results.md / samples_<task>.jsonl go "
+                        "(default: runs/eval/<model>/<date>)")  # fmt: skip
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="folder holding one sub-folder per benchmark (default: $MMZOO_DATA)")  # fmt: skip
+    p.add_argument("--no-samples", action="store_true", help="do not write per-sample predictions")
+    p.add_argument("--list", action="store_true", help="list the registered tasks and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MMZOO_LOGLEVEL", "WARNING"))
+    from eval.registry import get_task, list_tasks
+
+    if args.list:
+        for name in list_tasks():
+            spec = get_task(name)
+            print(f"{name:28s} {spec.group or '-':12s} {spec.description}")
+        return 0
+    if not args.model:
+        print("zoo eval: --model is required (a weights name from `zoo list` or a checkpoint directory)")
+        return 2
+    from datetime import datetime, timezone
+
+    from eval.runner import _sanitize, run
+
+    out = args.output_dir
+    if out is None:
+        out = (
+            Path("runs")
+            / "eval"
+            / _sanitize(args.model)
+            / datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
+        )
+    try:
+        run(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size, output_dir=out,
+            data_root=args.data_root, log_samples=not args.no_samples, print_table=True)  # fmt: skip
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+        # Bad input (unknown task or model, missing data, malformed record): one clear line, not a traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"zoo eval: error: {msg}")
+        return 1
+    print(f"\nwrote {out}/results.json, results.md and samples_<task>.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

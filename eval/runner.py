@@ -1,0 +1,383 @@
+"""The evaluation runner: tasks x model -> metrics, per-sample predictions, results.json and a Markdown table.
+
+``run(model, tasks, ...)`` works with an in-memory model (what training recipes call after a stage) or a name or
+directory resolved through ``zoo.load``. Per task: resolve data files, read documents, take the first ``limit``,
+build prompts, generate in batches (tqdm progress bar), score with the task's scorer (a torchmetrics ``Metric``),
+and record efficiency. Under ``torch.distributed`` every rank takes a strided shard of the documents, metrics are
+reduced by torchmetrics and the per-sample records are gathered to rank 0, which writes the files.
+
+Outputs in ``output_dir`` (lmms-eval's layout, so tools that read one read the other):
+  results.json             ``results`` ({task: {"alias", "<metric>,none": value, "<metric>_stderr,none": "N/A"}}),
+                           ``configs``, ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``, ``config``,
+                           ``git_hash``, ``date``, timing fields, plus ``efficiency`` and ``environment``
+  samples_<task>.jsonl     doc_id, doc (question, target, fields), arguments (prompt, generation settings),
+                           resps, filtered_resps (parsed), per-sample score, unparsed flag
+  results.md               the table printed at the end
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from eval.models import GenerationStats, count_parameters, read_generation_stats, resolve_model
+from eval.registry import (
+    OUTPUT_TYPES,
+    PROMPTS,
+    READERS,
+    SCORERS,
+    Doc,
+    TaskSpec,
+    _load_builtin,
+    expand_tasks,
+    register_output_type,
+    resolve_files,
+)
+
+__all__ = ["run", "format_table", "generate_until"]
+
+log = logging.getLogger(__name__)
+
+
+@register_output_type("generate_until")
+def generate_until(model: Any, docs: Sequence[Doc], prompts: list[str], spec: TaskSpec) -> list[str]:
+    """Free-form generation: one answer string per prompt."""
+    images = [d.load_image() for d in docs]
+    gen = dict(spec.generation)
+    max_new_tokens = int(gen.pop("max_new_tokens", 16))
+    with torch.inference_mode():
+        out = model.generate(images, prompts, max_new_tokens=max_new_tokens, **gen)
+    if not isinstance(out, list | tuple) or len(out) != len(prompts):
+        raise ValueError(f"{type(model).__name__}.generate returned {type(out).__name__} of length "
+                         f"{len(out) if hasattr(out, '__len__') else '?'} for {len(prompts)} prompts")  # fmt: skip
+    return [o if isinstance(o, str) else str(o) for o in out]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(records: list[dict], world: int) -> list[dict]:
+    if world == 1:
+        return records
+    parts: list[list[dict]] = [[] for _ in range(world)]
+    torch.distributed.all_gather_object(parts, records)
+    # Strided shards: interleave back into document order.
+    out = []
+    for i in range(max(len(p) for p in parts)):
+        out += [p[i] for p in parts if i < len(p)]
+    return out
+
+
+class _Efficiency:
+    """Accumulates wall-clock and (if the model reports them) prefill/decode timings over a task."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.samples = 0
+        self.batches = 0
+        self.stats: list[GenerationStats] = []
+
+    def add(self, seconds: float, n: int, stats: GenerationStats | None) -> None:
+        self.wall += seconds
+        self.samples += n
+        self.batches += 1
+        if stats is not None:
+            self.stats.append(stats)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "wall_seconds": round(self.wall, 4),
+            "samples_per_second": round(self.samples / self.wall, 3) if self.wall > 0 else None,
+            "ms_per_sample": round(1000 * self.wall / self.samples, 3) if self.samples else None,
+        }
+        if self.stats:
+            prefill = sum(s.prefill_seconds for s in self.stats)
+            decode = sum(s.decode_seconds for s in self.stats)
+            steps = sum(s.decode_steps for s in self.stats)
+            gen_tokens = sum(s.generated_tokens for s in self.stats)
+            out |= {
+                "prefill_latency_ms": round(1000 * prefill / len(self.stats), 3),  # per batch
+                "decode_latency_ms": round(1000 * decode / steps, 3) if steps else None,  # per decode step
+                "tokens_per_second": round(gen_tokens / (prefill + decode), 3)
+                if prefill + decode > 0
+                else None,
+                "prompt_tokens": sum(s.prompt_tokens for s in self.stats),
+                "generated_tokens": gen_tokens,
+            }
+        return out
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "__", name).strip("_") or "model"
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mmzoo", "torch", "torchmetrics", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return repr(o)
+
+
+def _device(model: Any) -> str:
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return str(p.device)
+    return "cpu"
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _evaluate_task(
+    model: Any,
+    spec: TaskSpec,
+    *,
+    limit: int | None,
+    batch_size: int,
+    data_root: str | os.PathLike | None,
+    data_roots: Mapping[str, str | os.PathLike] | None,
+    progress: bool,
+) -> tuple[dict[str, float], list[dict], dict[str, Any], int, int, Any]:
+    for table, key, kind in ((READERS, spec.reader, "reader"), (PROMPTS, spec.prompt, "prompt builder"),
+                             (SCORERS, spec.scorer, "scorer"), (OUTPUT_TYPES, spec.output_type, "output type")):  # fmt: skip
+        if key not in table:
+            raise KeyError(
+                f"task {spec.name!r} ({spec.source}): unknown {kind} {key!r}; known: {sorted(table)}"
+            )
+    files = resolve_files(spec, data_root, data_roots)
+    reader = READERS[spec.reader]
+    # Readers that can stop early (generated data) take the limit; the count reported is then what was read.
+    takes_limit = "limit" in inspect.signature(reader).parameters
+    docs = reader(spec, files, limit=limit) if takes_limit else reader(spec, files)
+    n_original = len(docs)
+    if limit is not None:
+        docs = docs[:limit]
+    rank, world = _dist()
+    scorer = SCORERS[spec.scorer](spec, docs, **dict(spec.scorer_args))
+    mine = docs[rank::world]
+    build_prompt = PROMPTS[spec.prompt]
+    call = OUTPUT_TYPES[spec.output_type]
+    eff = _Efficiency()
+    records: list[dict] = []
+    batches = range(0, len(mine), batch_size)
+    bar = tqdm(batches, desc=spec.name, unit="batch", disable=not progress or rank != 0, leave=False)
+    for start in bar:
+        batch = mine[start : start + batch_size]
+        prompts = [build_prompt(d, spec) for d in batch]
+        before = getattr(model, "last_generation_stats", None)
+        t0 = time.perf_counter()
+        outputs = call(model, batch, prompts, spec)
+        seconds = time.perf_counter() - t0
+        stats = read_generation_stats(model)
+        eff.add(seconds, len(batch), None if stats is before else stats)
+        for doc, prompt, out, rec in zip(batch, prompts, outputs, scorer.score(outputs, batch), strict=True):
+            records.append({
+                "doc_id": doc.doc_id,
+                "doc": {"question": doc.question, "image": doc.image_ref(), "fields": dict(doc.fields)},
+                "target": doc.target,
+                "arguments": {"prompt": prompt, "gen_kwargs": dict(spec.generation)},
+                "resps": [out],
+                "filtered_resps": [rec.get("parsed")],
+                "score": rec.get("score"),
+                "unparsed": bool(rec.get("unparsed", False)),
+            })  # fmt: skip
+    bar.close()
+    metrics = scorer.compute()
+    return metrics, _gather(records, world), eff.summary(), n_original, len(docs), scorer
+
+
+def run(
+    model: Any,
+    tasks: str | Sequence[str | TaskSpec],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    output_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    data_roots: Mapping[str, str | os.PathLike] | None = None,
+    model_name: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    log_samples: bool = True,
+    progress: bool = True,
+    print_table: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``tasks`` and return the results dict (also written to ``output_dir`` if given).
+
+    Args:
+        model: an object implementing :class:`eval.models.GenerativeModel`, or a weights name / checkpoint dir
+            for ``zoo.load``.
+        tasks: task or group names (``"shapes_vqa,shapes_pope"`` or a list), or :class:`TaskSpec` objects.
+        limit: evaluate only the first ``limit`` documents of each task.
+        batch_size: prompts per ``generate`` call.
+        output_dir: where results.json, results.md and samples_<task>.jsonl go (nothing is written if None).
+        data_root: replaces ``$MMZOO_DATA`` (the folder holding one sub-folder per benchmark).
+        data_roots: per task or per benchmark folder name, the folder holding that task's files.
+        model_name: the name recorded in the results (default: the given name or the model's class name).
+        model_args: recorded in ``config.model_args``.
+        log_samples: write the per-sample predictions JSONL.
+        progress: show a tqdm bar per task.
+        print_table: print the Markdown table at the end (the CLI does).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    start_time = time.time()
+    _load_builtin()
+    obj, resolved_name = resolve_model(model)
+    name = model_name or resolved_name
+    specs: list[TaskSpec] = []
+    for item in [tasks] if isinstance(tasks, str) else tasks:
+        for spec in [item] if isinstance(item, TaskSpec) else expand_tasks(item):
+            if spec not in specs:
+                specs.append(spec)
+    if not specs:
+        raise ValueError("no eval tasks given")
+    was_training = getattr(obj, "training", None)
+    if was_training:
+        obj.eval()  # generation must not see dropout; restored below for recipes that keep training
+    rank, _ = _dist()
+    params = count_parameters(obj)
+    results: dict[str, Any] = {
+        "results": {}, "configs": {}, "versions": {}, "n-shot": {}, "higher_is_better": {}, "n-samples": {},
+        "efficiency": {}, "primary_metric": {},
+    }  # fmt: skip
+    samples: dict[str, list[dict]] = {}
+    try:
+        for spec in specs:
+            metrics, records, eff, n_orig, n_eff, scorer = _evaluate_task(
+                obj, spec, limit=limit, batch_size=batch_size, data_root=data_root, data_roots=data_roots,
+                progress=progress,
+            )  # fmt: skip
+            entry: dict[str, Any] = {"alias": spec.name}
+            for key, value in metrics.items():
+                entry[f"{key},none"] = _finite(value)
+                if not key.startswith("n_"):
+                    entry[f"{key}_stderr,none"] = "N/A"
+            results["results"][spec.name] = entry
+            results["configs"][spec.name] = spec.to_dict()
+            results["versions"][spec.name] = spec.version
+            results["n-shot"][spec.name] = 0
+            results["higher_is_better"][spec.name] = {
+                k: scorer.higher_is_better for k in metrics if not k.startswith("n_")
+            }
+            results["n-samples"][spec.name] = {"original": n_orig, "effective": n_eff}
+            results["efficiency"][spec.name] = eff
+            results["primary_metric"][spec.name] = scorer.primary
+            samples[spec.name] = records
+            log.info("%s: %s = %.2f", spec.name, scorer.primary, metrics.get(scorer.primary, float("nan")))
+    finally:
+        if was_training:
+            obj.train()
+    end_time = time.time()
+    results["config"] = {
+        "model": name, "model_args": dict(model_args or {}), "batch_size": batch_size, "limit": limit,
+        "parameters": params, "device": _device(obj),
+    }  # fmt: skip
+    results |= {
+        "model_name": name,
+        "model_name_sanitized": _sanitize(name),
+        "git_hash": _git_hash(),
+        "date": datetime.fromtimestamp(start_time, tz=timezone.utc).strftime("%Y%m%d_%H%M%S"),
+        "start_time": start_time,
+        "end_time": end_time,
+        "total_evaluation_time_seconds": str(round(end_time - start_time, 3)),
+        "environment": _versions(),
+    }
+    table = format_table(results)
+    if output_dir is not None and rank == 0:
+        _write(Path(output_dir), results, samples if log_samples else {}, table)
+    if print_table and rank == 0:
+        print(table, flush=True)
+    return results
+
+
+def _write(out: Path, results: dict, samples: Mapping[str, list[dict]], table: str) -> None:
+    from zoo.registry import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, default=_json_default, allow_nan=False)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    for task, records in samples.items():
+        lines = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+        atomic_write(out / f"samples_{task}.jsonl", lambda tmp, lines=lines: Path(tmp).write_text(lines))
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """The Markdown summary: one row per task with its headline metric, counts and efficiency."""
+    params = results.get("config", {}).get("parameters", {})
+    total, active = params.get("total"), params.get("active")
+    head = f"**{results.get('model_name', results.get('config', {}).get('model', '?'))}**"
+    if total is not None:
+        note = "" if params.get("active_reported") else " (not reported by the model: dense count)"
+        head += f" - parameters: {total / 1e6:.3f}M total, {active / 1e6:.3f}M active{note}"
+    lines = [
+        head,
+        "",
+        "| Task | Metric | Value | Other metrics | n | unparsed | prefill ms/batch | decode ms/step | tok/s | samples/s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task, entry in results["results"].items():
+        primary = results.get("primary_metric", {}).get(task, "accuracy")
+        eff = results.get("efficiency", {}).get(task, {})
+        others = [
+            f"{k.split(',')[0]}={_fmt(v)}" for k, v in entry.items()
+            if k.endswith(",none") and "_stderr" not in k and not k.startswith("n_") and k.split(",")[0] != primary
+        ][:6]  # fmt: skip
+        lines.append(
+            f"| {task} | {primary} | {_fmt(entry.get(f'{primary},none'))} | {', '.join(others) or '-'} "
+            f"| {_fmt(entry.get('n_samples,none'), 0)} | {_fmt(entry.get('n_unparsed,none'), 0)} "
+            f"| {_fmt(eff.get('prefill_latency_ms'))} | {_fmt(eff.get('decode_latency_ms'))} "
+            f"| {_fmt(eff.get('tokens_per_second'), 1)} | {_fmt(eff.get('samples_per_second'), 1)} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""gqa task YAMLs (data only; the package makes setuptools ship them)."""

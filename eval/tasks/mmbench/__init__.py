@@ -1,0 +1,1 @@
+"""mmbench task YAMLs (data only; the package makes setuptools ship them)."""

@@ -1,0 +1,1 @@
+"""mme task YAMLs (data only; the package makes setuptools ship them)."""

@@ -1,0 +1,1 @@
+"""pope task YAMLs (data only; the package makes setuptools ship them)."""

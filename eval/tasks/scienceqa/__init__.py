@@ -1,0 +1,1 @@
+"""scienceqa task YAMLs (data only; the package makes setuptools ship them)."""

@@ -1,0 +1,1 @@
+"""shapes task YAMLs (data only; the package makes setuptools ship them)."""

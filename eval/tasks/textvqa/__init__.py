@@ -1,0 +1,1 @@
+"""textvqa task YAMLs (data only; the package makes setuptools ship them)."""

@@ -1,0 +1,1 @@
+"""vizwiz task YAMLs (data only; the package makes setuptools ship them)."""

@@ -1,0 +1,1 @@
+"""vqav2 task YAMLs (data only; the package makes setuptools ship them)."""
