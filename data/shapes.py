@@ -88,7 +88,6 @@ _SPLIT_BUCKETS: dict[str, tuple[int, int]] = {"train": (0, 80), "val": (80, 90),
 _SPLIT_ID = {name: i for i, name in enumerate(SPLITS)}
 _PLAIN_GREY = 118
 _MAX_CANDIDATES = 10_000
-_MAX_PLACEMENT_TRIES = 200
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -404,16 +403,11 @@ def _unique_descs(objects: Sequence[ShapeObject], i: int, gap: float) -> list[_D
     return out
 
 
-def _refexp_descs(objects: Sequence[ShapeObject], i: int, gap: float, limit: int = 4) -> list[_Desc]:
-    """The referring expressions kept for object ``i``: its full name, then the shortest unique phrases, then one
-    with a position word (when one is unique), at most ``limit``."""
-    o = objects[i]
+def _refexp_descs(o: ShapeObject, unique: Sequence[_Desc], limit: int = 4) -> list[_Desc]:
+    """The referring expressions kept for object ``o`` out of its ``unique`` phrases: its full name, then the
+    shortest unique phrases, then one with a position word (when one is unique), at most ``limit``."""
     full = _Desc(color=o.color, shape=o.shape)
-    others = [
-        d
-        for d in _unique_descs(objects, i, gap)
-        if d != full and not (d.size and d.position is None and d.shape is None)
-    ]
+    others = [d for d in unique if d != full and not (d.size and d.position is None and d.shape is None)]
     plain = [d for d in others if d.position is None][: limit - 2]
     positional = [d for d in others if d.position is not None][:1]
     return [full, *plain, *positional][:limit]
@@ -498,6 +492,7 @@ class ShapesWorld:
         lang = np.random.default_rng([self._config_digest, cfg.seed, _SPLIT_ID[split], index, 1])
         main = objects[0]
         label = self.class_names.index(main.name)
+        unique = [_unique_descs(objects, i, self._gap) for i in range(len(objects))]
         return Scene(
             id=f"shapes_s{cfg.seed}_{split}_{index:07d}",
             split=split,
@@ -505,12 +500,12 @@ class ShapesWorld:
             image=image,
             objects=objects,
             caption=self._caption(objects, radii),
-            vqa=self._vqa(lang, objects, radii),
+            vqa=self._vqa(lang, objects, radii, unique),
             pope=self._pope(lang, objects),
             refexps=[
                 RefExp(f"the {d.text()}", i, objects[i].mask)
                 for i in range(len(objects))
-                for d in _refexp_descs(objects, i, self._gap)
+                for d in _refexp_descs(objects[i], unique[i])
             ],
             label=label,
             label_name=self.class_names[label],
@@ -541,8 +536,9 @@ class ShapesWorld:
 
     def _draw_layout(self, rng: np.random.Generator, split: str) -> _Layout:
         cfg = self.config
+        # The object count is drawn once: redrawing it when placement fails would favour fewer objects.
+        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
         for _ in range(_MAX_CANDIDATES):
-            n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
             picks = rng.choice(len(self.pairs), size=n, replace=False, p=self.pair_probs)
             pairs = tuple(self.pairs[k] for k in picks)
             sizes = tuple(cfg.sizes[k] for k in rng.integers(0, len(cfg.sizes), size=n))
@@ -553,25 +549,34 @@ class ShapesWorld:
             if self.split_of_layout(key) == split:
                 return _Layout(pairs, sizes, centers)
         raise RuntimeError(
-            f"could not place {cfg.max_objects} objects of sizes {cfg.sizes} in a {cfg.image_size}px image; "
+            f"could not place {n} objects of sizes {cfg.sizes} in a {cfg.image_size}px image; "
             "lower max_objects, use smaller sizes or a larger image_size"
         )
 
     def _place(self, rng: np.random.Generator, sizes: Sequence[str]) -> tuple[tuple[int, int], ...] | None:
-        """Integer centres whose bounding squares keep a gap from each other and the border; None if stuck."""
+        """Integer centres whose bounding squares keep a gap from each other and the border; None if stuck.
+
+        Each centre is drawn uniformly from all positions still free (computed on the pixel grid), largest object
+        first so that crowded scenes rarely get stuck; the returned order is that of ``sizes``.
+        """
         size_px = self.config.image_size
-        placed: list[tuple[int, int, float]] = []
-        for size in sizes:
-            r = self._radius[size]
-            lo, hi = math.ceil(r), size_px - 1 - math.ceil(r)
-            for _ in range(_MAX_PLACEMENT_TRIES):
-                x, y = (int(v) for v in rng.integers(lo, hi + 1, size=2))
-                if all(max(abs(x - px), abs(y - py)) >= r + pr + self._gap for px, py, pr in placed):
-                    placed.append((x, y, r))
-                    break
-            else:
+        grid = np.arange(size_px)
+        placed: dict[int, tuple[int, int, float]] = {}
+        for k in sorted(range(len(sizes)), key=lambda k: -self._radius[sizes[k]]):
+            r = self._radius[sizes[k]]
+            # Keep the same gap from the border as between objects, so no shape touches the frame.
+            lo, hi = math.ceil(r) + self._gap, size_px - 1 - math.ceil(r) - self._gap
+            axis_ok = (grid >= lo) & (grid <= hi)
+            free = axis_ok[None, :] & axis_ok[:, None]  # [y, x]
+            for px, py, pr in placed.values():
+                need = r + pr + self._gap
+                free &= (np.abs(grid - px) >= need)[None, :] | (np.abs(grid - py) >= need)[:, None]
+            ys, xs = np.nonzero(free)
+            if len(xs) == 0:
                 return None
-        return tuple((x, y) for x, y, _ in placed)
+            j = int(rng.integers(len(xs)))
+            placed[k] = (int(xs[j]), int(ys[j]), r)
+        return tuple(placed[k][:2] for k in range(len(sizes)))
 
     # -------------------------------------------------------------------------------------------------- pixels
 
@@ -629,23 +634,27 @@ class ShapesWorld:
         return f"{listed}, from left to right." if apart else f"{listed}."
 
     def _vqa(
-        self, rng: np.random.Generator, objects: Sequence[ShapeObject], radii: Sequence[float]
+        self,
+        rng: np.random.Generator,
+        objects: Sequence[ShapeObject],
+        radii: Sequence[float],
+        unique: Sequence[Sequence[_Desc]],
     ) -> list[QA]:
+        """``unique[i]``: the phrases naming object i alone (from ``_unique_descs``)."""
         cfg = self.config
-        gap = self._gap
         qas: list[QA] = []
         order = [int(i) for i in rng.permutation(len(objects))]
 
         # colour: ask about an object through a phrase that does not give its colour away
         for i in order:
-            descs = [d for d in _unique_descs(objects, i, gap) if d.color is None]
+            descs = [d for d in unique[i] if d.color is None]
             if descs:
                 d = descs[int(rng.integers(len(descs)))]
                 qas.append(QA(f"What color is the {d.text()}?", objects[i].color, "color"))
                 break
         # shape: likewise without the shape
         for i in order[::-1]:
-            descs = [d for d in _unique_descs(objects, i, gap) if d.shape is None]
+            descs = [d for d in unique[i] if d.shape is None]
             if descs:
                 d = descs[int(rng.integers(len(descs)))]
                 qas.append(QA(f"What shape is the {d.text()}?", objects[i].shape, "shape"))
@@ -655,11 +664,14 @@ class ShapesWorld:
         if what == 0:
             qas.append(QA("How many objects are there?", str(len(objects)), "count"))
         elif what == 1:
-            color = cfg.colors[int(rng.integers(len(cfg.colors)))]
+            # Mostly a colour that is present, else "0" would be most answers.
+            pick = objects[int(rng.integers(len(objects)))].color
+            color = pick if rng.random() < 0.75 else cfg.colors[int(rng.integers(len(cfg.colors)))]
             n = sum(o.color == color for o in objects)
             qas.append(QA(f"How many {color} objects are there?", str(n), "count"))
         else:
-            shape = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
+            pick = objects[int(rng.integers(len(objects)))].shape
+            shape = pick if rng.random() < 0.75 else cfg.shapes[int(rng.integers(len(cfg.shapes)))]
             n = sum(o.shape == shape for o in objects)
             qas.append(QA(f"How many {_plural(shape)} are there?", str(n), "count"))
         # position: relative to another object, or (single object) within the image

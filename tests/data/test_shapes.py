@@ -224,3 +224,10 @@ def test_config_errors_are_clear():
         "red",
         "blue",
     )
+
+
+def test_object_counts_uniform_even_when_crowded():
+    world = _world(image_size=32, max_objects=4)
+    counts = Counter(len(s.objects) for s in world.scenes("train", 200))
+    assert set(counts) == {1, 2, 3, 4}
+    assert min(counts.values()) >= 30  # placement failures must not thin out the crowded scenes
