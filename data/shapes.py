@@ -370,20 +370,28 @@ def _matches(desc: _Desc, obj: ShapeObject) -> bool:
     )
 
 
-def _resolve(desc: _Desc, objects: Sequence[ShapeObject], gap: float) -> int | None:
-    """Index of the single object ``desc`` names, or None when it names none or several."""
+def _resolve(desc: _Desc, objects: Sequence[ShapeObject]) -> int | None:
+    """Index of the single object ``desc`` names, or None when it names none or several.
+
+    A position word picks the extreme one of several matching objects, and only when it lies entirely beyond all
+    the others on that axis (its bbox does not overlap theirs), so "the circle on the left" is never a judgement call.
+    """
     hits = [i for i, o in enumerate(objects) if _matches(desc, o)]
     if desc.position is None:
         return hits[0] if len(hits) == 1 else None
     if len(hits) < 2:  # "the circle on the left" only makes sense with several circles
         return None
-    axis, sign = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}[desc.position]
-    ranked = sorted(hits, key=lambda i: sign * objects[i].center[axis])
-    first, second = objects[ranked[0]].center[axis], objects[ranked[1]].center[axis]
-    return ranked[0] if abs(second - first) >= gap else None
+    near, far, sign = {"left": (2, 0, 1), "right": (0, 2, -1), "top": (3, 1, 1), "bottom": (1, 3, -1)}[
+        desc.position
+    ]
+    for i in hits:
+        # near edge of i vs far edges of the others: x1 <= x0 for "left", x0 >= x1 for "right", etc.
+        if all(sign * objects[i].bbox[near] <= sign * objects[j].bbox[far] for j in hits if j != i):
+            return i
+    return None
 
 
-def _unique_descs(objects: Sequence[ShapeObject], i: int, gap: float) -> list[_Desc]:
+def _unique_descs(objects: Sequence[ShapeObject], i: int) -> list[_Desc]:
     """All noun phrases (from a fixed, short-first list) that name object ``i`` and no other."""
     o = objects[i]
     attribute_sets = [
@@ -394,11 +402,11 @@ def _unique_descs(objects: Sequence[ShapeObject], i: int, gap: float) -> list[_D
         _Desc(size=o.size, color=o.color),
         _Desc(size=o.size),
     ]
-    out = [d for d in attribute_sets if _resolve(d, objects, gap) == i]
+    out = [d for d in attribute_sets if _resolve(d, objects) == i]
     for base in (_Desc(shape=o.shape), _Desc(color=o.color), _Desc()):
         for pos in _POSITION_WORDS:
             d = replace(base, position=pos)
-            if _resolve(d, objects, gap) == i:
+            if _resolve(d, objects) == i:
                 out.append(d)
     return out
 
@@ -492,7 +500,7 @@ class ShapesWorld:
         lang = np.random.default_rng([self._config_digest, cfg.seed, _SPLIT_ID[split], index, 1])
         main = objects[0]
         label = self.class_names.index(main.name)
-        unique = [_unique_descs(objects, i, self._gap) for i in range(len(objects))]
+        unique = [_unique_descs(objects, i) for i in range(len(objects))]
         return Scene(
             id=f"shapes_s{cfg.seed}_{split}_{index:07d}",
             split=split,

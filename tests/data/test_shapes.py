@@ -183,7 +183,16 @@ def _resolve_text(text: str, objects) -> list[int]:
         "bottom": lambda i: -objects[i].center[1],
     }[position]
     best = min(key(i) for i in hits)
-    return [i for i in hits if key(i) == best] if len(hits) > 1 else []
+    chosen = [i for i in hits if key(i) == best] if len(hits) > 1 else []
+    # and it lies entirely beyond the others on that axis (bboxes do not overlap there)
+    axis = 0 if position in ("left", "right") else 1
+    for i in chosen:
+        lo, hi = objects[i].bbox[axis], objects[i].bbox[axis + 2]
+        for j in hits:
+            if j != i:
+                olo, ohi = objects[j].bbox[axis], objects[j].bbox[axis + 2]
+                assert (hi <= olo) if position in ("left", "top") else (lo >= ohi), text
+    return chosen
 
 
 def test_referring_expressions_are_unique_with_their_mask():
