@@ -11,15 +11,21 @@ Public API::
                                     background="plain", clutter=0))
     scene = world.scene(index, split="train")      # splits "train" / "val" / "test" are disjoint by layout
     scenes = world.scenes("val", 100)              # list of the first 100 val scenes (``start=`` to offset)
+    world.iter_scenes("train", n=None)             # lazy, endless when n is None
+    world.class_names                              # ["red circle", "red square", ...] (colours x shapes)
+    world.popularity                               # class names from most to least frequent
     scene.image        # PIL.Image RGB, image_size x image_size
     scene.objects      # list[ShapeObject(color, shape, size, center, bbox, mask)], objects[0] is the main object
     scene.caption      # "a large red circle to the left of a small blue square."
-    scene.vqa          # list[QA(question, answer, kind)], kind in color/shape/count/position/exist
-    scene.pope         # list[PopeProbe(question, answer, strategy, target)], 50/50 yes/no per strategy
-    scene.refexps      # list[RefExp(text, object_index, mask)], each unique to its target
-    scene.label        # class id of objects[0]'s "colour shape"; world.class_names[scene.label]
+    scene.vqa          # list[QA(question, answer, kind)]: one color, shape, count and (when clear) position
+                       # question, then one "yes" and one "no" exist question in random order
+    scene.pope         # list[PopeProbe(question, answer, strategy, target)]: per strategy every present object
+                       # ("yes") and as many absent ones ("no")
+    scene.refexps      # list[RefExp(text, object_index, mask)], each naming its target and nothing else
+    scene.label        # class id of objects[0]'s "colour shape"; scene.label_name == world.class_names[label]
     scene.to_record()  # JSON-able dict (masks as COCO-style uncompressed RLE, see ``rle_encode``)
     render_grid(scenes, "grid.png")                # contact sheet with captions, for a person to look at
+    # python -m data.shapes --out grid.png --image-size 64 --max-objects 3 --background noise
 
 Conventions:
 
@@ -27,6 +33,7 @@ Conventions:
   ``center`` is ``(x, y)`` in pixels (pixel centres sit at ``i + 0.5``).
 * Objects never overlap: their bounding squares keep a gap, so masks are disjoint and every pair of objects is
   clearly separated horizontally or vertically (which is what relative-position questions rely on).
+* The object count is uniform in ``[min_objects, max_objects]``; positions are uniform over the free space.
 * Within one scene every ``(colour, shape)`` pair is distinct, so "the red circle" always names one object and
   "Is there a red circle?" has one answer.
 * Splits: a candidate layout (objects, sizes, positions) is hashed; the hash assigns it to exactly one split
@@ -779,3 +786,39 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
             lines.append(line)
             line = word
     return [*lines, line] if line else lines
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m data.shapes --out grid.png [WorldConfig fields]``: render a contact sheet of scenes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Render a contact sheet of synthetic scenes with their captions."
+    )
+    parser.add_argument("--out", default="shapes_grid.png")
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("-n", type=int, default=16, help="number of scenes")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-objects", type=int, default=1)
+    parser.add_argument("--max-objects", type=int, default=3)
+    parser.add_argument("--background", default="plain", choices=BACKGROUNDS)
+    parser.add_argument("--clutter", type=int, default=0)
+    args = parser.parse_args(argv)
+    world = ShapesWorld(
+        WorldConfig(
+            image_size=args.image_size,
+            seed=args.seed,
+            min_objects=args.min_objects,
+            max_objects=args.max_objects,
+            background=args.background,
+            clutter=args.clutter,
+        )
+    )
+    path = render_grid(world.scenes(args.split, args.n), args.out)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

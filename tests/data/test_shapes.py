@@ -240,3 +240,13 @@ def test_object_counts_uniform_even_when_crowded():
     counts = Counter(len(s.objects) for s in world.scenes("train", 200))
     assert set(counts) == {1, 2, 3, 4}
     assert min(counts.values()) >= 30  # placement failures must not thin out the crowded scenes
+
+
+def test_grid_cli(tmp_path):
+    from PIL import Image
+
+    from data.shapes import main
+
+    out = main(["--out", str(tmp_path / "g.png"), "-n", "3", "--image-size", "32", "--background", "noise"])
+    with Image.open(out) as im:
+        assert im.size[0] > 3 * 32
