@@ -138,6 +138,11 @@ QWEN = register_template(
 STABLELM = register_template(
     Template(name="stablelm", style=SeparatorStyle.TWO, system=_CHAT_SYSTEM, sep=" ", sep2="<|endoftext|>")
 )
+# The tiny CPU recipes: phi's roles and separators without the 33-token system prompt, which carries no information
+# for a model trained from scratch and would cost a sixth of every training sequence.
+PHI_NOSYSTEM = register_template(
+    Template(name="phi_nosystem", style=SeparatorStyle.TWO, system="", sep=" ", sep2="<|endoftext|>")
+)
 VICUNA_V1 = register_template(
     Template(name="vicuna_v1", style=SeparatorStyle.TWO, system=_CHAT_SYSTEM, sep=" ", sep2="</s>")
 )

@@ -1,0 +1,294 @@
+"""MoE-LLaVA's three training stages as one recipe task (``task: moe_llava``).
+
+The stage a recipe entry is follows from its settings, as in MoE-LLaVA's scripts (paper section 3.2):
+
+* **I, alignment** (``pretrain.sh``): the ``plain`` template on image captions; the recipe's ``trainable`` globs
+  keep only the projector (``mm_projector.*``) trainable. ``init_from`` may name a CLIP checkpoint (a zoo CLIP
+  architecture with an open_clip ``.visual``, e.g. the tiny CLIP recipe's stage): its image tower becomes the frozen
+  vision encoder.
+* **II, instruction tuning** (``finetune.sh``): a chat template (``phi``) on VQA conversations; projector + LLM train.
+* **III, MoE-tuning** (``finetune_moe.sh``): ``model.moe`` is set, so the model is built with MoE layers; ``init_from``
+  a dense stage-II checkpoint upcycles it (every expert starts as a copy of its layer's FFN, routers fresh) and the
+  recipe trains the FFNs and routers (MoE-LLaVA's ``--train_modules fc1 fc2 wg``: ``llm.lm.model.layers.*.mlp.*``).
+  The loss adds the balance loss summed over MoE layers x 0.01 (the model computes it).
+
+Data is LLaVA conversation JSON + an image folder, webdataset shards, or the synthetic world (exported to LLaVA JSON
+under the stage's output folder first, so the same reader serves real and synthetic data). ``evaluate`` runs
+``eval.run`` on the configured benchmarks and reports accuracy / F1 next to parameter counts and throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor
+
+from zoo.tasks import register_task
+from zoo.tasks.base import StageTask
+
+__all__ = ["MoELLaVAModelConfig", "MoELLaVADataConfig", "MoELLaVAEvalConfig", "MoELLaVATask", "shapes_tokenizer"]
+
+
+@dataclass(kw_only=True)
+class MoELLaVAModelConfig:
+    """Which MoE-LLaVA to build; keys other than these are the architecture's own ``model_args``."""
+
+    architecture: str = field(default="moe_llava_tiny", metadata={"help": "a registered moe_llava_* architecture"})
+    vision: dict[str, Any] | None = field(default=None, metadata={"help": "VisionTowerConfig dict (None: default)"})
+    lm: dict[str, Any] | None = field(default=None, metadata={"help": "transformers causal-LM config dict"})
+    projector: str = "mlp2x_gelu"
+    template: str = field(default="phi", metadata={"help": "conversation template used by generate"})
+    tokenizer: Literal["shapes_words", "architecture"] = field(
+        default="shapes_words",
+        metadata={"help": "shapes_words: word-level vocabulary of the synthetic world; architecture: its default"},
+    )
+    vocab_world: dict[str, Any] = field(default_factory=dict, metadata={"help": "WorldConfig for the vocabulary"})
+    vocab_scenes: int = field(default=300, metadata={"min": 1, "help": "train scenes scanned for vocabulary"})
+    moe: dict[str, Any] | None = field(
+        default=None, metadata={"help": "MoESettings (stage III); a dense init_from checkpoint is upcycled"}
+    )
+
+
+@dataclass(kw_only=True)
+class MoELLaVADataConfig:
+    source: Literal["shapes", "llava_json", "webdataset"] = "shapes"
+    kind: Literal["caption", "vqa"] = field(default="vqa", metadata={"help": "shapes export: caption or vqa"})
+    world: dict[str, Any] = field(default_factory=dict, metadata={"help": "WorldConfig fields (source=shapes)"})
+    num_scenes: int = field(default=2000, metadata={"min": 1})
+    answer_prompt: bool = field(default=True, metadata={"help": "append LLaVA-1.5's short-answer instruction"})
+    json_path: str | None = None
+    image_folder: str | None = None
+    shards: list[str] | None = None
+    template: str | None = field(default=None, metadata={"help": "None: the model's template (stage I: plain)"})
+    max_length: int = field(default=2048, metadata={"min": 8})
+    truncate: bool = True
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclass(kw_only=True)
+class MoELLaVAEvalConfig:
+    tasks: list[str] = field(default_factory=list, metadata={"help": "eval.run task / group names"})
+    limit: int | None = field(default=None, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
+
+
+def shapes_tokenizer(world: dict[str, Any], num_scenes: int):
+    """The word-level tokenizer over every word of ``num_scenes`` train scenes (captions, questions, answers)."""
+    from data.formats import CAPTION_PROMPTS, SHORT_ANSWER_PROMPT
+    from data.shapes import ShapesWorld, WorldConfig
+    from zoo.tokenizers import build_tokenizer
+
+    w = ShapesWorld(WorldConfig(**world))
+    texts: list[str] = [*CAPTION_PROMPTS, SHORT_ANSWER_PROMPT]
+    for scene in w.iter_scenes("train", num_scenes):
+        texts.append(scene.caption)
+        texts += [f"{qa.question} {qa.answer}" for qa in scene.vqa]
+        texts += [f"{p.question} {p.answer}" for p in scene.pope]
+    return build_tokenizer(texts)
+
+
+@register_task("moe_llava")
+class MoELLaVATask(StageTask):
+    ModelConfig = MoELLaVAModelConfig
+    DataConfig = MoELLaVADataConfig
+    EvalConfig = MoELLaVAEvalConfig
+
+    def __init__(self, model_cfg: MoELLaVAModelConfig, data_cfg: MoELLaVADataConfig, eval_cfg: MoELLaVAEvalConfig,
+                 stage: Any) -> None:
+        super().__init__(model_cfg, data_cfg, eval_cfg, stage)
+        from zoo.registry import create_model
+
+        self.architecture = model_cfg.architecture
+        args: dict[str, Any] = {"projector": model_cfg.projector, "template": model_cfg.template}
+        if model_cfg.vision is not None:
+            args["vision"] = model_cfg.vision
+        if model_cfg.lm is not None:
+            args["lm"] = model_cfg.lm
+        if model_cfg.tokenizer == "shapes_words":
+            from zoo.tokenizers import tokenizer_to_json
+
+            tok = shapes_tokenizer(model_cfg.vocab_world, model_cfg.vocab_scenes)
+            args["tokenizer"] = {"kind": "word_level", "json": tokenizer_to_json(tok)}
+        # Stage III builds the MoE model directly, so a resumed run's checkpoint matches the module tree;
+        # a fresh run fills it from the dense stage-II checkpoint in init_from.
+        args["moe"] = model_cfg.moe
+        self.model = create_model(self.architecture, **args)
+        self.model_args = self.model.model_args
+        self._tokens = 0
+        self._t_start: float | None = None
+        self._t_train = 0.0
+
+    # ---- init ------------------------------------------------------------------------------------------------------
+
+    def init_from(self, source: Path) -> None:
+        """Load an exported stage: same architecture (strict), dense -> MoE (upcycle), or a CLIP (vision tower)."""
+        import json
+
+        from zoo.registry import load
+
+        source = Path(source)
+        config = json.loads((source / "config.json").read_text())
+        arch, args = config.get("architecture"), config.get("model_args", {})
+        is_llava = isinstance(args, dict) and "vision" in args and "lm" in args
+        if not is_llava:
+            self._load_vision_from_clip(source, arch)
+            return
+        src_moe, own_moe = args.get("moe"), self.model_args.get("moe")
+        if src_moe is None and own_moe is not None:
+            dense = load(source)
+            dense.enable_moe(own_moe)  # experts = copies of the dense FFN, routers freshly initialised
+            self._load_strict(dense.state_dict(), f"{source} (upcycled to {len(dense.moe_layers)} MoE layers)")
+            return
+        if src_moe is not None and own_moe is None:
+            raise ValueError(f"{source}: holds an MoE model but this stage builds a dense one (set model.moe)")
+        super().init_from(source)
+
+    def _load_vision_from_clip(self, source: Path, arch: str | None) -> None:
+        from zoo.registry import load
+
+        clip = load(source)
+        visual = getattr(clip, "visual", None)
+        tower = getattr(self.model.vision_tower, "visual", None)
+        if visual is None or tower is None:
+            raise ValueError(
+                f"{source}: a {arch!r} checkpoint can initialise only the vision tower of an open_clip-style tower "
+                "(kind 'zoo' or 'open_clip'); this model's tower has no `.visual`"
+            )
+        try:
+            tower.load_state_dict(visual.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{source}: the {arch!r} image tower does not match model.vision of this stage (make model.vision "
+                f"describe the same CLIP as that stage): {e}"
+            ) from None
+
+    def _load_strict(self, state: dict[str, Tensor], where: str) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{where}: missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
+
+    # ---- data ------------------------------------------------------------------------------------------------------
+
+    def _records(self):
+        from data.llava import read_llava_json, read_llava_webdataset
+
+        d = self.data_cfg
+        if d.source == "llava_json":
+            if d.json_path is None:
+                raise ValueError(f"stage {self.stage.name}: data.source=llava_json needs data.json_path")
+            return read_llava_json(d.json_path), d.image_folder or str(Path(d.json_path).parent)
+        if d.source == "webdataset":
+            if not d.shards:
+                raise ValueError(f"stage {self.stage.name}: data.source=webdataset needs data.shards")
+            return read_llava_webdataset(d.shards), None
+        from data.formats import SHORT_ANSWER_PROMPT, export_llava
+        from data.shapes import ShapesWorld, WorldConfig
+
+        out = Path(self.stage.out_dir) / "data"
+        prompt = SHORT_ANSWER_PROMPT if d.answer_prompt and d.kind == "vqa" else None
+        json_path = export_llava(ShapesWorld(WorldConfig(**d.world)), "train", d.num_scenes, out, d.kind,
+                                 answer_prompt=prompt)
+        return read_llava_json(json_path), str(out)
+
+    def train_dataset(self):
+        from data.llava import LlavaDataset, build_image_transform
+        from zoo.conversation import get_template
+
+        records, folder = self._records()
+        dc = self.model.data_cfg
+        template = get_template(self.data_cfg.template or self.model_cfg.template)
+        ds = LlavaDataset(
+            records,
+            tokenizer=self.model.tokenizer,
+            template=template,
+            num_image_tokens=self.model.num_image_tokens,
+            image_transform=build_image_transform(dc["image_size"], dc["mean"], dc["std"], dc["pad_to_square"]),
+            image_folder=folder,
+            max_length=self.data_cfg.max_length,
+            truncate=self.data_cfg.truncate,
+            on_error=self.data_cfg.on_error,
+        )
+        unk = self.model.tokenizer.unk_token_id
+        n_unk = sum(e.input_ids.count(unk) for e in ds.encoded)
+        print(f"stage {self.stage.name}: data {ds.summary()}; template {template.name}; "
+              f"{ds.num_supervised_tokens()} supervised tokens; {n_unk} unknown-word tokens", flush=True)
+        self.data_summary = ds.summary()
+        return ds
+
+    def collate_fn(self, samples: list[Any]) -> dict[str, Any]:
+        from data.llava import LlavaCollator
+
+        return LlavaCollator(self.model.tokenizer.pad_token_id)(samples)
+
+    # ---- training --------------------------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        self._t_start = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        if self._t_start is not None:
+            self._t_train += time.perf_counter() - self._t_start
+            self._t_start = None
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        loss, _, aux = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            labels=batch["labels"],
+        )
+        self._tokens += int(batch["attention_mask"].sum())
+        return loss, dict(aux)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+
+    def evaluate(self, out_dir: Path) -> dict[str, float]:
+        counts = self.model.num_parameters()
+        metrics: dict[str, float] = {
+            "params_total_M": counts["total"] / 1e6,
+            "params_active_M": counts["active"] / 1e6,
+        }
+        if self._t_train > 0:
+            metrics["train_tokens_per_s"] = self._tokens / self._t_train
+        if not self.eval_cfg.tasks:
+            return metrics
+        import eval as zoo_eval
+
+        t0 = time.perf_counter()
+        res = zoo_eval.run(
+            self.model,
+            tasks=list(self.eval_cfg.tasks),
+            limit=self.eval_cfg.limit,
+            batch_size=self.eval_cfg.batch_size,
+            output_dir=Path(out_dir) / "eval",
+            model_name=f"{self.architecture} ({self.stage.name})",
+            model_args={"stage": self.stage.name},
+            progress=False,
+        )
+        metrics["eval_s"] = time.perf_counter() - t0
+        metrics.update(summarise_eval(res))
+        return metrics
+
+
+def summarise_eval(results: dict[str, Any]) -> dict[str, float]:
+    """Flatten ``eval.run`` results to ``<task>/<primary metric>`` plus group means (e.g. ``shapes_pope/f1``)."""
+    out: dict[str, float] = {}
+    groups: dict[str, list[float]] = {}
+    for task, entry in results.get("results", {}).items():
+        primary = results.get("primary_metric", {}).get(task)
+        value = entry.get(f"{primary},none") if primary else None
+        if isinstance(value, (int, float)):
+            out[f"{task}/{primary}"] = float(value)
+            group = results.get("configs", {}).get(task, {}).get("group")
+            if group and group != task:
+                groups.setdefault(f"{group}/{primary}", []).append(float(value))
+        eff = results.get("efficiency", {}).get(task, {})
+        if isinstance(eff.get("tokens_per_s"), (int, float)):
+            out[f"{task}/gen_tokens_per_s"] = float(eff["tokens_per_s"])
+    for key, values in groups.items():
+        if len(values) > 1:  # a group of one task repeats that task's number
+            out[key] = sum(values) / len(values)
+    return out
