@@ -169,6 +169,6 @@ def test_models_registered_and_lightning_free() -> None:
 
     assert {"moe_llava_tiny", "moe_llava_phi2_4e", "moe_llava_stablelm_4e", "moe_llava_qwen_4e"} <= set(
         zoo.registry.list_models("moe_llava*"))
-    code = ("import sys, zoo.models.moe_llava, zoo.components; "
+    code = ("import sys, zoo.models.moe_llava, zoo.components, zoo.convert.moe_llava, zoo.convert.llava_hf; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'data', 'eval')]")
     subprocess.run([sys.executable, "-c", code], check=True)
