@@ -22,12 +22,15 @@ Optional, for the efficiency columns:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GenerativeModel", "GenerationStats", "resolve_model", "count_parameters", "read_generation_stats"]
 
@@ -39,16 +42,27 @@ class GenerationStats:
     Attributes:
         prefill_seconds: time to process the prompts (images + text) up to the first generated token.
         decode_seconds: time spent in the token-by-token decode steps after that.
-        prompt_tokens: prompt tokens over the batch (image tokens included).
         generated_tokens: new tokens over the batch (not counting padding after a sequence ended).
-        decode_steps: number of decode forward passes (the longest sequence's new tokens, minus the prefill one).
+        prompt_tokens: prompt tokens (image tokens included), as the model counts them.
+        decode_steps: decode forward passes; if None, decode latency per step is estimated as
+            ``decode_seconds * batch_size / generated_tokens`` (exact when all sequences have the same length).
+        batch_size: prompts in the call.
     """
 
     prefill_seconds: float
     decode_seconds: float
-    prompt_tokens: int
     generated_tokens: int
-    decode_steps: int
+    prompt_tokens: int | None = None
+    decode_steps: int | None = None
+    batch_size: int | None = None
+
+
+# Other spellings accepted in a ``last_generation_stats`` dict (the zoo MoE-LLaVA model reports these).
+_STATS_ALIASES = {
+    "prefill_s": "prefill_seconds",
+    "decode_s": "decode_seconds",
+    "new_tokens": "generated_tokens",
+}
 
 
 @runtime_checkable
@@ -94,14 +108,23 @@ def count_parameters(model: Any) -> dict[str, Any]:
 
 
 def read_generation_stats(model: Any) -> GenerationStats | None:
-    """The model's ``last_generation_stats`` as a :class:`GenerationStats`, or None if it reports none."""
+    """The model's ``last_generation_stats`` as a :class:`GenerationStats`, or None if it reports none (or an
+    unusable dict: efficiency columns are then left empty and a warning is logged, the evaluation goes on)."""
     stats = getattr(model, "last_generation_stats", None)
-    if stats is None or isinstance(stats, GenerationStats):
-        return stats
-    if isinstance(stats, Mapping):
-        names = {f.name for f in dataclasses.fields(GenerationStats)}
-        missing = names - set(stats)
-        if missing:
-            raise ValueError(f"{type(model).__name__}.last_generation_stats lacks {sorted(missing)}")
-        return GenerationStats(**{k: stats[k] for k in names})
-    raise TypeError(f"{type(model).__name__}.last_generation_stats should be GenerationStats or a dict")
+    if not stats or isinstance(stats, GenerationStats):
+        return stats or None
+    if not isinstance(stats, Mapping):
+        log.warning("%s.last_generation_stats is a %s; expected GenerationStats or a dict", type(model).__name__,
+                    type(stats).__name__)  # fmt: skip
+        return None
+    names = {f.name for f in dataclasses.fields(GenerationStats)}
+    values = {_STATS_ALIASES.get(k, k): v for k, v in stats.items()}
+    values = {k: v for k, v in values.items() if k in names}
+    missing = {"prefill_seconds", "decode_seconds", "generated_tokens"} - set(values)
+    if missing:
+        log.warning(
+            "%s.last_generation_stats lacks %s; no latency columns", type(model).__name__, sorted(missing)
+        )
+        return None
+    ints = ("generated_tokens", "prompt_tokens", "decode_steps", "batch_size")
+    return GenerationStats(**{k: (int(v) if k in ints and v is not None else v) for k, v in values.items()})

@@ -110,16 +110,21 @@ class _Efficiency:
         if self.stats:
             prefill = sum(s.prefill_seconds for s in self.stats)
             decode = sum(s.decode_seconds for s in self.stats)
-            steps = sum(s.decode_steps for s in self.stats)
             gen_tokens = sum(s.generated_tokens for s in self.stats)
+            # Decode steps: as reported, else estimated from tokens per sequence (see GenerationStats).
+            steps = sum(
+                s.decode_steps
+                if s.decode_steps is not None
+                else s.generated_tokens / max(s.batch_size or 1, 1)
+                for s in self.stats
+            )
+            total = prefill + decode
             out |= {
                 "prefill_latency_ms": round(1000 * prefill / len(self.stats), 3),  # per batch
                 "decode_latency_ms": round(1000 * decode / steps, 3) if steps else None,  # per decode step
-                "tokens_per_second": round(gen_tokens / (prefill + decode), 3)
-                if prefill + decode > 0
-                else None,
-                "prompt_tokens": sum(s.prompt_tokens for s in self.stats),
+                "tokens_per_second": round(gen_tokens / total, 3) if total > 0 else None,
                 "generated_tokens": gen_tokens,
+                "decode_steps_estimated": any(s.decode_steps is None for s in self.stats),
             }
         return out
 
