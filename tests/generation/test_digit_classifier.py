@@ -1,0 +1,86 @@
+"""The shipped digit classifier: loads through the registry, still scores its recorded held-out accuracy, and its
+feature space orders FID-digits sensibly (real vs real << real vs degraded << real vs noise)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from eval.generation.digit_classifier import (
+    SHIPPED_DIR,
+    DigitClassifierExtractor,
+    DigitCNN,
+    load_digit_classifier,
+)
+from eval.generation.digits_data import heldout_split, load_real_digits
+from eval.generation.metrics import GenerationMetrics, GenerationMetricsConfig
+
+
+@pytest.fixture(scope="module")
+def classifier() -> DigitCNN:
+    return load_digit_classifier()
+
+
+@pytest.fixture(scope="module")
+def digits(classifier: DigitCNN) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_real_digits(classifier.cfg.image_size)
+
+
+def test_shipped_weights_load_by_name_and_path(classifier: DigitCNN) -> None:
+    assert "digit_cnn.digits" in zoo.list_pretrained()
+    by_path = zoo.load(SHIPPED_DIR)
+    sd1, sd2 = classifier.state_dict(), by_path.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    n_bytes = sum(p.stat().st_size for p in SHIPPED_DIR.iterdir())
+    assert n_bytes < 400_000
+
+
+def test_recorded_heldout_accuracy_is_reproduced(classifier: DigitCNN, digits) -> None:
+    config = json.loads((SHIPPED_DIR / "config.json").read_text())
+    recorded = config["metrics"]["heldout_acc"]
+    x, y = digits
+    _, test_idx = heldout_split(y, config["data"]["heldout_fraction"], config["data"]["split_seed"])
+    assert len(test_idx) == config["metrics"]["n_heldout"]
+    with torch.no_grad():
+        acc = int((classifier(x[test_idx]).argmax(1) == y[test_idx]).sum()) / len(test_idx)
+    assert acc >= 0.95
+    assert acc == pytest.approx(recorded, abs=1.5 / len(test_idx))  # at most one image flips on another CPU
+
+
+def test_fid_digits_orders_real_degraded_noise(classifier: DigitCNN, digits) -> None:
+    x, y = digits
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    a, b = perm[: len(x) // 2], perm[len(x) // 2 :]
+    gm = GenerationMetrics(DigitClassifierExtractor(classifier), GenerationMetricsConfig(kid_subset_size=400))
+    gm.update_real(x[a])
+
+    def score(images: torch.Tensor) -> dict[str, float]:
+        gm.reset_fake()
+        gm.update_fake(images, y[b])
+        return gm.compute()
+
+    real = score(x[b])
+    blurred = score(F.avg_pool2d(x[b], 3, stride=1, padding=1, count_include_pad=False))
+    g = torch.Generator().manual_seed(1)
+    noise = score(torch.rand(x[b].shape, generator=g) * 2 - 1)
+    assert real["fid"] < 2.0
+    assert real["fid"] < blurred["fid"] < noise["fid"]
+    assert noise["fid"] > 50 * real["fid"]
+    assert real["kid_mean"] < blurred["kid_mean"] < noise["kid_mean"]
+    assert real["class_acc"] > 0.97 and noise["class_acc"] < 0.3
+    assert real["is_mean"] > 8.0 and noise["is_mean"] < real["is_mean"]
+
+
+def test_classifier_accepts_other_sizes_and_rgb(classifier: DigitCNN, digits) -> None:
+    x, y = digits
+    idx = torch.arange(0, 200)
+    big = F.interpolate(x[idx], scale_factor=2, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        acc = float((classifier(big).argmax(1) == y[idx]).float().mean())
+    assert acc > 0.9
+    with pytest.raises(ValueError, match="expected 1 channel"):
+        classifier(torch.zeros(2, 2, 16, 16))
