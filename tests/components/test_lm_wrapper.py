@@ -83,3 +83,28 @@ def test_wrapper_rejects_bad_mask_shape() -> None:
     _, wrap = _lm("llama")
     with pytest.raises(ValueError, match="attention_mask has shape"):
         wrap(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_layer_kwargs_reach_a_registered_attention_function() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, kwargs.get("image_span")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("zoo_test_spy", spy)
+    from transformers import AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionMaskInterface.register("zoo_test_spy", sdpa_mask)
+    lm, wrap = _lm("llama")
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        ref = wrap(input_ids=ids).logits
+        lm.set_attn_implementation("zoo_test_spy")
+        out = wrap(input_ids=ids, layer_kwargs={"image_span": (1, 4)}).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert seen == [(i, (1, 4)) for i in range(3)]

@@ -99,3 +99,23 @@ def test_projectors_and_bad_configs() -> None:
     tower = build_vision_tower(VisionTowerConfig(kind="hf", config=CLIP_VISION))
     with pytest.raises(ValueError, match=r"pixels \[B, 3, H, W\]"):
         tower.forward_features(torch.zeros(3, 32, 32))
+
+
+def test_zoo_clip_tower_uses_the_registered_tiny_clip() -> None:
+    from zoo.registry import create_model
+
+    torch.manual_seed(0)
+    tower = build_vision_tower(VisionTowerConfig(kind="zoo", model_name="clip_vit_tiny")).eval()
+    assert tower.num_patches == 64 and tower.out_dim == 128 and tower.image_size == 64
+    clip = create_model("clip_vit_tiny").eval()
+    assert tower.data_cfg["mean"] == tuple(clip.visual.preprocess_cfg["mean"])
+    tower.visual.load_state_dict(clip.visual.state_dict())
+    px = _pixels(2, 64)
+    with torch.no_grad():
+        feats = tower.forward_features(px)
+        cls_tower = OpenClipVisionTower(VisionTowerConfig(kind="open_clip", select_feature="cls_patch"), clip.visual)
+        tokens = cls_tower.forward_features(px)
+        x = clip.visual.ln_post(clip.visual.transformer.resblocks[-1](tokens))
+        ref = clip.encode_image(px)
+    torch.testing.assert_close(feats, tokens[:, 1:])
+    torch.testing.assert_close(x[:, 0] @ clip.visual.proj, ref, atol=1e-5, rtol=1e-5)

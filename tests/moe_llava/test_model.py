@@ -172,3 +172,11 @@ def test_models_registered_and_lightning_free() -> None:
     code = ("import sys, zoo.models.moe_llava, zoo.components, zoo.convert.moe_llava, zoo.convert.llava_hf; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'data', 'eval')]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_default_tiny_model_uses_the_tiny_clip_tower() -> None:
+    model = create_model("moe_llava_tiny").eval()
+    assert model.num_image_tokens == 64 and model.data_cfg["image_size"] == 64
+    assert model.llm.config.vocab_size == len(model.tokenizer)
+    out = model.generate([_image(0)], ["what color is the circle ?"], max_new_tokens=2)
+    assert len(out) == 1

@@ -44,6 +44,9 @@ class LMState:
     masks: dict[str, Any] = field(default_factory=dict)  # layer type -> mask in the backend's format
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # free slot for methods (captured maps, router inputs)
+    # Extra keyword arguments for every decoder layer; transformers passes them on to the attention function, so a
+    # registered attention implementation (AttentionInterface) can receive e.g. image-token spans.
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +181,7 @@ class CausalLMWrapper(nn.Module):
             cache=state.cache,
             use_cache=state.cache is not None,
             position_embeddings=state.position_embeddings,
+            **state.layer_kwargs,
         )
         state.hidden = out[0] if isinstance(out, tuple) else out
         return state
@@ -197,6 +201,7 @@ class CausalLMWrapper(nn.Module):
         use_cache: bool = False,
         hooks: Sequence[LayerHook] = (),
         logits_to_keep: int = 0,
+        layer_kwargs: dict[str, Any] | None = None,
     ) -> LMOutput:
         """Logits for ``input_ids`` or ``inputs_embeds``; ``attention_mask`` covers cached + new tokens.
 
@@ -209,6 +214,7 @@ class CausalLMWrapper(nn.Module):
         if use_cache and cache is None:
             cache = self.new_cache()
         state = self.prepare(inputs_embeds, attention_mask, position_ids, cache)
+        state.layer_kwargs = dict(layer_kwargs or {})
         for i in range(len(self.layers)):
             state = self.run_layer(i, state)
             for hook in hooks:

@@ -300,6 +300,9 @@ class MoELLaVA(nn.Module):
             moe_loss = collect_aux_loss(self.llm).to(lm_loss.dtype)
             loss = lm_loss + moe_loss
             aux = {"lm_loss": lm_loss.detach(), "moe_aux_loss": moe_loss.detach()}
+        stats = [m.last_stats for m in self.llm.modules() if isinstance(m, MoE) and m.last_stats is not None]
+        if stats:
+            aux["moe_drop_rate"] = torch.tensor(sum(s.drop_rate for s in stats) / len(stats))
         return loss, logits, aux
 
     # -- generation ----------------------------------------------------------------------------------------------
