@@ -142,8 +142,9 @@ class PopeMetric(Metric):
 class MMEScore(Metric):
     """MME acc and acc+ per subtask (acc+ = both questions of an image right), score = 100 acc + 100 acc+.
 
-    ``update(correct, subtasks, pair_ids)``: ``pair_ids`` identify the image within its subtask; every pair must have
-    exactly two answers by ``compute()`` (the official data always has two), otherwise it raises naming the pair.
+    ``update(correct, subtasks, pair_ids)``: ``pair_ids`` identify the image within its subtask. The official data has
+    two questions per image; a pair with more raises naming it, a pair with one (cut by ``--limit``) counts for acc
+    only and is reported in ``n_incomplete_pairs``.
     """
 
     full_state_update = False
@@ -177,22 +178,33 @@ class MMEScore(Metric):
     def compute(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if _is_empty(self.correct):
-            return {"perception": torch.tensor(0.0), "cognition": torch.tensor(0.0), "n_samples": torch.tensor(0.0),
-                    "n_unparsed": self.unparsed}  # fmt: skip
+            zero = torch.tensor(0.0)
+            return {"perception": zero, "cognition": zero, "n_samples": zero, "n_unparsed": self.unparsed,
+                    "n_incomplete_pairs": zero}  # fmt: skip
         correct, subtask, pair = (dim_zero_cat(x) for x in (self.correct, self.subtask, self.pair))
         totals = {"perception": 0.0, "cognition": 0.0}
+        incomplete = 0
         for name, idx in self._index.items():
             sel = subtask == idx
             if not bool(sel.any()):
                 continue
             c, p = correct[sel], pair[sel]
             pairs, counts = torch.unique(p, return_counts=True)
-            bad = pairs[counts != 2]
-            if len(bad):
-                raise ValueError(f"MME {name}: image pair(s) {bad.tolist()[:5]} have {counts[counts != 2].tolist()[:5]} "
-                                 "answers; acc+ needs exactly two questions per image")  # fmt: skip
+            if bool((counts > 2).any()):
+                bad = pairs[counts > 2]
+                raise ValueError(
+                    f"MME {name}: image pair(s) {bad.tolist()[:5]} have more than two answers; "
+                    "acc+ needs exactly two questions per image"
+                )
             acc = c.double().mean()
-            both = torch.stack([c[p == q].all() for q in pairs]).double().mean()
+            # A pair cut in half (by --limit) counts for acc but not for acc+.
+            complete = pairs[counts == 2]
+            incomplete += int((counts == 1).sum())
+            both = (
+                torch.stack([c[p == q].all() for q in complete]).double().mean()
+                if len(complete)
+                else torch.tensor(0.0, dtype=torch.float64)
+            )
             score = 100 * acc + 100 * both
             out[f"{name}_acc"] = 100 * acc
             out[f"{name}_acc_plus"] = 100 * both
@@ -205,6 +217,7 @@ class MMEScore(Metric):
         out["cognition"] = torch.tensor(totals["cognition"])
         out["n_samples"] = torch.tensor(float(len(correct)))
         out["n_unparsed"] = self.unparsed
+        out["n_incomplete_pairs"] = torch.tensor(float(incomplete))
         return out
 
 

@@ -32,7 +32,14 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerativeModel", "GenerationStats", "resolve_model", "count_parameters", "read_generation_stats"]
+__all__ = [
+    "GenerativeModel",
+    "GenerationStats",
+    "resolve_model",
+    "check_generative",
+    "count_parameters",
+    "read_generation_stats",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,16 +84,17 @@ def resolve_model(model: Any) -> tuple[Any, str]:
     if isinstance(model, str | os.PathLike):
         import zoo
 
-        name = str(model)
-        obj = zoo.load(name)
-    else:
-        obj, name = model, getattr(model, "name", None) or type(model).__name__
-    if not isinstance(obj, GenerativeModel):
+        return zoo.load(str(model)), str(model)
+    return model, getattr(model, "name", None) or type(model).__name__
+
+
+def check_generative(model: Any, name: str) -> None:
+    """Raise unless ``model`` implements :class:`GenerativeModel` (needed by ``generate_until`` tasks)."""
+    if not isinstance(model, GenerativeModel):
         raise TypeError(
-            f"model {name!r} ({type(obj).__name__}) has no generate(images, prompts, max_new_tokens, **gen); "
+            f"model {name!r} ({type(model).__name__}) has no generate(images, prompts, max_new_tokens, **gen); "
             "eval tasks of output_type generate_until need one (see eval/models.py)"
         )
-    return obj, name
 
 
 def count_parameters(model: Any) -> dict[str, Any]:

@@ -19,6 +19,18 @@ How to add a benchmark
    tasks with their own ``output_type`` registered by ``@register_output_type``).
 5. Freeze its prompt in ``tests/eval/test_prompts.py``.
 
+A family whose model does not answer text (e.g. class-conditional image generation) registers the call too::
+
+    @register_output_type("sample_images")
+    def sample_images(model, docs, prompts, spec):      # -> one output per doc, handed to the scorer
+        return model.sample([d.target for d in docs], **spec.generation)
+
+    register_task(TaskSpec(name="imagenet_fid_tiny", reader="class_labels", output_type="sample_images",
+                           scorer="fid", generation={"num_steps": 50}))
+
+Models are only required to have ``generate`` when a ``generate_until`` task is requested; outputs that are not
+text are summarised (type and shape) in the predictions file.
+
 Data roots never live in code: a task with files is looked up, in order, in the ``data_roots`` mapping passed to
 ``eval.run`` (keyed by task name or by ``data_subdir``), the task's own environment variable (``data_env``), and
 ``<data_root or $MMZOO_DATA>/<data_subdir>``.

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from eval.models import GenerationStats, count_parameters, read_generation_stats, resolve_model
+from eval.models import (
+    GenerationStats,
+    check_generative,
+    count_parameters,
+    read_generation_stats,
+    resolve_model,
+)
 from eval.registry import (
     OUTPUT_TYPES,
     PROMPTS,
@@ -59,12 +65,12 @@ def generate_until(model: Any, docs: Sequence[Doc], prompts: list[str], spec: Ta
     images = [d.load_image() for d in docs]
     gen = dict(spec.generation)
     max_new_tokens = int(gen.pop("max_new_tokens", 16))
-    with torch.inference_mode():
-        out = model.generate(images, prompts, max_new_tokens=max_new_tokens, **gen)
+    out = model.generate(images, prompts, max_new_tokens=max_new_tokens, **gen)
     if not isinstance(out, list | tuple) or len(out) != len(prompts):
         raise ValueError(f"{type(model).__name__}.generate returned {type(out).__name__} of length "
                          f"{len(out) if hasattr(out, '__len__') else '?'} for {len(prompts)} prompts")  # fmt: skip
-    return [o if isinstance(o, str) else str(o) for o in out]
+    # LLaVA strips every decoded answer (``outputs.strip()``) before any scorer sees it.
+    return [(o if isinstance(o, str) else str(o)).strip() for o in out]
 
 
 def _dist() -> tuple[int, int]:
@@ -170,6 +176,12 @@ def _device(model: Any) -> str:
     return "cpu"
 
 
+def _describe(obj: Any) -> str:
+    # Non-text outputs (images, tensors) are summarised in the predictions file, not dumped.
+    shape = getattr(obj, "shape", None) or getattr(obj, "size", None)
+    return f"<{type(obj).__name__} {tuple(shape) if shape is not None else ''}>"
+
+
 def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -212,7 +224,8 @@ def _evaluate_task(
         prompts = [build_prompt(d, spec) for d in batch]
         before = getattr(model, "last_generation_stats", None)
         t0 = time.perf_counter()
-        outputs = call(model, batch, prompts, spec)
+        with torch.inference_mode():
+            outputs = call(model, batch, prompts, spec)
         seconds = time.perf_counter() - t0
         stats = read_generation_stats(model)
         eff.add(seconds, len(batch), None if stats is before else stats)
@@ -222,7 +235,7 @@ def _evaluate_task(
                 "doc": {"question": doc.question, "image": doc.image_ref(), "fields": dict(doc.fields)},
                 "target": doc.target,
                 "arguments": {"prompt": prompt, "gen_kwargs": dict(spec.generation)},
-                "resps": [out],
+                "resps": [out if isinstance(out, str | int | float | bool | None) else _describe(out)],
                 "filtered_resps": [rec.get("parsed")],
                 "score": rec.get("score"),
                 "unparsed": bool(rec.get("unparsed", False)),
@@ -279,6 +292,8 @@ def run(
                 specs.append(spec)
     if not specs:
         raise ValueError("no eval tasks given")
+    if any(s.output_type == "generate_until" for s in specs):
+        check_generative(obj, name)
     was_training = getattr(obj, "training", None)
     if was_training:
         obj.eval()  # generation must not see dropout; restored below for recipes that keep training
@@ -305,7 +320,9 @@ def run(
             results["versions"][spec.name] = spec.version
             results["n-shot"][spec.name] = 0
             results["higher_is_better"][spec.name] = {
-                k: scorer.higher_is_better for k in metrics if not k.startswith("n_")
+                k: scorer.higher_is_better
+                for k in metrics
+                if not k.startswith("n_") and k not in scorer.neutral
             }
             results["n-samples"][spec.name] = {"original": n_orig, "effective": n_eff}
             results["efficiency"][spec.name] = eff

@@ -55,6 +55,7 @@ class Scorer(ABC):
 
     primary: str = "accuracy"
     higher_is_better: bool = True
+    neutral: tuple[str, ...] = ()  # metrics with no better direction (left out of higher_is_better)
 
     def __init__(self, spec: TaskSpec, docs: Sequence[Doc], **args: Any) -> None:
         self.spec = spec
@@ -162,6 +163,7 @@ class ScienceQAScorer(Scorer):
 @register_scorer("pope")
 class PopeScorer(Scorer):
     primary = "f1"
+    neutral = ("yes_ratio",)  # about 50 is ideal on balanced splits
 
     def build_metric(self, docs):
         return PopeMetric()

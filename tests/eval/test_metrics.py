@@ -105,6 +105,13 @@ def test_mme_pair_with_three_answers_raises():
         m.compute()
 
 
+def test_mme_pair_cut_by_limit_counts_for_acc_only():
+    m = MMEScore()
+    m.update([True, True, True], ["scene"] * 3, [0, 0, 1])
+    out = _f(m.compute())
+    assert out["scene_acc"] == 100.0 and out["scene_acc_plus"] == 100.0 and out["n_incomplete_pairs"] == 1
+
+
 def test_mme_merge_across_processes():
     a, b = MMEScore(), MMEScore()
     a.update([True], ["color"], [0])

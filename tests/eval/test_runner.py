@@ -187,3 +187,61 @@ def test_cli(monkeypatch, tmp_path, capsys, doubles):
     monkeypatch.delenv("MMZOO_VQAV2", raising=False)
     assert main(["--model", "fake.tag", "--tasks", "vqav2_val", "--output-dir", str(out)]) == 1
     assert "MMZOO_VQAV2" in capsys.readouterr().out
+
+
+def test_predictions_are_stripped_like_llava():
+    class Padded:
+        def generate(self, images, prompts, max_new_tokens=16, **gen):
+            return ["  A\n"] * len(prompts)
+
+    res = run(Padded(), "scienceqa_img", data_root=FIXTURES, progress=False)
+    assert res["results"]["scienceqa_img"]["accuracy,none"] == 50.0  # "A" is right for pid 10, not for pid 11
+
+
+def test_custom_output_type_and_scorer_for_another_family(tmp_path):
+    """What a non-VQA family does: its own reader, output type and scorer, on a model without generate()."""
+    from torchmetrics.aggregation import MeanMetric
+
+    from eval.registry import OUTPUT_TYPES, SCORERS, Doc, TaskSpec, register_output_type, register_reader
+    from eval.registry import register_scorer as reg_scorer
+    from eval.scorers import Scorer
+
+    if "test_labels" not in READERS:
+
+        @register_reader("test_labels")
+        def labels(spec, files):
+            return [Doc(doc_id=str(i), question=f"class {i}", target=i) for i in range(spec.reader_args["n"])]
+
+    if "test_sample" not in OUTPUT_TYPES:
+
+        @register_output_type("test_sample")
+        def sample(model, docs, prompts, spec):
+            return [model.sample(d.target) for d in docs]
+
+    if "test_mean_pixel" not in SCORERS:
+
+        @reg_scorer("test_mean_pixel")
+        class MeanPixel(Scorer):
+            primary = "mean"
+
+            def build_metric(self, docs):
+                return MeanMetric()
+
+            def score(self, predictions, docs):
+                values = [float(p.mean()) for p in predictions]
+                self.metric.update(torch.tensor(values))
+                return [{"parsed": None, "score": v, "unparsed": False} for v in values]
+
+            def compute(self):
+                return {"mean": float(self.metric.compute())}
+
+    class Sampler:
+        def sample(self, label):
+            return torch.full((3, 4, 4), float(label))
+
+    spec = TaskSpec(name="test_gen", reader="test_labels", reader_args={"n": 5}, output_type="test_sample",
+                    scorer="test_mean_pixel")  # fmt: skip
+    res = run(Sampler(), [spec], batch_size=2, output_dir=tmp_path, progress=False)
+    assert res["results"]["test_gen"]["mean,none"] == pytest.approx(2.0)
+    row = json.loads((tmp_path / "samples_test_gen.jsonl").read_text().splitlines()[0])
+    assert row["resps"] == ["<Tensor (3, 4, 4)>"]
