@@ -89,3 +89,15 @@ def test_llava_hf_pre_4_52_key_layout(tmp_path) -> None:
     with torch.no_grad():
         ref = ref_model(input_ids=ids[:1], pixel_values=px[:1]).logits
         assert (ours(ids[:1], None, px[:1])[1] - ref).abs().max() < 1e-4
+
+
+def test_greedy_generation_matches_hf_llava_generate(tmp_path) -> None:
+    ref_model = _llava(tmp_path)
+    ours = load_llava_hf(tmp_path / "llava")
+    ids, mask, px = _inputs(16)
+    with torch.no_grad():
+        ref = ref_model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+    new = ours.generate_ids(ids, mask, px, max_new_tokens=8)
+    assert torch.equal(new, ref[:, ids.shape[1]:])
+    assert ours.last_generation_stats["new_tokens"] == 16

@@ -224,6 +224,10 @@ class MoELLaVA(nn.Module):
         self.cfg = MoELLaVAConfig(**{**asdict(self.cfg), "moe": settings.to_dict()})
         return self.moe_layers
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each LM decoder layer in backward (transformers' per-layer checkpointing; our loop keeps it)."""
+        self.llm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def num_parameters(self) -> dict[str, int]:
         """Total and activated parameter counts (activated: each MoE layer counts only top-k of its experts)."""
         total = sum(p.numel() for p in self.parameters())
@@ -389,28 +393,60 @@ class MoELLaVA(nn.Module):
             self.train(was_training)
 
     def _generate(self, images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template, generator):
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         dev = next(self.parameters()).device
         batch = self.build_generation_inputs(images, prompts, apply_template)
-        ids = batch["input_ids"].to(dev)
-        mask = batch["attention_mask"].to(dev)
+        stop = sorted(self._stop_ids())
         px = batch["pixel_values"].to(dev) if batch["pixel_values"] is not None else None
-        stop = torch.tensor(sorted(self._stop_ids()), device=dev, dtype=torch.long)
-        bsz = ids.shape[0]
+        toks = self.generate_ids(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), px, max_new_tokens,
+                                 do_sample, temperature, top_p, stop, generator)
+        texts = []
+        for row in toks.tolist():
+            keep = []
+            for t in row:
+                if t in stop:
+                    break
+                keep.append(t)
+            texts.append(self.tokenizer.decode(keep, skip_special_tokens=True).strip())
+        return texts
 
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop_ids: list[int] | tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Token-level generation from left-padded ids: returns ``[B, n <= max_new_tokens]`` new ids.
+
+        A row that emitted a stop id keeps it; later positions of that row hold 0 (ignore everything after a stop).
+        Prefill runs once with a KV cache; each step feeds one token per row.
+        """
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        dev = input_ids.device
+        bsz = input_ids.shape[0]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        stop = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)
         t0 = time.perf_counter()
-        embeds = self.embed_multimodal(ids, px)
+        embeds = self.embed_multimodal(input_ids, pixel_values)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
         cache = out.cache
         t1 = time.perf_counter()
         generated: list[torch.Tensor] = []
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        n_new = torch.zeros(bsz, dtype=torch.long, device=dev)
         logits = out.logits[:, -1]
         for step in range(max_new_tokens):
             nxt = self._next_token(logits, do_sample, temperature, top_p, generator)
             nxt = torch.where(done, torch.zeros_like(nxt), nxt)
             generated.append(nxt)
+            n_new += (~done).long()
             done = done | torch.isin(nxt, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
@@ -418,30 +454,19 @@ class MoELLaVA(nn.Module):
             out = self.llm(input_ids=nxt[:, None], attention_mask=mask, cache=cache)
             logits = out.logits[:, -1]
         t2 = time.perf_counter()
-
-        texts = []
-        toks = torch.stack(generated, 1).tolist() if generated else [[] for _ in range(bsz)]
-        stop_set = set(stop.tolist())
-        n_new = 0
-        for row in toks:
-            keep = []
-            for t in row:
-                if t in stop_set:
-                    break
-                keep.append(t)
-            n_new += len(keep) + (1 if len(keep) < len(row) else 0)
-            texts.append(self.tokenizer.decode(keep, skip_special_tokens=True).strip())
-        decode_s = t2 - t1
+        total_new = int(n_new.sum())
         self.last_generation_stats = {
             "batch_size": float(bsz),
-            "prompt_tokens": float(ids.shape[1]),
-            "new_tokens": float(n_new),
+            "prompt_tokens": float(input_ids.shape[1]),
+            "new_tokens": float(total_new),
             "prefill_s": t1 - t0,
-            "decode_s": decode_s,
-            "tokens_per_s": n_new / max(t2 - t0, 1e-9),
-            "decode_tokens_per_s": n_new / max(decode_s, 1e-9),
+            "decode_s": t2 - t1,
+            "tokens_per_s": total_new / max(t2 - t0, 1e-9),
+            "decode_tokens_per_s": total_new / max(t2 - t1, 1e-9),
         }
-        return texts
+        if not generated:
+            return torch.zeros(bsz, 0, dtype=torch.long, device=dev)
+        return torch.stack(generated, 1)
 
     @staticmethod
     def _next_token(logits, do_sample, temperature, top_p, generator) -> torch.Tensor:
