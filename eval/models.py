@@ -80,12 +80,23 @@ class GenerativeModel(Protocol):
 
 
 def resolve_model(model: Any) -> tuple[Any, str]:
-    """A model object, a registered weights name or a checkpoint directory -> (model, display name)."""
-    if isinstance(model, str | os.PathLike):
-        import zoo
+    """A model object, a weights name, a checkpoint directory or an architecture name -> (model, display name).
 
-        return zoo.load(str(model)), str(model)
-    return model, getattr(model, "name", None) or type(model).__name__
+    A bare architecture name (``zoo list``) builds the model with random weights, for smoke runs before any weights
+    exist; the display name then says so.
+    """
+    if not isinstance(model, str | os.PathLike):
+        return model, getattr(model, "name", None) or type(model).__name__
+    import zoo
+    from zoo.registry import list_models, list_pretrained
+
+    name = str(model)
+    if not os.path.exists(name) and name not in list_pretrained() and name in list_models():
+        log.warning("%s is an architecture without weights: evaluating a randomly initialised model", name)
+        built = zoo.create_model(name)
+        built.eval()
+        return built, f"{name} (random init)"
+    return zoo.load(name), name
 
 
 def check_generative(model: Any, name: str) -> None:

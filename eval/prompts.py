@@ -19,7 +19,10 @@ def question_prompt(doc: Doc, spec: TaskSpec) -> str:
 
 @register_prompt("textvqa")
 def textvqa_prompt(doc: Doc, spec: TaskSpec) -> str:
-    """LLaVA's ``llava_textvqa_val_v051_ocr`` layout: question, then ``Reference OCR token: a, b, c``."""
+    """LLaVA's ``llava_textvqa_val_v051_ocr`` layout: question, then ``Reference OCR token: a, b, c``.
+
+    The line is left out when a question has no OCR tokens (what LLaVA's file does then is unverified).
+    """
     tokens = doc.fields.get("ocr_tokens") or []
     ocr = (
         f"\nReference OCR token: {', '.join(tokens)}" if spec.prompt_args.get("ocr", True) and tokens else ""

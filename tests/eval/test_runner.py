@@ -245,3 +245,22 @@ def test_custom_output_type_and_scorer_for_another_family(tmp_path):
     assert res["results"]["test_gen"]["mean,none"] == pytest.approx(2.0)
     row = json.loads((tmp_path / "samples_test_gen.jsonl").read_text().splitlines()[0])
     assert row["resps"] == ["<Tensor (3, 4, 4)>"]
+
+
+@pytest.mark.slow
+def test_cli_on_untrained_moe_llava_tiny(tmp_path, capsys):
+    """`zoo eval` on a real zoo model (random weights) over the shapes benchmarks at --limit 8."""
+    from eval.cli import main
+
+    out = tmp_path / "tiny"
+    assert (
+        main(["--model", "moe_llava_tiny", "--tasks", SHAPES, "--limit", "8", "--output-dir", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "moe_llava_tiny (random init)" in printed and "| shapes_vqa | accuracy |" in printed
+    saved = json.loads((out / "results.json").read_text())
+    params = saved["config"]["parameters"]
+    assert params["active_reported"] and 0 < params["active"] <= params["total"]  # reported by the model itself
+    eff = saved["efficiency"]["shapes_vqa"]
+    assert eff["prefill_latency_ms"] > 0 and eff["tokens_per_second"] > 0
+    assert all((out / f"samples_{t}.jsonl").read_text().count("\n") == 8 for t in SHAPES_TASKS)
