@@ -32,7 +32,7 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_att
 PHI = dict(model_type="phi", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
            num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128)
 STABLELM = dict(model_type="stablelm", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.25, use_qkv_bias=True,
+                num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, use_qkv_bias=True,
                 max_position_embeddings=128)
 QWEN2 = dict(model_type="qwen2", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
@@ -232,7 +232,11 @@ def test_official_release_matches_reference_moe(tmp_path, lm, model_type, swiglu
     sd = _official_phi_or_stablelm(model, swiglu)
     assert "model.layers.0.mlp.deepspeed_moe.gate.wg.weight" in sd and "lm_head.bias" not in sd
     _tower_dir_cache["dir"] = _tower_dir(tmp_path, model)
-    src = _write_release(tmp_path, "release", sd, _official_config(tmp_path, model, model_type, lm), fmt)
+    config = _official_config(tmp_path, model, model_type, lm)
+    if model_type == "moe_llava_stablelm":  # StableLM-2's remote-code (stablelm_epoch) field names
+        config["rope_pct"] = config.pop("partial_rotary_factor")
+        config["norm_eps"] = 1e-5
+    src = _write_release(tmp_path, "release", sd, config, fmt)
     ours = load_official(src)
     assert ours.moe_layers == [0, 2] and ours.image_token_id == -200 and ours.num_image_tokens == 16
     moe0 = ours.llm.lm.model.layers[0].mlp

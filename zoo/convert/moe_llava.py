@@ -111,6 +111,11 @@ def _lm_config(cfg: dict[str, Any], backbone: str) -> dict[str, Any]:
             tie_word_embeddings=False,
         )
     lm = {k: v for k, v in cfg.items() if k not in _NON_LM_KEYS}
+    if backbone == "stablelm":
+        # StableLM-2's remote-code config (stablelm_epoch, early 2024) spells two fields differently.
+        for old, new in (("rope_pct", "partial_rotary_factor"), ("norm_eps", "layer_norm_eps")):
+            if old in lm:
+                lm.setdefault(new, lm.pop(old))
     lm["model_type"] = backbone
     lm["tie_word_embeddings"] = False  # the LLaVA classes hold a separate lm_head
     return lm
