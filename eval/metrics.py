@@ -70,14 +70,19 @@ class GroupedAccuracy(Metric):
         groups: Sequence[Sequence[str]] | None = None,
         unparsed: Sequence[bool] | None = None,
     ) -> None:
+        # Sum in Python, then one tensor update per batch (per-sample tensor ops dominate on large splits).
+        score = [0.0] * (len(self.groups) + 1)
+        count = [0] * (len(self.groups) + 1)
         for i, s in enumerate(scores):
-            self.score[0] += float(s)
-            self.count[0] += 1
+            score[0] += float(s)
+            count[0] += 1
             for g in groups[i] if groups is not None else ():
                 if g not in self._index:
                     raise KeyError(f"group {g!r} is not one of {self.groups} declared for this metric")
-                self.score[self._index[g]] += float(s)
-                self.count[self._index[g]] += 1
+                score[self._index[g]] += float(s)
+                count[self._index[g]] += 1
+        self.score += torch.tensor(score, dtype=torch.float64, device=self.score.device)
+        self.count += torch.tensor(count, dtype=torch.float64, device=self.count.device)
         if unparsed is not None:
             self.unparsed += float(sum(bool(u) for u in unparsed))
 
@@ -107,19 +112,21 @@ class PopeMetric(Metric):
             self.add_state(key, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, predictions: Sequence[str], labels: Sequence[str]) -> None:
+        tp = fp = tn = fn = unparsed = 0
         for text, label in zip(predictions, labels, strict=True):
             pred_yes = pope_parse(text) == "yes"
             # POPE's label files say "no" for negatives and anything else is positive.
             gold_yes = label != "no"
-            if pred_yes and gold_yes:
-                self.tp += 1
-            elif pred_yes:
-                self.fp += 1
-            elif gold_yes:
-                self.fn += 1
-            else:
-                self.tn += 1
-            self.unparsed += float(pope_is_unparsed(text))
+            tp += pred_yes and gold_yes
+            fp += pred_yes and not gold_yes
+            fn += gold_yes and not pred_yes
+            tn += not pred_yes and not gold_yes
+            unparsed += pope_is_unparsed(text)
+        self.tp += tp
+        self.fp += fp
+        self.tn += tn
+        self.fn += fn
+        self.unparsed += unparsed
 
     def compute(self) -> dict[str, Tensor]:
         tp, fp, tn, fn = self.tp, self.fp, self.tn, self.fn

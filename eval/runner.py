@@ -195,7 +195,7 @@ def _evaluate_task(
     data_root: str | os.PathLike | None,
     data_roots: Mapping[str, str | os.PathLike] | None,
     progress: bool,
-) -> tuple[dict[str, float], list[dict], dict[str, Any], int, int, Any]:
+) -> tuple[dict[str, float], list[dict], dict[str, Any], int | None, int, Any]:
     for table, key, kind in ((READERS, spec.reader, "reader"), (PROMPTS, spec.prompt, "prompt builder"),
                              (SCORERS, spec.scorer, "scorer"), (OUTPUT_TYPES, spec.output_type, "output type")):  # fmt: skip
         if key not in table:
@@ -204,10 +204,11 @@ def _evaluate_task(
             )
     files = resolve_files(spec, data_root, data_roots)
     reader = READERS[spec.reader]
-    # Readers that can stop early (generated data) take the limit; the count reported is then what was read.
+    # Readers that can stop early (generated data) take the limit.
     takes_limit = "limit" in inspect.signature(reader).parameters
     docs = reader(spec, files, limit=limit) if takes_limit else reader(spec, files)
-    n_original = len(docs)
+    # A reader that stopped early does not know the full size: recorded as unknown rather than guessed.
+    n_original = None if takes_limit and limit is not None else len(docs)
     if limit is not None:
         docs = docs[:limit]
     rank, world = _dist()
@@ -227,8 +228,11 @@ def _evaluate_task(
         with torch.inference_mode():
             outputs = call(model, batch, prompts, spec)
         seconds = time.perf_counter() - t0
-        stats = read_generation_stats(model)
-        eff.add(seconds, len(batch), None if stats is before else stats)
+        after = getattr(model, "last_generation_stats", None)
+        # Stats left over from an earlier call (the model did not report this one) are not counted again.
+        eff.add(
+            seconds, len(batch), None if after is None or after is before else read_generation_stats(model)
+        )
         for doc, prompt, out, rec in zip(batch, prompts, outputs, scorer.score(outputs, batch), strict=True):
             records.append({
                 "doc_id": doc.doc_id,

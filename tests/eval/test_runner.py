@@ -260,7 +260,31 @@ def test_cli_on_untrained_moe_llava_tiny(tmp_path, capsys):
     assert "moe_llava_tiny (random init)" in printed and "| shapes_vqa | accuracy |" in printed
     saved = json.loads((out / "results.json").read_text())
     params = saved["config"]["parameters"]
-    assert params["active_reported"] and 0 < params["active"] <= params["total"]  # reported by the model itself
+    assert (
+        params["active_reported"] and 0 < params["active"] <= params["total"]
+    )  # reported by the model itself
     eff = saved["efficiency"]["shapes_vqa"]
     assert eff["prefill_latency_ms"] > 0 and eff["tokens_per_second"] > 0
     assert all((out / f"samples_{t}.jsonl").read_text().count("\n") == 8 for t in SHAPES_TASKS)
+
+
+def test_stale_stats_are_not_counted_twice(doubles):
+    class ReportsOnce(doubles["constant"]):
+        def __init__(self):
+            super().__init__("yes")
+            self.n = 0
+
+        def generate(self, images, prompts, max_new_tokens=16, **gen):
+            self.n += 1
+            if self.n == 1:  # only the first call reports
+                self.last_generation_stats = {
+                    "prefill_s": 0.1,
+                    "decode_s": 0.2,
+                    "new_tokens": 4,
+                    "batch_size": 2,
+                }
+            return super().generate(images, prompts, max_new_tokens, **gen)
+
+    eff = run(ReportsOnce(), "shapes_pope_random", limit=6, batch_size=2, progress=False)["efficiency"]
+    assert eff["shapes_pope_random"]["generated_tokens"] == 4
+    assert eff["shapes_pope_random"]["prefill_latency_ms"] == pytest.approx(100.0)
