@@ -171,8 +171,13 @@ def encode_conversation(
     num_image_tokens: int,
     max_length: int,
     truncate: bool = True,
+    image_token_id: int | None = None,
 ) -> Encoded:
-    """Token ids and labels for ``record`` (see the module docstring); raises ``LlavaDataError`` on bad input."""
+    """Token ids and labels for ``record`` (see the module docstring); raises ``LlavaDataError`` on bad input.
+
+    ``image_token_id``: the id image positions get (default: the tokenizer's ``<image>`` token; official MoE-LLaVA
+    checkpoints use -200, which no tokenizer has).
+    """
     n_placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in record.conversations)
     if any(IMAGE_PLACEHOLDER in t.text for t in record.conversations if t.role == "gpt"):
         raise LlavaDataError(
@@ -188,7 +193,9 @@ def encode_conversation(
             f"{record.where}: field 'conversations' {what}; put one {IMAGE_PLACEHOLDER} in a human turn per image",
             "placeholder",
         )
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) if image_token_id is None else image_token_id
+    if image_id is None or (image_token_id is None and image_id == tokenizer.unk_token_id):
+        raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token; pass image_token_id")
     ids: list[int] = []
     labels: list[int] = []
     for text, supervised in template.segments(record.conversations):
@@ -279,6 +286,7 @@ class LlavaDataset(Dataset):
         truncate: bool = True,
         on_error: Literal["raise", "skip"] = "raise",
         verify_images: bool = True,
+        image_token_id: int | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -292,7 +300,9 @@ class LlavaDataset(Dataset):
         for rec in records:
             self.stats.total += 1
             try:
-                enc = encode_conversation(rec, template, tokenizer, num_image_tokens, max_length, truncate)
+                enc = encode_conversation(
+                    rec, template, tokenizer, num_image_tokens, max_length, truncate, image_token_id
+                )
                 if verify_images:
                     for k in range(len(rec.images)):
                         with self._open(rec, k) as img:

@@ -19,6 +19,7 @@ under the stage's output folder first, so the same reader serves real and synthe
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +42,22 @@ class MoELLaVAModelConfig:
     lm: dict[str, Any] | None = field(default=None, metadata={"help": "transformers causal-LM config dict"})
     projector: str = "mlp2x_gelu"
     template: str = field(default="phi", metadata={"help": "conversation template used by generate"})
-    tokenizer: Literal["shapes_words", "architecture"] = field(
+    tokenizer: Literal["shapes_words", "architecture", "pretrained"] = field(
         default="shapes_words",
-        metadata={"help": "shapes_words: word-level vocabulary of the synthetic world; architecture: its default"},
+        metadata={"help": "shapes_words: the synthetic world's word-level vocabulary; architecture: its default; "
+                          "pretrained: a local Hugging Face tokenizer at pretrained_lm"},
     )
     vocab_world: dict[str, Any] = field(default_factory=dict, metadata={"help": "WorldConfig for the vocabulary"})
     vocab_scenes: int = field(default=300, metadata={"min": 1, "help": "train scenes scanned for vocabulary"})
     moe: dict[str, Any] | None = field(
         default=None, metadata={"help": "MoESettings (stage III); a dense init_from checkpoint is upcycled"}
+    )
+    image_token_id: int | None = field(default=None, metadata={"help": "None: the tokenizer's <image> (official: -200)"})
+    pretrained_lm: str | None = field(
+        default=None, metadata={"help": "local Hugging Face causal-LM dir loaded into the LLM (stage I of real recipes)"}
+    )
+    pretrained_vision: str | None = field(
+        default=None, metadata={"help": "local Hugging Face CLIP/SigLIP dir loaded into an hf vision tower"}
     )
 
 
@@ -59,9 +68,9 @@ class MoELLaVADataConfig:
     world: dict[str, Any] = field(default_factory=dict, metadata={"help": "WorldConfig fields (source=shapes)"})
     num_scenes: int = field(default=2000, metadata={"min": 1})
     answer_prompt: bool = field(default=True, metadata={"help": "append LLaVA-1.5's short-answer instruction"})
-    json_path: str | None = None
-    image_folder: str | None = None
-    shards: list[str] | None = None
+    json_paths: list[str] = field(default_factory=list, metadata={"help": "LLaVA JSON files ($VARS expanded)"})
+    image_folder: str | None = field(default=None, metadata={"help": "image root (default: each JSON's folder)"})
+    shards: list[str] = field(default_factory=list, metadata={"help": "webdataset .tar shards ($VARS expanded)"})
     template: str | None = field(default=None, metadata={"help": "None: the model's template (stage I: plain)"})
     max_length: int = field(default=2048, metadata={"min": 8})
     truncate: bool = True
@@ -112,11 +121,26 @@ class MoELLaVATask(StageTask):
 
             tok = shapes_tokenizer(model_cfg.vocab_world, model_cfg.vocab_scenes)
             args["tokenizer"] = {"kind": "word_level", "json": tokenizer_to_json(tok)}
+        elif model_cfg.tokenizer == "pretrained":
+            from transformers import AutoTokenizer
+
+            from zoo.models.moe_llava import tokenizer_spec
+
+            path = _local_dir(model_cfg.pretrained_lm, "model.pretrained_lm (needed by tokenizer: pretrained)")
+            args["tokenizer"] = tokenizer_spec(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        if model_cfg.image_token_id is not None:
+            args["image_token_id"] = model_cfg.image_token_id
         # Stage III builds the MoE model directly, so a resumed run's checkpoint matches the module tree;
         # a fresh run fills it from the dense stage-II checkpoint in init_from.
         args["moe"] = model_cfg.moe
         self.model = create_model(self.architecture, **args)
         self.model_args = self.model.model_args
+        # Pretrained components start the first stage; later stages get every weight from their init_from.
+        first_stage = getattr(stage, "init_source", None) is None
+        if first_stage and model_cfg.pretrained_lm is not None:
+            self._load_pretrained_lm(_local_dir(model_cfg.pretrained_lm, "model.pretrained_lm"))
+        if first_stage and model_cfg.pretrained_vision is not None:
+            self._load_pretrained_vision(_local_dir(model_cfg.pretrained_vision, "model.pretrained_vision"))
         self._tokens = 0
         self._t_start: float | None = None
         self._t_train = 0.0
@@ -165,6 +189,29 @@ class MoELLaVATask(StageTask):
                 f"describe the same CLIP as that stage): {e}"
             ) from None
 
+    def _load_pretrained_lm(self, path: Path) -> None:
+        """Weights of a local transformers checkpoint of the same LM architecture (e.g. microsoft/phi-2)."""
+        from transformers import AutoModelForCausalLM
+
+        lm = self.model.llm.lm
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=lm.dtype)
+        try:
+            lm.load_state_dict(hf.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"{path}: the pretrained LM does not match model.lm of this stage: {e}") from None
+
+    def _load_pretrained_vision(self, path: Path) -> None:
+        """Weights of a local transformers CLIP / SigLIP checkpoint into an ``hf`` vision tower."""
+        inner = getattr(self.model.vision_tower, "model", None)
+        if inner is None or not hasattr(type(inner), "from_pretrained"):
+            raise ValueError("model.pretrained_vision needs an hf vision tower (model.vision.kind: hf)")
+        # The tower's own class (e.g. CLIPVisionModel) reads the vision half of a full CLIP checkpoint too.
+        hf = type(inner).from_pretrained(path, local_files_only=True)
+        try:
+            inner.load_state_dict(hf.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"{path}: the pretrained vision model does not match model.vision: {e}") from None
+
     def _load_strict(self, state: dict[str, Tensor], where: str) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -176,14 +223,20 @@ class MoELLaVATask(StageTask):
         from data.llava import read_llava_json, read_llava_webdataset
 
         d = self.data_cfg
+        where = f"stage {self.stage.name}"
         if d.source == "llava_json":
-            if d.json_path is None:
-                raise ValueError(f"stage {self.stage.name}: data.source=llava_json needs data.json_path")
-            return read_llava_json(d.json_path), d.image_folder or str(Path(d.json_path).parent)
+            if not d.json_paths:
+                raise ValueError(f"{where}: data.source=llava_json needs data.json_paths")
+            paths = [Path(os.path.expandvars(p)) for p in d.json_paths]
+            folders = {str(p.parent) for p in paths}
+            if d.image_folder is None and len(folders) > 1:
+                raise ValueError(f"{where}: data.json_paths live in several folders; set data.image_folder")
+            folder = os.path.expandvars(d.image_folder) if d.image_folder is not None else folders.pop()
+            return [r for p in paths for r in read_llava_json(p)], folder
         if d.source == "webdataset":
             if not d.shards:
-                raise ValueError(f"stage {self.stage.name}: data.source=webdataset needs data.shards")
-            return read_llava_webdataset(d.shards), None
+                raise ValueError(f"{where}: data.source=webdataset needs data.shards")
+            return read_llava_webdataset([os.path.expandvars(s) for s in d.shards]), None
         from data.formats import SHORT_ANSWER_PROMPT, export_llava
         from data.shapes import ShapesWorld, WorldConfig
 
@@ -210,6 +263,7 @@ class MoELLaVATask(StageTask):
             max_length=self.data_cfg.max_length,
             truncate=self.data_cfg.truncate,
             on_error=self.data_cfg.on_error,
+            image_token_id=self.model.image_token_id,
         )
         unk = self.model.tokenizer.unk_token_id
         n_unk = sum(e.input_ids.count(unk) for e in ds.encoded)
@@ -271,6 +325,15 @@ class MoELLaVATask(StageTask):
         metrics["eval_s"] = time.perf_counter() - t0
         metrics.update(summarise_eval(res))
         return metrics
+
+
+def _local_dir(path: str | None, what: str) -> Path:
+    if path is None:
+        raise ValueError(f"{what} is not set")
+    p = Path(os.path.expandvars(path))
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what}: {p} is not a directory (mmzoo never downloads; put the files there first)")
+    return p
 
 
 def summarise_eval(results: dict[str, Any]) -> dict[str, float]:

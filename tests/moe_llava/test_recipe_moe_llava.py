@@ -1,0 +1,127 @@
+"""The recipes: the tiny one validates as the default of `make train`; the Phi-2 one runs end to end at toy size.
+
+The full-scale Phi-2 recipe is exercised with overrides that swap in toy-sized LM / vision configs saved as local
+Hugging Face checkpoints (a tiny Phi and a tiny CLIP vision model), toy LLaVA JSON files in the official data layout
+and CPU trainer settings, so every code path of the GPU recipe (pretrained loading, -200 image ids, several JSON
+files, text-only records, dense -> MoE upcycling) runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from zoo.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "recipes" / "moe_llava" / "shapes_tiny.yaml"
+PHI2 = ROOT / "recipes" / "moe_llava" / "phi2_4e.yaml"
+
+
+def test_tiny_recipe_is_the_make_train_default_and_validates():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "RECIPE ?= recipes/moe_llava/shapes_tiny.yaml" in makefile
+    r = load_recipe(TINY)
+    names = [s.name for s in r.stages]
+    assert names == ["clip", "align", "sft", "moe"]
+    clip, align, sft, moe = r.stages
+    assert clip.task == "clip_contrastive" and align.init_source == ("stage", "clip")
+    assert align.trainable == ["mm_projector.*"] and align.data.template == "plain" and align.data.kind == "caption"
+    assert sft.trainable == ["mm_projector.*", "llm.*"] and sft.model.moe is None
+    assert moe.model.moe["num_experts"] == 4 and moe.model.moe["top_k"] == 2
+    assert moe.model.moe["aux_loss_coef"] == 0.01 and moe.trainable == ["llm.lm.model.layers.*.mlp.*"]
+    for s in (sft, moe):
+        assert set(s.eval.tasks) == {"shapes_vqa", "shapes_pope"}
+    # The replicated CLIP stage is the CLIP recipe's stage.
+    ref = load_recipe(ROOT / "recipes" / "clip" / "shapes_tiny.yaml").stages[0]
+    for key in ("task", "model", "data", "optim", "schedule", "batch_size", "seed", "trainer", "trainable"):
+        assert getattr(clip, key) == getattr(ref, key), key
+
+
+def test_phi2_recipe_has_the_papers_hyperparameters():
+    r = load_recipe(PHI2)
+    align, sft, moe = r.stages
+    glob = lambda s: s.batch_size * s.trainer.devices * s.trainer.accumulate_grad_batches  # noqa: E731
+    assert (align.optim.lr, glob(align)) == (1e-3, 256)
+    assert (sft.optim.lr, glob(sft)) == (2e-5, 128)
+    assert (moe.optim.lr, glob(moe)) == (2e-5, 128)
+    assert all(s.optim.weight_decay == 0.0 and s.schedule.name == "cosine" for s in r.stages)
+    assert all(s.trainer.max_epochs == 1 and s.trainer.precision == "bf16-mixed" for s in r.stages)
+    assert align.data.template == "plain" and sft.model.template == "phi"
+    assert moe.model.moe == {"num_experts": 4, "top_k": 2, "layers": "sparse", "capacity_factor": 1.5,
+                             "eval_capacity_factor": 2.0, "min_capacity": 0, "aux_loss_coef": 0.01}
+    assert align.trainable == ["mm_projector.*"] and sft.trainable == ["mm_projector.*", "llm.*"]
+
+
+TOY_LM = {"model_type": "phi", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+          "num_attention_heads": 2, "num_key_value_heads": 2, "partial_rotary_factor": 0.5, "hidden_act": "gelu_new",
+          "max_position_embeddings": 128, "tie_word_embeddings": False}
+TOY_CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "image_size": 32, "patch_size": 16}
+
+
+@pytest.fixture
+def phi2_env(tmp_path: Path, monkeypatch) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+    from zoo.tokenizers import build_tokenizer
+
+    weights, data = tmp_path / "weights", tmp_path / "data" / "moe_llava"
+    tok = build_tokenizer(["describe the image", "what is it", "a red circle", "hello there"])
+    lm_cfg = AutoConfig.for_model(**{**TOY_LM, "vocab_size": len(tok)})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(lm_cfg).save_pretrained(weights / "phi-2")
+    tok.save_pretrained(weights / "phi-2")
+    vcfg = {k: v for k, v in TOY_CLIP.items() if k != "model_type"}
+    CLIPVisionModel(CLIPVisionConfig(**vcfg)).save_pretrained(weights / "clip-vit-large-patch14-336")
+    (data / "train_json").mkdir(parents=True)
+    (data / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (80 * i, 0, 0)).save(data / "imgs" / f"{i}.png")
+    img = lambda i, q, a: {"id": f"r{i}", "image": f"imgs/{i}.png", "conversations": [  # noqa: E731
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+    text = [{"id": "t0", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hello there"}]}]
+    files = {"llava_image_.json": [img(i, "describe the image", "a red circle") for i in range(3)],
+             "nlp_tune.json": text}
+    for name in ("la_tune_256k.json", "lrv_tune_331k.json", "lvis_tune_220k_.json", "svit_tune_157k.json",
+                 "llava_image_tune_.json"):
+        files[name] = [img(i, "what is it", "a red circle") for i in range(3)]
+    for name, records in files.items():
+        (data / "train_json" / name).write_text(json.dumps(records))
+    monkeypatch.setenv("MMZOO_WEIGHTS", str(weights))
+    monkeypatch.setenv("MMZOO_DATA", str(tmp_path / "data"))
+    return tmp_path
+
+
+def test_phi2_recipe_runs_at_toy_size(phi2_env: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from zoo.registry import load
+    from zoo.train import train
+
+    overrides = []
+    for s in ("align", "sft", "moe"):
+        overrides += [
+            f"stages.{s}.model.lm={json.dumps(TOY_LM)}",
+            f"stages.{s}.model.vision={json.dumps({'kind': 'hf', 'config': TOY_CLIP})}",
+            f"stages.{s}.trainer={{max_steps: 1, accelerator: cpu, devices: 1, precision: 32-true, "
+            f"enable_progress_bar: false}}",
+            f"stages.{s}.batch_size=2",
+            f"stages.{s}.num_workers=0",
+            f"stages.{s}.data.max_length=64",
+        ]
+    train(PHI2, overrides=overrides, runs_dir=phi2_env / "runs")
+    runs = phi2_env / "runs" / "moe_llava_phi2_4e"
+    # Stage I started from the pretrained Phi: its LM weights are the local checkpoint's.
+    align = load_file(str(runs / "align" / "final" / "model.safetensors"))
+    hf = AutoModelForCausalLM.from_pretrained(phi2_env / "weights" / "phi-2").state_dict()
+    assert all(torch.equal(align[f"llm.lm.{k}"], v) for k, v in hf.items())
+    moe = load(runs / "moe" / "final")
+    assert moe.moe_layers == [0, 2] and moe.image_token_id == -200
+    cfg = json.loads((runs / "moe" / "final" / "config.json").read_text())
+    assert cfg["architecture"] == "moe_llava_phi2_4e" and cfg["model_args"]["moe"]["num_experts"] == 4

@@ -1,0 +1,100 @@
+"""``zoo chat``: ask a multimodal model about an image.
+
+    zoo chat --image scene.png "What color is the circle?"          # the shipped demo weights
+    zoo chat --model runs/moe_llava_shapes_tiny/moe/final --image scene.png "How many objects are there?"
+    zoo chat --scene test:3 "Is there a red star in the image?"    # a synthetic scene (saved with --save-image)
+    zoo chat --image scene.png                                      # one question per line on stdin
+
+The model is a weights name (``zoo list --pretrained``) or a checkpoint directory; its conversation template and
+tokenizer come from its config. Greedy decoding unless ``--temperature`` > 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "answer"]
+
+DEFAULT_MODEL = "moe_llava_tiny.shapes"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zoo chat",
+        description="Answer questions about an image with a multimodal model (MoE-LLaVA family).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[0],
+    )
+    p.add_argument("question", nargs="*", help="the question (omit to read one question per line from stdin)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"weights name or checkpoint dir (default {DEFAULT_MODEL})")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...)")
+    src.add_argument("--scene", metavar="SPLIT:INDEX", help="a synthetic shapes-world scene, e.g. test:3")
+    p.add_argument("--image-size", type=int, default=64, help="synthetic scene size in px (with --scene)")
+    p.add_argument("--save-image", type=Path, help="write the synthetic scene to this file (with --scene)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return p
+
+
+def _load_image(args: argparse.Namespace) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if args.image is not None:
+        if not args.image.is_file():
+            raise SystemExit(f"zoo chat: --image {args.image}: no such file")
+        try:
+            with Image.open(args.image) as img:
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise SystemExit(f"zoo chat: --image {args.image}: not a readable image ({e})") from None
+    from data.shapes import SPLITS, ShapesWorld, WorldConfig
+
+    split, _, index = args.scene.partition(":")
+    if split not in SPLITS or not index.isdigit():
+        raise SystemExit(f"zoo chat: --scene {args.scene!r}: expected SPLIT:INDEX with SPLIT in {SPLITS}, e.g. test:3")
+    scene = ShapesWorld(WorldConfig(image_size=args.image_size)).scene(int(index), split=split)
+    print(f"scene {scene.id}: {scene.caption}", file=sys.stderr)
+    if args.save_image is not None:
+        scene.image.save(args.save_image)
+    return scene.image
+
+
+def answer(model: Any, image: Any, question: str, **gen: Any) -> str:
+    """One answer from ``model.generate`` for ``question`` about ``image``."""
+    return model.generate([image], [question], **gen)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    import zoo
+
+    image = _load_image(args)
+    try:
+        model = zoo.load(args.model)
+    except (KeyError, FileNotFoundError) as e:
+        print(f"zoo chat: cannot load --model {args.model!r}: {e}", file=sys.stderr)
+        return 2
+    if not hasattr(model, "generate"):
+        print(f"zoo chat: {args.model!r} ({type(model).__name__}) cannot generate text", file=sys.stderr)
+        return 2
+    gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature > 0:
+        gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                   generator=torch.Generator().manual_seed(args.seed))
+    questions = [" ".join(args.question)] if args.question else (q.strip() for q in sys.stdin)
+    for q in questions:
+        if q:
+            print(answer(model, image, q, **gen), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
