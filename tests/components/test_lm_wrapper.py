@@ -7,14 +7,26 @@ import torch
 
 from zoo.components.lm import CausalLMWrapper, build_causal_lm, positions_from_mask
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=128)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
 CONFIGS = {
     "phi": dict(model_type="phi", partial_rotary_factor=0.5, **TINY),
     "llama": dict(model_type="llama", num_key_value_heads=2, **TINY),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=2, **TINY),
-    "qwen2_sliding": dict(model_type="qwen2", num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                          max_window_layers=1, **TINY),
+    "qwen2_sliding": dict(
+        model_type="qwen2",
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+        **TINY,
+    ),
     "stablelm": dict(model_type="stablelm", num_key_value_heads=2, partial_rotary_factor=0.25, **TINY),
 }
 
@@ -51,8 +63,13 @@ def test_wrapper_matches_hf_forward_left_padded_and_cached(name: str) -> None:
 
         # HF's own cached path agrees too
         hf = lm(input_ids=ids[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], use_cache=True)
-        hf2 = lm(input_ids=ids[:, 6:7], attention_mask=mask[:, :7], position_ids=pos[:, 6:7],
-                 cache=hf.past_key_values, use_cache=True)
+        hf2 = lm(
+            input_ids=ids[:, 6:7],
+            attention_mask=mask[:, :7],
+            position_ids=pos[:, 6:7],
+            cache=hf.past_key_values,
+            use_cache=True,
+        )
         torch.testing.assert_close(hf2.logits[:, -1], steps[1], atol=1e-5, rtol=1e-5)
 
 

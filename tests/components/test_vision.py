@@ -8,10 +8,24 @@ import torch
 from zoo.components import VisionTowerConfig, build_projector, build_vision_tower
 from zoo.components.vision import OpenClipVisionTower, TimmVisionTower
 
-CLIP_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                   num_attention_heads=4, image_size=32, patch_size=8)
-SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                     num_attention_heads=4, image_size=32, patch_size=8)
+CLIP_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+SIGLIP_VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
 
 
 def _pixels(n: int = 2, size: int = 32) -> torch.Tensor:
@@ -38,7 +52,9 @@ def test_hf_clip_tower_is_penultimate_patch_tokens() -> None:
 def test_siglip_first_token_quirk_drops_one_real_patch() -> None:
     torch.manual_seed(0)
     plain = build_vision_tower(VisionTowerConfig(kind="hf", config=SIGLIP_VISION)).eval()
-    quirk = build_vision_tower(VisionTowerConfig(kind="hf", config=SIGLIP_VISION, drop_first_token=True)).eval()
+    quirk = build_vision_tower(
+        VisionTowerConfig(kind="hf", config=SIGLIP_VISION, drop_first_token=True)
+    ).eval()
     quirk.load_state_dict(plain.state_dict())
     px = _pixels()
     with torch.no_grad():
@@ -53,8 +69,9 @@ def test_open_clip_tower_feeds_the_last_block() -> None:
     from open_clip.transformer import VisionTransformer
 
     torch.manual_seed(0)
-    visual = VisionTransformer(image_size=32, patch_size=8, width=32, layers=3, heads=4, mlp_ratio=2.0,
-                               output_dim=16).eval()
+    visual = VisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=3, heads=4, mlp_ratio=2.0, output_dim=16
+    ).eval()
     tower = OpenClipVisionTower(VisionTowerConfig(kind="open_clip", select_feature="cls_patch"), visual)
     px = _pixels()
     with torch.no_grad():
@@ -72,9 +89,12 @@ def test_open_clip_tower_feeds_the_last_block() -> None:
 
 def test_timm_tower_feeds_the_last_block() -> None:
     torch.manual_seed(0)
-    cfg = VisionTowerConfig(kind="timm", model_name="vit_tiny_patch16_224",
-                            config=dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3),
-                            select_feature="cls_patch")
+    cfg = VisionTowerConfig(
+        kind="timm",
+        model_name="vit_tiny_patch16_224",
+        config=dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3),
+        select_feature="cls_patch",
+    )
     tower = build_vision_tower(cfg).eval()
     assert isinstance(tower, TimmVisionTower) and tower.num_patches == 17 and tower.out_dim == 48
     px = _pixels()
@@ -94,8 +114,14 @@ def test_projectors_and_bad_configs() -> None:
     with pytest.raises(ValueError, match="vision tower kind"):
         VisionTowerConfig(kind="clip")
     with pytest.raises(ValueError, match="select_layer"):
-        build_vision_tower(VisionTowerConfig(kind="timm", model_name="vit_tiny_patch16_224", select_layer=-9,
-                                             config=dict(img_size=32, patch_size=8, depth=3)))
+        build_vision_tower(
+            VisionTowerConfig(
+                kind="timm",
+                model_name="vit_tiny_patch16_224",
+                select_layer=-9,
+                config=dict(img_size=32, patch_size=8, depth=3),
+            )
+        )
     tower = build_vision_tower(VisionTowerConfig(kind="hf", config=CLIP_VISION))
     with pytest.raises(ValueError, match=r"pixels \[B, 3, H, W\]"):
         tower.forward_features(torch.zeros(3, 32, 32))
@@ -113,7 +139,9 @@ def test_zoo_clip_tower_uses_the_registered_tiny_clip() -> None:
     px = _pixels(2, 64)
     with torch.no_grad():
         feats = tower.forward_features(px)
-        cls_tower = OpenClipVisionTower(VisionTowerConfig(kind="open_clip", select_feature="cls_patch"), clip.visual)
+        cls_tower = OpenClipVisionTower(
+            VisionTowerConfig(kind="open_clip", select_feature="cls_patch"), clip.visual
+        )
         tokens = cls_tower.forward_features(px)
         x = clip.visual.ln_post(clip.visual.transformer.resblocks[-1](tokens))
         ref = clip.encode_image(px)

@@ -17,10 +17,24 @@ IMAGE = 119
 def _llava(tmp_path, strategy: str = "default"):
     torch.manual_seed(0)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                       image_size=32, patch_size=8, projection_dim=16),
-        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=16,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        ),
         image_token_index=IMAGE,
         vision_feature_select_strategy=strategy,
         vision_feature_layer=-2,
@@ -80,7 +94,7 @@ def test_llava_hf_pre_4_52_key_layout(tmp_path) -> None:
     for k, v in sd.items():
         # transformers 5 writes the tower without `vision_model.`; 4.x files (the hub's) have it
         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-            k = "vision_tower.vision_model." + k[len("vision_tower."):]
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
         old[k] = v
     assert any(k.startswith("language_model.model.") for k in old)
     save_file(old, str(d / "model.safetensors"))
@@ -96,8 +110,15 @@ def test_greedy_generation_matches_hf_llava_generate(tmp_path) -> None:
     ours = load_llava_hf(tmp_path / "llava")
     ids, mask, px = _inputs(16)
     with torch.no_grad():
-        ref = ref_model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8,
-                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+        ref = ref_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=px,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     new = ours.generate_ids(ids, mask, px, max_new_tokens=8)
-    assert torch.equal(new, ref[:, ids.shape[1]:])
+    assert torch.equal(new, ref[:, ids.shape[1] :])
     assert ours.last_generation_stats["new_tokens"] == 16

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionModel
 
 from zoo.convert import main
 from zoo.convert.moe_llava import load_official
@@ -27,21 +27,65 @@ from zoo.tokenizers import build_tokenizer
 
 TOK = build_tokenizer()
 V = len(TOK)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-              patch_size=8, projection_dim=16)
-PHI = dict(model_type="phi", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-           num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=128)
-STABLELM = dict(model_type="stablelm", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, use_qkv_bias=True,
-                max_position_embeddings=128)
-QWEN2 = dict(model_type="qwen2", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+PHI = dict(
+    model_type="phi",
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=128,
+)
+STABLELM = dict(
+    model_type="stablelm",
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    partial_rotary_factor=0.5,
+    use_qkv_bias=True,
+    max_position_embeddings=128,
+)
+QWEN2 = dict(
+    model_type="qwen2",
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
 
 
 def _moe_cfg(layers):
-    return {"moe_enable": True, "moe_mode": "sparse", "moe_layers_idx": layers, "ep_size": 1, "top_k_experts": 2,
-            "capacity_factor": 1.5, "eval_capacity_factor": 2.0, "min_capacity": 0, "use_residual": False,
-            "router_aux_loss_coef": 0.01, "train_modules": ["fc1", "fc2", "wg"], "num_experts": [4] * len(layers)}
+    return {
+        "moe_enable": True,
+        "moe_mode": "sparse",
+        "moe_layers_idx": layers,
+        "ep_size": 1,
+        "top_k_experts": 2,
+        "capacity_factor": 1.5,
+        "eval_capacity_factor": 2.0,
+        "min_capacity": 0,
+        "use_residual": False,
+        "router_aux_loss_coef": 0.01,
+        "train_modules": ["fc1", "fc2", "wg"],
+        "num_experts": [4] * len(layers),
+    }
 
 
 class RefExpertPhi(nn.Module):  # the official Phi MLP: fc1 -> gelu_new -> fc2
@@ -81,7 +125,7 @@ class RefTop2(nn.Module):
         w = w / w.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
         for e, ex in enumerate(self.experts):
-            sel = (idx == e)
+            sel = idx == e
             rows = sel.any(-1)
             if rows.any():
                 out[rows] += (w * sel).sum(-1)[rows, None].to(x.dtype) * ex(x[rows])
@@ -92,9 +136,15 @@ def _tiny_release(tmp_path, lm: dict, moe_layers=(0, 2), seed=0):
     """Our model with random, distinct experts, and its weights in the official layout (dict)."""
     torch.manual_seed(seed)
     vision = dict(kind="hf", config=dict(model_type="clip_vision_model", **VISION))
-    model = create_model("moe_llava_custom", vision=vision, lm=lm, template="phi",
-                        moe=dict(layers=list(moe_layers)), image_token_id=-200,
-                        tokenizer={"kind": "word_level", "json": TOK.backend_tokenizer.to_str()}).eval()
+    model = create_model(
+        "moe_llava_custom",
+        vision=vision,
+        lm=lm,
+        template="phi",
+        moe=dict(layers=list(moe_layers)),
+        image_token_id=-200,
+        tokenizer={"kind": "word_level", "json": TOK.backend_tokenizer.to_str()},
+    ).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".experts." in n or ".router." in n:
@@ -144,17 +194,24 @@ def _write_release(tmp_path, name, sd, config, fmt="safetensors", tokenizer=True
     elif fmt == "sharded":
         keys = sorted(sd)
         half = len(keys) // 2
-        shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+        shards = {
+            "model-00001-of-00002.safetensors": keys[:half],
+            "model-00002-of-00002.safetensors": keys[half:],
+        }
         for f, ks in shards.items():
             save_file({k: sd[k].contiguous() for k in ks}, str(d / f))
         (d / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+            json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}})
+        )
     else:
         torch.save(sd, d / "pytorch_model.bin")
     if tokenizer:
         TOK.backend_tokenizer.save(str(d / "tokenizer.json"))
-        (d / "special_tokens_map.json").write_text(json.dumps(
-            {"eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>"}))
+        (d / "special_tokens_map.json").write_text(
+            json.dumps(
+                {"eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>"}
+            )
+        )
     return d
 
 
@@ -167,11 +224,23 @@ def _tower_dir(tmp_path, model: MoELLaVA):
 
 def _official_config(tmp_path, model: MoELLaVA, model_type: str, lm_dict: dict) -> dict:
     cfg = {k: v for k, v in lm_dict.items() if k != "model_type"}
-    cfg.update({"model_type": model_type, "architectures": ["EvalMoELLaVAForCausalLM"],
-                "mm_image_tower": str(_tower_dir(tmp_path, model)), "mm_video_tower": None,
-                "image_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "mm_vision_select_layer": -2,
-                "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-                "image_aspect_ratio": "pad", "tokenizer_padding_side": "right", "moe": _moe_cfg(model.moe_layers)})
+    cfg.update(
+        {
+            "model_type": model_type,
+            "architectures": ["EvalMoELLaVAForCausalLM"],
+            "mm_image_tower": str(_tower_dir(tmp_path, model)),
+            "mm_video_tower": None,
+            "image_projector_type": "mlp2x_gelu",
+            "mm_hidden_size": 32,
+            "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch",
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "image_aspect_ratio": "pad",
+            "tokenizer_padding_side": "right",
+            "moe": _moe_cfg(model.moe_layers),
+        }
+    )
     return cfg
 
 
@@ -180,7 +249,11 @@ def _reference_logits(model: MoELLaVA, sd: dict, lm_dict: dict, swiglu: bool, id
     from zoo.components.lm import build_causal_lm
 
     ref = build_causal_lm(lm_dict).eval()
-    own = {k: v for k, v in sd.items() if not (".deepspeed_moe." in k or "mm_projector" in k or "image_tower" in k)}
+    own = {
+        k: v
+        for k, v in sd.items()
+        if not (".deepspeed_moe." in k or "mm_projector" in k or "image_tower" in k)
+    }
     if "lm_head.bias" in ref.state_dict():
         own["lm_head.bias"] = torch.zeros(lm_dict["vocab_size"])
     for i in model.moe_layers:
@@ -190,7 +263,7 @@ def _reference_logits(model: MoELLaVA, sd: dict, lm_dict: dict, swiglu: bool, id
         for e in range(4):
             ex = RefExpertSwiGLU(d, h) if swiglu else RefExpertPhi(d, h)
             q = f"{p}.experts.deepspeed_experts.{e}."
-            ex.load_state_dict({k[len(q):]: v for k, v in sd.items() if k.startswith(q)})
+            ex.load_state_dict({k[len(q) :]: v for k, v in sd.items() if k.startswith(q)})
             experts.append(ex)
         ref.model.layers[i].mlp = RefTop2(sd[f"{p}.gate.wg.weight"].float(), experts)
     missing, unexpected = ref.load_state_dict(own, strict=False)
@@ -199,9 +272,17 @@ def _reference_logits(model: MoELLaVA, sd: dict, lm_dict: dict, swiglu: bool, id
     proj = model.mm_projector  # checked separately by key names below
     with torch.no_grad():
         feats = tower(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
-        w0, b0 = sd["model.mm_projector.image_spatial_proj.0.weight"], sd["model.mm_projector.image_spatial_proj.0.bias"]
-        w2, b2 = sd["model.mm_projector.image_spatial_proj.2.weight"], sd["model.mm_projector.image_spatial_proj.2.bias"]
-        feats = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(feats, w0, b0)), w2, b2)
+        w0, b0 = (
+            sd["model.mm_projector.image_spatial_proj.0.weight"],
+            sd["model.mm_projector.image_spatial_proj.0.bias"],
+        )
+        w2, b2 = (
+            sd["model.mm_projector.image_spatial_proj.2.weight"],
+            sd["model.mm_projector.image_spatial_proj.2.bias"],
+        )
+        feats = torch.nn.functional.linear(
+            torch.nn.functional.gelu(torch.nn.functional.linear(feats, w0, b0)), w2, b2
+        )
         is_img = ids == -200
         emb = ref.get_input_embeddings()(ids.masked_fill(is_img, 0))
         emb[is_img] = feats.reshape(-1, feats.shape[-1])
@@ -223,10 +304,13 @@ def _inputs(n=16):
     return ids, mask, px
 
 
-@pytest.mark.parametrize("lm,model_type,swiglu,fmt", [
-    (PHI, "moe_llava_phi", False, "safetensors"),
-    (STABLELM, "moe_llava_stablelm", True, "sharded"),
-])
+@pytest.mark.parametrize(
+    "lm,model_type,swiglu,fmt",
+    [
+        (PHI, "moe_llava_phi", False, "safetensors"),
+        (STABLELM, "moe_llava_stablelm", True, "sharded"),
+    ],
+)
 def test_official_release_matches_reference_moe(tmp_path, lm, model_type, swiglu, fmt) -> None:
     model = _tiny_release(tmp_path, lm)
     sd = _official_phi_or_stablelm(model, swiglu)
@@ -240,7 +324,11 @@ def test_official_release_matches_reference_moe(tmp_path, lm, model_type, swiglu
     ours = load_official(src)
     assert ours.moe_layers == [0, 2] and ours.image_token_id == -200 and ours.num_image_tokens == 16
     moe0 = ours.llm.lm.model.layers[0].mlp
-    assert moe0.cfg.capacity_factor == 1.5 and moe0.cfg.eval_capacity_factor == 2.0 and moe0.cfg.min_capacity == 0
+    assert (
+        moe0.cfg.capacity_factor == 1.5
+        and moe0.cfg.eval_capacity_factor == 2.0
+        and moe0.cfg.min_capacity == 0
+    )
     assert moe0.cfg.balance_loss == "top1" and moe0.cfg.balance_loss_coef == 0.01
     ids, mask, px = _inputs()
     with torch.no_grad():
@@ -259,8 +347,11 @@ def test_official_release_matches_reference_moe(tmp_path, lm, model_type, swiglu
 def _official_qwen(model: MoELLaVA) -> dict[str, torch.Tensor]:
     """Our Qwen2-module model written in Qwen v1's remote-code layout (c_attn fused, w1=up, w2=gate)."""
     lm = model.llm.lm
-    sd = {"transformer.wte.weight": lm.model.embed_tokens.weight, "transformer.ln_f.weight": lm.model.norm.weight,
-          "lm_head.weight": lm.lm_head.weight}
+    sd = {
+        "transformer.wte.weight": lm.model.embed_tokens.weight,
+        "transformer.ln_f.weight": lm.model.norm.weight,
+        "lm_head.weight": lm.lm_head.weight,
+    }
     for i, layer in enumerate(lm.model.layers):
         p = f"transformer.h.{i}"
         a = layer.self_attn
@@ -290,11 +381,25 @@ def _official_qwen(model: MoELLaVA) -> dict[str, torch.Tensor]:
 def test_official_qwen_layout_and_separate_tower_weights(tmp_path) -> None:
     model = _tiny_release(tmp_path, QWEN2, moe_layers=(0, 2), seed=1)
     sd = _official_qwen(model)  # no tower keys: the official loader re-downloads the tower
-    cfg = {"model_type": "moe_llava_qwen", "vocab_size": V, "hidden_size": 32, "intermediate_size": 96,
-           "num_hidden_layers": 4, "num_attention_heads": 4, "kv_channels": 8, "seq_length": 128,
-           "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "no_bias": True,
-           "mm_image_tower": str(_tower_dir(tmp_path, model)), "image_projector_type": "mlp2x_gelu",
-           "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "moe": _moe_cfg([0, 2])}
+    cfg = {
+        "model_type": "moe_llava_qwen",
+        "vocab_size": V,
+        "hidden_size": 32,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "kv_channels": 8,
+        "seq_length": 128,
+        "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "no_bias": True,
+        "mm_image_tower": str(_tower_dir(tmp_path, model)),
+        "image_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "moe": _moe_cfg([0, 2]),
+    }
     src = _write_release(tmp_path, "qwen", sd, cfg, fmt="bin", tokenizer=False)
     with pytest.raises(ValueError, match="no vision tower weights.*--vision-weights"):
         load_official(src)
@@ -302,8 +407,9 @@ def test_official_qwen_layout_and_separate_tower_weights(tmp_path) -> None:
     assert ours.llm.config.model_type == "qwen2" and ours.template.name == "qwen" and ours.tokenizer is None
     ids, mask, px = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids, mask, px)[1][mask.bool()], model(ids, mask, px)[1][mask.bool()],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours(ids, mask, px)[1][mask.bool()], model(ids, mask, px)[1][mask.bool()], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_cli_convert_and_bad_releases(tmp_path, capsys) -> None:
@@ -315,8 +421,9 @@ def test_cli_convert_and_bad_releases(tmp_path, capsys) -> None:
     loaded = load(tmp_path / "zoo")
     ids, mask, px = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, mask, px)[1][mask.bool()], model(ids, mask, px)[1][mask.bool()],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded(ids, mask, px)[1][mask.bool()], model(ids, mask, px)[1][mask.bool()], atol=1e-5, rtol=1e-5
+        )
 
     extra = dict(sd)
     extra["model.layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.4.fc1.weight"] = torch.zeros(64, 32)

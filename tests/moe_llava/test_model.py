@@ -12,10 +12,24 @@ from zoo.models.moe_llava import MoELLaVA, MoESettings
 from zoo.moe import MoE
 from zoo.registry import create_model, load, save_pretrained
 
-CLIP_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, image_size=32, patch_size=8)
-LM = dict(model_type="phi", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-          partial_rotary_factor=0.5, max_position_embeddings=256)
+CLIP_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+LM = dict(
+    model_type="phi",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=256,
+)
 
 
 def tiny(**kw) -> MoELLaVA:
@@ -35,7 +49,11 @@ def _batch(model: MoELLaVA):
     n = model.num_image_tokens
     img = model.image_token_id
     a = [img] * n + tok("what color is the circle ?", add_special_tokens=False).input_ids
-    b = tok("is there a red square ?", add_special_tokens=False).input_ids + [img] * n + tok("yes", add_special_tokens=False).input_ids
+    b = (
+        tok("is there a red square ?", add_special_tokens=False).input_ids
+        + [img] * n
+        + tok("yes", add_special_tokens=False).input_ids
+    )
     L = max(len(a), len(b))
     ids = torch.full((2, L), tok.pad_token_id)
     mask = torch.zeros(2, L, dtype=torch.long)
@@ -54,8 +72,9 @@ def test_forward_splices_projected_patch_features_in_order() -> None:
     # the same thing by hand: embeddings with image rows replaced by projector(tower(px)) in order of appearance
     with torch.no_grad():
         emb = model.llm.embed(ids.masked_fill(ids == model.image_token_id, 0))
-        feats = model.mm_projector(model.vision_tower.model(pixel_values=px, output_hidden_states=True)
-                                   .hidden_states[-2][:, 1:])
+        feats = model.mm_projector(
+            model.vision_tower.model(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        )
         pos = (ids == model.image_token_id).nonzero()
         emb[pos[:, 0], pos[:, 1]] = feats.reshape(-1, 32)
         ref = model.llm.lm(inputs_embeds=emb, attention_mask=mask).logits
@@ -135,8 +154,12 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:
     greedy = model.generate(imgs, prompts, max_new_tokens=5)
     nucleus = model.generate(imgs, prompts, max_new_tokens=5, do_sample=True, top_p=1e-6)
     assert nucleus == greedy
-    a = model.generate(imgs, prompts, 5, do_sample=True, temperature=5.0, generator=torch.Generator().manual_seed(3))
-    b = model.generate(imgs, prompts, 5, do_sample=True, temperature=5.0, generator=torch.Generator().manual_seed(3))
+    a = model.generate(
+        imgs, prompts, 5, do_sample=True, temperature=5.0, generator=torch.Generator().manual_seed(3)
+    )
+    b = model.generate(
+        imgs, prompts, 5, do_sample=True, temperature=5.0, generator=torch.Generator().manual_seed(3)
+    )
     assert a == b
 
 
@@ -178,13 +201,23 @@ def test_models_registered_and_converters_lightning_free() -> None:
     from pathlib import Path
 
     assert {"moe_llava_tiny", "moe_llava_phi2_4e", "moe_llava_stablelm_4e", "moe_llava_qwen_4e"} <= set(
-        zoo.registry.list_models("moe_llava*"))
+        zoo.registry.list_models("moe_llava*")
+    )
     root = Path(zoo.__file__).parent
-    files = [root / "models" / "moe_llava.py", *(root / "convert").glob("*.py"), *(root / "components").glob("*.py")]
+    files = [
+        root / "models" / "moe_llava.py",
+        *(root / "convert").glob("*.py"),
+        *(root / "components").glob("*.py"),
+    ]
     for f in files:
         for node in ast.walk(ast.parse(f.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for n in names:
                 assert n.split(".")[0] not in ("lightning", "pytorch_lightning", "data", "eval"), (f, n)
 

@@ -11,8 +11,12 @@ from zoo.registry import create_model
 
 @pytest.mark.parametrize(
     "arch,size,n_moe,tokens",
-    [("moe_llava_stablelm_4e", "stablelm", 12, 576), ("moe_llava_qwen_4e", "qwen", 12, 576),
-     ("moe_llava_phi2_4e", "phi2", 16, 576), ("moe_llava_phi2_4e_384", "phi2", 16, 728)],
+    [
+        ("moe_llava_stablelm_4e", "stablelm", 12, 576),
+        ("moe_llava_qwen_4e", "qwen", 12, 576),
+        ("moe_llava_phi2_4e", "phi2", 16, 576),
+        ("moe_llava_phi2_4e_384", "phi2", 16, 728),
+    ],
 )
 def test_full_size_parameter_counts_match_paper(arch: str, size: str, n_moe: int, tokens: int) -> None:
     with torch.device("meta"):

@@ -43,7 +43,9 @@ class LMState:
     cache: DynamicCache | None
     masks: dict[str, Any] = field(default_factory=dict)  # layer type -> mask in the backend's format
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)  # free slot for methods (captured maps, router inputs)
+    extras: dict[str, Any] = field(
+        default_factory=dict
+    )  # free slot for methods (captured maps, router inputs)
     # Extra keyword arguments for every decoder layer; transformers passes them on to the attention function, so a
     # registered attention implementation (AttentionInterface) can receive e.g. image-token spans.
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +70,9 @@ def positions_from_mask(attention_mask: torch.Tensor, query_len: int) -> torch.T
     return pos[:, -query_len:]
 
 
-def build_causal_lm(config: dict[str, Any] | PretrainedConfig, attn_implementation: str = "sdpa") -> PreTrainedModel:
+def build_causal_lm(
+    config: dict[str, Any] | PretrainedConfig, attn_implementation: str = "sdpa"
+) -> PreTrainedModel:
     """Build a causal LM from a config (dict with ``model_type`` or a config object); random weights, no download."""
     if isinstance(config, dict):
         if "model_type" not in config:
@@ -97,7 +101,9 @@ class CausalLMWrapper(nn.Module):
         model_type = lm.config.model_type
         norm_name = _FINAL_NORM.get(model_type, "norm")
         if not hasattr(base, norm_name):
-            raise TypeError(f"{type(lm).__name__} (model_type={model_type!r}) has no final norm `{norm_name}`")
+            raise TypeError(
+                f"{type(lm).__name__} (model_type={model_type!r}) has no final norm `{norm_name}`"
+            )
         self._norm_name = norm_name
         self._embed_dropout_name = _EMBED_DROPOUT.get(model_type)
 
@@ -134,7 +140,9 @@ class CausalLMWrapper(nn.Module):
         masks = {}
         for kind in sorted(set(self.layer_types())):
             if kind not in _MASK_BUILDERS:
-                raise ValueError(f"layer type {kind!r} of {self.lm.config.model_type} is not supported by the wrapper")
+                raise ValueError(
+                    f"layer type {kind!r} of {self.lm.config.model_type} is not supported by the wrapper"
+                )
             masks[kind] = _MASK_BUILDERS[kind](
                 config=self.lm.config,
                 inputs_embeds=state.hidden,
@@ -163,7 +171,9 @@ class CausalLMWrapper(nn.Module):
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask, q_len)
             else:
-                position_ids = (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0).expand(bsz, -1)
+                position_ids = (
+                    (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0).expand(bsz, -1)
+                )
         hidden = inputs_embeds
         if self._embed_dropout_name is not None:
             hidden = getattr(self.lm.base_model, self._embed_dropout_name)(hidden)

@@ -35,7 +35,10 @@ HALF = (0.5, 0.5, 0.5)
 
 # Class/prefix tokens in front of the patch tokens and the normalisation each HF vision model type was trained with.
 _HF_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
-_HF_DEFAULT_NORM = {"clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "siglip_vision_model": (HALF, HALF)}
+_HF_DEFAULT_NORM = {
+    "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "siglip_vision_model": (HALF, HALF),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +157,9 @@ class HFVisionTower(VisionTower):
                 raise ValueError(
                     f"hf vision tower config needs model_type in {sorted(_HF_PREFIX_TOKENS)}, got {model_type!r}"
                 )
-            model = AutoModel.from_config(AutoConfig.for_model(model_type, **conf), attn_implementation="sdpa")
+            model = AutoModel.from_config(
+                AutoConfig.for_model(model_type, **conf), attn_implementation="sdpa"
+            )
         self.model = model
         c = model.config
         self.model_type = c.model_type
@@ -249,7 +254,9 @@ def _build_open_clip_visual(cfg: VisionTowerConfig) -> nn.Module:
     import open_clip
 
     if not cfg.model_name:
-        raise ValueError("open_clip vision tower needs model_name (an open_clip config name such as 'ViT-B-32')")
+        raise ValueError(
+            "open_clip vision tower needs model_name (an open_clip config name such as 'ViT-B-32')"
+        )
     model = open_clip.create_model(cfg.model_name, pretrained=None, **cfg.config)
     return model.visual
 

@@ -17,8 +17,14 @@ from pathlib import Path
 
 __all__ = ["main", "convert"]
 
-_MOE_LLAVA_TYPES = ("moe_llava_phi", "moe_llava_stablelm", "moe_llava_qwen", "llava_phi", "llava_stablelm",
-                    "llava_qwen")
+_MOE_LLAVA_TYPES = (
+    "moe_llava_phi",
+    "moe_llava_stablelm",
+    "moe_llava_qwen",
+    "llava_phi",
+    "llava_stablelm",
+    "llava_qwen",
+)
 
 
 def convert(src: str | Path, out: str | Path, fmt: str = "auto", **kwargs) -> Path:
@@ -32,8 +38,10 @@ def convert(src: str | Path, out: str | Path, fmt: str = "auto", **kwargs) -> Pa
         elif model_type == "llava":
             fmt = "llava-hf"
         else:
-            raise ValueError(f"{Path(src) / 'config.json'}: field 'model_type' = {model_type!r} is not a format "
-                             f"zoo convert knows ({', '.join(_MOE_LLAVA_TYPES)}, llava)")
+            raise ValueError(
+                f"{Path(src) / 'config.json'}: field 'model_type' = {model_type!r} is not a format "
+                f"zoo convert knows ({', '.join(_MOE_LLAVA_TYPES)}, llava)"
+            )
     if fmt == "moe-llava":
         from zoo.convert.moe_llava import convert_moe_llava
 
@@ -57,17 +65,23 @@ def main(argv: list[str]) -> int:
             print("zoo convert dit: zoo.convert.dit has no command-line entry point", file=sys.stderr)
             return 2
         return int(dit.main(argv[1:]) or 0)
-    p = argparse.ArgumentParser(prog="zoo convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="zoo convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("format", choices=["auto", "moe-llava", "llava-hf"], help="source layout")
     p.add_argument("src", help="released model directory (config.json + weights)")
     p.add_argument("out", help="output directory for the mmzoo checkpoint")
-    p.add_argument("--vision-weights", metavar="DIR",
-                   help="moe-llava: local transformers CLIP/SigLIP directory when the release lacks tower weights")
+    p.add_argument(
+        "--vision-weights",
+        metavar="DIR",
+        help="moe-llava: local transformers CLIP/SigLIP directory when the release lacks tower weights",
+    )
     p.add_argument("--template", help="llava-hf: conversation template for generate (default vicuna_v1)")
     args = p.parse_args(argv)
     try:
-        out = convert(args.src, args.out, args.format, vision_weights=args.vision_weights, template=args.template)
+        out = convert(
+            args.src, args.out, args.format, vision_weights=args.vision_weights, template=args.template
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"zoo convert: {e}", file=sys.stderr)
         return 2

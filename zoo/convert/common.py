@@ -97,7 +97,9 @@ def read_tokenizer_spec(src: str | os.PathLike) -> dict[str, Any] | None:
     return tokenizer_spec(tok)
 
 
-def fit_vision_keys(state_dict: dict[str, torch.Tensor], model: nn.Module, prefix: str = "vision_tower.model.") -> None:
+def fit_vision_keys(
+    state_dict: dict[str, torch.Tensor], model: nn.Module, prefix: str = "vision_tower.model."
+) -> None:
     """Match transformers' vision-model key layouts in place.
 
     Checkpoints written by transformers 4.x (and full CLIP/SigLIP models) keep tower tensors under
@@ -109,7 +111,7 @@ def fit_vision_keys(state_dict: dict[str, torch.Tensor], model: nn.Module, prefi
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if key in own:
             continue
-        if key.startswith(inner) and prefix + key[len(inner):] in own:
-            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-        elif inner + key[len(prefix):] in own:
-            state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+        if key.startswith(inner) and prefix + key[len(inner) :] in own:
+            state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+        elif inner + key[len(prefix) :] in own:
+            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)

@@ -47,10 +47,14 @@ def llava_config_to_model_args(src: str | os.PathLike, template: str = "vicuna_v
         raise ValueError(f"{where}: field 'model_type' = {cfg.get('model_type')!r}; expected 'llava'")
     layer = cfg.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
-        raise ValueError(f"{where}: field 'vision_feature_layer' = {layer!r}; only a single layer is supported")
+        raise ValueError(
+            f"{where}: field 'vision_feature_layer' = {layer!r}; only a single layer is supported"
+        )
     strategy = cfg.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
-        raise ValueError(f"{where}: field 'vision_feature_select_strategy' = {strategy!r}; expected default/full")
+        raise ValueError(
+            f"{where}: field 'vision_feature_select_strategy' = {strategy!r}; expected default/full"
+        )
     if cfg.get("projector_hidden_act", "gelu") != "gelu" or not cfg.get("multimodal_projector_bias", True):
         raise ValueError(f"{where}: only the GELU projector with biases (LLaVA's mlp2x_gelu) is supported")
     vision = {k: v for k, v in _as_dict(cfg["vision_config"]).items() if k not in ("architectures",)}
@@ -60,8 +64,12 @@ def llava_config_to_model_args(src: str | os.PathLike, template: str = "vicuna_v
         raise ValueError(f"{where}: no 'image_token_index' / 'image_token_id' field")
     text["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     return dict(
-        vision=dict(kind="hf", config=vision, select_layer=layer,
-                    select_feature="patch" if strategy == "default" else "cls_patch"),
+        vision=dict(
+            kind="hf",
+            config=vision,
+            select_layer=layer,
+            select_feature="patch" if strategy == "default" else "cls_patch",
+        ),
         lm=text,
         projector="mlp2x_gelu",
         template=template,
@@ -77,7 +85,7 @@ def llava_to_zoo_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for key, value in sd.items():
         for old, new in _PREFIXES:
             if key.startswith(old):
-                out[new + key[len(old):]] = value
+                out[new + key[len(old) :]] = value
                 break
         else:
             out[key] = value  # reported as unexpected by check_keys
@@ -86,10 +94,16 @@ def llava_to_zoo_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_llava_hf(src: str | os.PathLike, template: str = "vicuna_v1") -> MoELLaVA:
     src = Path(src)
-    model = MoELLaVA(MoELLaVAConfig(**llava_config_to_model_args(src, template)), architecture="moe_llava_custom")
+    model = MoELLaVA(
+        MoELLaVAConfig(**llava_config_to_model_args(src, template)), architecture="moe_llava_custom"
+    )
     out = llava_to_zoo_state_dict(read_state_dict(src))
     own = model.state_dict()
-    if "llm.lm.lm_head.weight" in own and "llm.lm.lm_head.weight" not in out and model.llm.config.tie_word_embeddings:
+    if (
+        "llm.lm.lm_head.weight" in own
+        and "llm.lm.lm_head.weight" not in out
+        and model.llm.config.tie_word_embeddings
+    ):
         out["llm.lm.lm_head.weight"] = out["llm.lm.model.embed_tokens.weight"]  # tied weights are saved once
     fit_vision_keys(out, model)
     check_keys(out, model, str(src))
@@ -101,5 +115,11 @@ def convert_llava_hf(src: str | os.PathLike, out_dir: str | os.PathLike, templat
     from zoo.registry import save_pretrained
 
     model = load_llava_hf(src, template)
-    return save_pretrained(model, out_dir, "moe_llava_custom", model.model_args,
-                           converted_from=str(src), source_format="llava_hf")
+    return save_pretrained(
+        model,
+        out_dir,
+        "moe_llava_custom",
+        model.model_args,
+        converted_from=str(src),
+        source_format="llava_hf",
+    )

@@ -31,8 +31,14 @@ import torch
 from zoo.convert.common import check_keys, fit_vision_keys, read_config, read_state_dict, read_tokenizer_spec
 from zoo.models.moe_llava import CLIP_L_336, SIGLIP_SO400M_384, MoELLaVA, MoELLaVAConfig
 
-__all__ = ["BACKBONES", "KNOWN_TOWERS", "official_config_to_model_args", "official_to_zoo_state_dict",
-           "convert_moe_llava", "load_official"]
+__all__ = [
+    "BACKBONES",
+    "KNOWN_TOWERS",
+    "official_config_to_model_args",
+    "official_to_zoo_state_dict",
+    "convert_moe_llava",
+    "load_official",
+]
 
 # model_type in an official config.json -> (backbone, conversation template). Dense stage-2 releases use llava_*.
 BACKBONES = {
@@ -54,16 +60,42 @@ IMAGE_TOKEN_INDEX = -200  # MoE-LLaVA's placeholder id for <image> in input_ids
 
 # config.json keys that belong to LLaVA / MoE / bookkeeping rather than to the LM's own config.
 _NON_LM_KEYS = {
-    "moe", "mm_image_tower", "mm_video_tower", "image_tower", "video_tower", "image_projector_type",
-    "video_projector_type", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature",
-    "mm_use_im_start_end", "mm_use_im_patch_token", "image_aspect_ratio", "use_mm_proj", "tokenizer_model_max_length",
-    "tokenizer_padding_side", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "mm_projector_lr",
-    "mm_projector_type", "mm_patch_merge_type", "X", "architectures", "auto_map", "_name_or_path",
-    "transformers_version", "torch_dtype", "dtype", "model_type", "use_cache",
+    "moe",
+    "mm_image_tower",
+    "mm_video_tower",
+    "image_tower",
+    "video_tower",
+    "image_projector_type",
+    "video_projector_type",
+    "mm_hidden_size",
+    "mm_vision_select_layer",
+    "mm_vision_select_feature",
+    "mm_use_im_start_end",
+    "mm_use_im_patch_token",
+    "image_aspect_ratio",
+    "use_mm_proj",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "mm_projector_lr",
+    "mm_projector_type",
+    "mm_patch_merge_type",
+    "X",
+    "architectures",
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "model_type",
+    "use_cache",
 }
 
 
-def _vision_from_config(cfg: dict[str, Any], src: Path, vision_config: dict[str, Any] | None) -> dict[str, Any]:
+def _vision_from_config(
+    cfg: dict[str, Any], src: Path, vision_config: dict[str, Any] | None
+) -> dict[str, Any]:
     tower_id = cfg.get("mm_image_tower") or cfg.get("image_tower")
     if vision_config is None:
         local = Path(str(tower_id)) if tower_id else None
@@ -81,7 +113,9 @@ def _vision_from_config(cfg: dict[str, Any], src: Path, vision_config: dict[str,
     if "vision_config" in vision_config:  # a full CLIP / SigLIP config: take its vision part
         parent = vision_config.get("model_type")
         vision_config = dict(vision_config["vision_config"], model_type=f"{parent}_vision_model")
-    vision_config = {k: v for k, v in vision_config.items() if k not in ("architectures", "transformers_version")}
+    vision_config = {
+        k: v for k, v in vision_config.items() if k not in ("architectures", "transformers_version")
+    }
     select = cfg.get("mm_vision_select_feature", "patch")
     return dict(
         kind="hf",
@@ -129,19 +163,24 @@ def official_config_to_model_args(
     cfg = read_config(src)
     model_type = cfg.get("model_type")
     if model_type not in BACKBONES:
-        raise ValueError(f"{src / 'config.json'}: field 'model_type' = {model_type!r}; expected one of "
-                         f"{sorted(BACKBONES)}")
+        raise ValueError(
+            f"{src / 'config.json'}: field 'model_type' = {model_type!r}; expected one of {sorted(BACKBONES)}"
+        )
     backbone, template = BACKBONES[model_type]
     moe = None
     moe_cfg = cfg.get("moe") or {}
     if moe_cfg.get("moe_enable", False):
         if moe_cfg.get("use_residual", False):
-            raise ValueError(f"{src / 'config.json'}: field 'moe.use_residual' is true; residual MoE is not supported")
+            raise ValueError(
+                f"{src / 'config.json'}: field 'moe.use_residual' is true; residual MoE is not supported"
+            )
         experts = moe_cfg.get("num_experts", 4)
         experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
         if len(set(experts)) != 1:
-            raise ValueError(f"{src / 'config.json'}: field 'moe.num_experts' = {experts}; differing expert counts "
-                             "per layer are not supported")
+            raise ValueError(
+                f"{src / 'config.json'}: field 'moe.num_experts' = {experts}; differing expert counts "
+                "per layer are not supported"
+            )
         moe = dict(
             num_experts=int(experts[0]),
             top_k=int(moe_cfg.get("top_k_experts", 2)),
@@ -163,13 +202,28 @@ def official_config_to_model_args(
     )
 
 
-_MOE = re.compile(r"^(?P<layer>.+)\.mlp\.deepspeed_moe\.(?:gate\.wg\.weight|experts\.deepspeed_experts\.(?P<e>\d+)\."
-                  r"(?P<proj>\w+)\.(?P<wb>weight|bias))$")
+_MOE = re.compile(
+    r"^(?P<layer>.+)\.mlp\.deepspeed_moe\.(?:gate\.wg\.weight|experts\.deepspeed_experts\.(?P<e>\d+)\."
+    r"(?P<proj>\w+)\.(?P<wb>weight|bias))$"
+)
 # Expert projection names per backbone -> our stacked parameter slots.
 # SwiGLU expert projections: StableLM names and Qwen's (``c_proj(w1(x) * silu(w2(x)))``: w2 gates, w1 is "up").
-_SWIGLU_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w2": "gate", "w1": "up", "c_proj": "down"}
-_QWEN_BLOCK = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
-               "mlp.w1": "mlp.up_proj", "mlp.w2": "mlp.gate_proj", "mlp.c_proj": "mlp.down_proj"}
+_SWIGLU_PARTS = {
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "w2": "gate",
+    "w1": "up",
+    "c_proj": "down",
+}
+_QWEN_BLOCK = {
+    "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.w1": "mlp.up_proj",
+    "mlp.w2": "mlp.gate_proj",
+    "mlp.c_proj": "mlp.down_proj",
+}
 
 
 def _rename_qwen(key: str, value: torch.Tensor, out: dict[str, torch.Tensor]) -> bool:
@@ -207,12 +261,12 @@ def official_to_zoo_state_dict(
         if key.endswith("rotary_emb.inv_freq"):
             continue  # a non-persistent buffer some exports still contain
         if key.startswith(f"{root}.mm_projector."):
-            rest = key[len(f"{root}.mm_projector."):]
-            rest = rest[len("image_spatial_proj."):] if rest.startswith("image_spatial_proj.") else rest
+            rest = key[len(f"{root}.mm_projector.") :]
+            rest = rest[len("image_spatial_proj.") :] if rest.startswith("image_spatial_proj.") else rest
             out[f"mm_projector.{rest}"] = value
             continue
         if key.startswith(f"{root}.image_tower.image_tower."):
-            out["vision_tower.model." + key[len(f"{root}.image_tower.image_tower."):]] = value
+            out["vision_tower.model." + key[len(f"{root}.image_tower.image_tower.") :]] = value
             continue
         m = _MOE.match(key)
         if m:
@@ -248,7 +302,9 @@ def official_to_zoo_state_dict(
     for prefix, parts in swiglu.items():
         if set(parts) != {"gate", "up", "down"}:
             raise ValueError(f"{prefix}: expert projections {sorted(parts)}; expected gate, up and down")
-        out[prefix + "gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1)  # gate rows first (zoo.moe)
+        out[prefix + "gate_up_proj"] = torch.cat(
+            [parts["gate"], parts["up"]], dim=1
+        )  # gate rows first (zoo.moe)
         out[prefix + "down_proj"] = parts["down"]
     if vision_sd is not None:
         for k, v in vision_sd.items():
@@ -270,8 +326,11 @@ def _vision_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     sd = read_state_dict(path)
     vis = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
     if not vis:
-        vis = {f"vision_model.{k}": v for k, v in sd.items() if k.split(".")[0] in ("embeddings", "encoder",
-               "pre_layrnorm", "post_layernorm", "head")}
+        vis = {
+            f"vision_model.{k}": v
+            for k, v in sd.items()
+            if k.split(".")[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm", "head")
+        }
     if not vis:
         raise ValueError(f"{path}: no vision tower tensors; expected a transformers CLIP or SigLIP model dir")
     return vis
@@ -312,5 +371,11 @@ def convert_moe_llava(
     from zoo.registry import save_pretrained
 
     model = load_official(src, vision_weights, vision_config)
-    return save_pretrained(model, out_dir, "moe_llava_custom", model.model_args,
-                           converted_from=str(src), source_format="moe_llava_official")
+    return save_pretrained(
+        model,
+        out_dir,
+        "moe_llava_custom",
+        model.model_args,
+        converted_from=str(src),
+        source_format="moe_llava_official",
+    )

@@ -17,7 +17,7 @@ Differences from the official code (see ``zoo.convert.moe_llava`` for loading it
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -191,7 +191,9 @@ class MoELLaVA(nn.Module):
             raise ValueError("model has neither image_token_id nor a tokenizer with an <image> token")
         tid = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         if tid is None or tid == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {IMAGE_PLACEHOLDER} token; set image_token_id in the model config")
+            raise ValueError(
+                f"tokenizer has no {IMAGE_PLACEHOLDER} token; set image_token_id in the model config"
+            )
         return tid
 
     @property
@@ -264,7 +266,9 @@ class MoELLaVA(nn.Module):
         """Token embeddings with the image-token positions filled by projected patch features (in order)."""
         has_id = self.cfg.image_token_id is not None or self.tokenizer is not None
         image_id = self.image_token_id if (has_id or pixel_values is not None) else None
-        is_image = input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        is_image = (
+            input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        )
         n_tok = int(is_image.sum())
         n_img = 0 if pixel_values is None else pixel_values.shape[0]
         if n_tok != n_img * self.num_image_tokens:
@@ -295,7 +299,9 @@ class MoELLaVA(nn.Module):
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
             lm_loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                 labels[:, 1:].reshape(-1),
@@ -323,7 +329,11 @@ class MoELLaVA(nn.Module):
         stop = set()
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
-        tid = self.tokenizer.convert_tokens_to_ids(self.template.stop_str) if self.template.stop_str.strip() else None
+        tid = (
+            self.tokenizer.convert_tokens_to_ids(self.template.stop_str)
+            if self.template.stop_str.strip()
+            else None
+        )
         if tid is not None and tid != self.tokenizer.unk_token_id:
             stop.add(tid)
         return stop
@@ -333,10 +343,14 @@ class MoELLaVA(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """Left-padded ``input_ids`` / ``attention_mask`` and stacked ``pixel_values`` for ``generate``."""
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer (model_args.tokenizer is None); cannot generate from text")
+            raise ValueError(
+                "this model has no tokenizer (model_args.tokenizer is None); cannot generate from text"
+            )
         if len(images) != len(prompts):
-            raise ValueError(f"generate got {len(images)} image entries for {len(prompts)} prompts; pass one "
-                             "(PIL image, list of images, or None) per prompt")
+            raise ValueError(
+                f"generate got {len(images)} image entries for {len(prompts)} prompts; pass one "
+                "(PIL image, list of images, or None) per prompt"
+            )
         rows: list[list[int]] = []
         pixels: list[torch.Tensor] = []
         dc = self.data_cfg
@@ -344,17 +358,23 @@ class MoELLaVA(nn.Module):
             imgs = [] if img is None else list(img) if isinstance(img, (list, tuple)) else [img]
             n_ph = prompt.count(IMAGE_PLACEHOLDER)
             if n_ph == 0 and imgs:
-                prompt = (IMAGE_PLACEHOLDER + "\n") * len(imgs) + prompt  # LLaVA puts the image before the question
+                prompt = (IMAGE_PLACEHOLDER + "\n") * len(
+                    imgs
+                ) + prompt  # LLaVA puts the image before the question
                 n_ph = len(imgs)
             if n_ph != len(imgs):
-                raise ValueError(f"prompt {i} has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(imgs)} image(s) "
-                                 f"were given; pass one image per placeholder (prompt: {prompt[:80]!r})")
+                raise ValueError(
+                    f"prompt {i} has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(imgs)} image(s) "
+                    f"were given; pass one image per placeholder (prompt: {prompt[:80]!r})"
+                )
             text = self.template.prompt(prompt) if apply_template else prompt
             rows.append(self._encode_prompt(text))
             for im in imgs:
                 if not hasattr(im, "convert"):
                     raise TypeError(f"image for prompt {i} is a {type(im).__name__}, expected a PIL.Image")
-                pixels.append(image_to_tensor(im, dc["image_size"], dc["mean"], dc["std"], dc["pad_to_square"]))
+                pixels.append(
+                    image_to_tensor(im, dc["image_size"], dc["mean"], dc["std"], dc["pad_to_square"])
+                )
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else 0
         n = max(len(r) for r in rows)
@@ -362,9 +382,13 @@ class MoELLaVA(nn.Module):
         mask = torch.zeros((len(rows), n), dtype=torch.long)
         for b, r in enumerate(rows):
             if r:
-                ids[b, n - len(r):] = torch.tensor(r)
-                mask[b, n - len(r):] = 1
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels) if pixels else None}
+                ids[b, n - len(r) :] = torch.tensor(r)
+                mask[b, n - len(r) :] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": torch.stack(pixels) if pixels else None,
+        }
 
     @torch.no_grad()
     def generate(
@@ -387,18 +411,30 @@ class MoELLaVA(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._generate(images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template,
-                                  generator)
+            return self._generate(
+                images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template, generator
+            )
         finally:
             self.train(was_training)
 
-    def _generate(self, images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template, generator):
+    def _generate(
+        self, images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template, generator
+    ):
         dev = next(self.parameters()).device
         batch = self.build_generation_inputs(images, prompts, apply_template)
         stop = sorted(self._stop_ids())
         px = batch["pixel_values"].to(dev) if batch["pixel_values"] is not None else None
-        toks = self.generate_ids(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), px, max_new_tokens,
-                                 do_sample, temperature, top_p, stop, generator)
+        toks = self.generate_ids(
+            batch["input_ids"].to(dev),
+            batch["attention_mask"].to(dev),
+            px,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            stop,
+            generator,
+        )
         texts = []
         for row in toks.tolist():
             keep = []
@@ -500,25 +536,77 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoELLaVA) -
 # ----------------------------------------------------------------------------------------------------------------
 
 # transformers CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336) and SigLIP so400m/14-384 vision configs.
-CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-                  layer_norm_eps=1e-5)
-SIGLIP_SO400M_384 = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                         num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,
-                         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+CLIP_L_336 = dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+SIGLIP_SO400M_384 = dict(
+    model_type="siglip_vision_model",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
 
 # LLM backbones (standard HF configs). Qwen-1.8B (Qwen v1) is expressed with transformers' Qwen2 architecture, which
 # has the same computation (qkv bias, SwiGLU, RMSNorm, rotary); zoo.convert maps its `transformer.h.*` keys.
-PHI2 = dict(model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.4, hidden_act="gelu_new",
-            max_position_embeddings=2048, layer_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-STABLELM2_1_6B = dict(model_type="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632,
-                      num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25,
-                      hidden_act="silu", max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=True,
-                      rope_theta=10000.0, tie_word_embeddings=False)
-QWEN_1_8B = dict(model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
-                 num_attention_heads=16, num_key_value_heads=16, hidden_act="silu", max_position_embeddings=8192,
-                 rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+PHI2 = dict(
+    model_type="phi",
+    vocab_size=51200,
+    hidden_size=2560,
+    intermediate_size=10240,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    partial_rotary_factor=0.4,
+    hidden_act="gelu_new",
+    max_position_embeddings=2048,
+    layer_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+STABLELM2_1_6B = dict(
+    model_type="stablelm",
+    vocab_size=100352,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=24,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    partial_rotary_factor=0.25,
+    hidden_act="silu",
+    max_position_embeddings=4096,
+    layer_norm_eps=1e-5,
+    use_qkv_bias=True,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+QWEN_1_8B = dict(
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=5504,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    hidden_act="silu",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     "phi2": dict(lm=PHI2, template="phi"),
@@ -529,9 +617,18 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
 # Paper (README model zoo) sizes: LLM parameters in billions, total (all experts) and activated (top-2).
 PAPER_PARAMS_B = {"stablelm": (2.9, 2.0), "qwen": (3.1, 2.2), "phi2": (5.3, 3.6)}
 
-TINY_LM = dict(model_type="phi", hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=4, partial_rotary_factor=0.5, hidden_act="gelu_new", max_position_embeddings=512,
-               tie_word_embeddings=False)
+TINY_LM = dict(
+    model_type="phi",
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    partial_rotary_factor=0.5,
+    hidden_act="gelu_new",
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 TINY_VISION = dict(kind="zoo", model_name="clip_vit_tiny")
 
 
