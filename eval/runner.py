@@ -287,15 +287,19 @@ def run(
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     start_time = time.time()
     _load_builtin()
-    obj, resolved_name = resolve_model(model)
-    name = model_name or resolved_name
-    specs: list[TaskSpec] = []
+    specs: list[TaskSpec] = []  # validated before the (possibly slow) model load
     for item in [tasks] if isinstance(tasks, str) else tasks:
         for spec in [item] if isinstance(item, TaskSpec) else expand_tasks(item):
             if spec not in specs:
                 specs.append(spec)
     if not specs:
         raise ValueError("no eval tasks given")
+    for spec in specs:
+        resolve_files(
+            spec, data_root, data_roots
+        )  # a missing data file fails now, not after the model loaded
+    obj, resolved_name = resolve_model(model)
+    name = model_name or resolved_name
     if any(s.output_type == "generate_until" for s in specs):
         check_generative(obj, name)
     was_training = getattr(obj, "training", None)
