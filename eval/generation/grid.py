@@ -61,7 +61,10 @@ def save_sample_grid(
         for i, lab in enumerate(labels):
             r, c = divmod(i, nrow)
             xy = (c * tw + padding + 2, r * th + padding + 1)
-            draw.text(xy, str(lab), fill=(230, 60, 30), font=font)
+            # a dark box behind the label keeps it readable on any sample (white strokes, noise)
+            x0, y0, x1, y1 = draw.textbbox(xy, str(lab), font=font)
+            draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), fill=(20, 20, 20))
+            draw.text(xy, str(lab), fill=(255, 170, 40), font=font)
     path = Path(path)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
     return path

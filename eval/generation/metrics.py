@@ -22,6 +22,7 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -99,12 +100,13 @@ class GenerationMetrics:
             self.inception_score = InceptionScore(
                 feature=FeaturePassthrough(extractor.num_classes), splits=self.cfg.is_splits
             )
+        # torchmetrics accuracies (not plain counters) so that a distributed run reduces them like FID's sums
+        self.class_acc = MulticlassAccuracy(extractor.num_classes, average="micro")
+        self.class_acc_per_class = MulticlassAccuracy(extractor.num_classes, average=None)
         self.n_real = 0
         self.n_fake = 0
         self.n_labelled = 0
-        self.n_correct = 0
-        self.per_class_correct = torch.zeros(extractor.num_classes, dtype=torch.long)
-        self.per_class_total = torch.zeros(extractor.num_classes, dtype=torch.long)
+        self.per_class_seen: set[int] = set()
 
     @torch.no_grad()
     def update_real(self, images: Tensor) -> None:
@@ -115,8 +117,11 @@ class GenerationMetrics:
         self.n_real += feats.shape[0]
 
     @torch.no_grad()
-    def update_fake(self, images: Tensor, labels: Tensor | None = None) -> None:
-        """Add generated images; with ``labels`` (their conditioning classes) also count class accuracy."""
+    def update_fake(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Add generated images; with ``labels`` (their conditioning classes) also count class accuracy.
+
+        Returns the feature network's predicted class per image (for per-sample records).
+        """
         feats, logits = self.extractor(images)
         feats = feats.double()
         self.fid.update(feats, real=False)
@@ -132,21 +137,22 @@ class GenerationMetrics:
                     f"labels must lie in [0, {self.extractor.num_classes}) for {self.extractor.name}; "
                     f"got min {int(labels.min())}, max {int(labels.max())}"
                 )
-            hit = (logits.argmax(dim=1) == labels).cpu()
-            labels = labels.cpu()
-            self.n_correct += int(hit.sum())
+            pred = logits.argmax(dim=1).cpu()
+            self.class_acc.update(pred, labels.cpu())
+            self.class_acc_per_class.update(pred, labels.cpu())
             self.n_labelled += labels.shape[0]
-            self.per_class_total += torch.bincount(labels, minlength=self.extractor.num_classes)
-            self.per_class_correct += torch.bincount(labels[hit], minlength=self.extractor.num_classes)
+            self.per_class_seen |= set(labels.unique().tolist())
+        return logits.argmax(dim=1)
 
     def reset_fake(self) -> None:
         """Forget generated images, keep the real reference statistics."""
         self.fid.reset()
         self.kid.reset()
         self.inception_score.reset()
-        self.n_fake = self.n_labelled = self.n_correct = 0
-        self.per_class_correct.zero_()
-        self.per_class_total.zero_()
+        self.class_acc.reset()
+        self.class_acc_per_class.reset()
+        self.n_fake = self.n_labelled = 0
+        self.per_class_seen = set()
 
     def compute(self) -> dict[str, float]:
         if self.n_real < 2 or self.n_fake < 2:
@@ -173,10 +179,10 @@ class GenerationMetrics:
             "n_fake": float(self.n_fake),
         }
         if self.n_labelled:
-            out["class_acc"] = self.n_correct / self.n_labelled
-            for c in range(self.extractor.num_classes):
-                if self.per_class_total[c]:
-                    out[f"class_acc_{c}"] = int(self.per_class_correct[c]) / int(self.per_class_total[c])
+            out["class_acc"] = float(self.class_acc.compute())
+            per_class = self.class_acc_per_class.compute()
+            for c in sorted(self.per_class_seen):
+                out[f"class_acc_{c}"] = float(per_class[c])
         return out
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from zoo.registry import atomic_write
 
-__all__ = ["RoutingCounts", "RoutingCollector", "sample_with_routing"]
+__all__ = ["BatchRouting", "RoutingCounts", "RoutingCollector", "counts_from_images", "sample_with_routing"]
 
 
 @dataclass(kw_only=True)
@@ -99,21 +99,64 @@ class RoutingCounts:
             )
 
 
+@dataclass
+class BatchRouting:
+    """Per-image routing of one sampling batch: ``by_step`` (B, layers, steps, experts), ``by_position``
+    (B, layers, positions, experts), int64, and the batch's labels (B,)."""
+
+    by_step: np.ndarray
+    by_position: np.ndarray
+    labels: np.ndarray
+
+
+def counts_from_images(
+    per_image: list[tuple[np.ndarray, np.ndarray, int]],
+    num_classes: int,
+    *,
+    layer_names: list[str] | None = None,
+    grid: tuple[int, int] = (0, 0),
+    top_k: int = 0,
+) -> RoutingCounts:
+    """Sum per-image ``(by_step [L, S, E], by_position [L, P, E], label)`` into a :class:`RoutingCounts`."""
+    if not per_image:
+        raise ValueError("no per-image routing records to sum")
+    by_step = np.zeros_like(per_image[0][0], dtype=np.int64)
+    by_position = np.zeros_like(per_image[0][1], dtype=np.int64)
+    by_class = np.zeros((by_step.shape[0], num_classes, by_step.shape[2]), np.int64)
+    for i, (st, pos, label) in enumerate(per_image):
+        if st.shape != by_step.shape or pos.shape != by_position.shape:
+            raise ValueError(
+                f"routing record {i}: shapes {st.shape}, {pos.shape} differ from the first record's "
+                f"{by_step.shape}, {by_position.shape} (same model and number of steps needed)"
+            )
+        if not 0 <= label < num_classes:
+            raise ValueError(f"routing record {i}: label {label} outside [0, {num_classes})")
+        by_step += st
+        by_position += pos
+        by_class[:, label] += pos.sum(axis=1)
+    return RoutingCounts(
+        by_step=by_step,
+        by_position=by_position,
+        by_class=by_class,
+        layer_names=layer_names or [],
+        grid=grid,
+        top_k=top_k,
+        num_images=len(per_image),
+    )
+
+
 class RoutingCollector:
-    """Accumulate expert choices of every MoE layer of a DiT while it samples; pass it as the sampler callback.
+    """Record the expert choices of every MoE layer of a DiT while it samples; pass it as the sampler callback.
 
     ``layers`` maps a name to an object with ``last_stats.top_k_indices`` ([B_fwd * N, k] after each forward, as
-    the MoE core records). Call :meth:`begin` with the conditional labels of each sampling batch, then let the
-    sampler call ``collector(step, t)`` after every model call. When the forward batch is the CFG pair [cond; null]
-    (twice the labels), only the conditional half counts, as in the paper.
+    the MoE core records). For each sampling batch call :meth:`begin` with its conditional labels, let the sampler
+    call ``collector(step, t)`` after every model call, then :meth:`end` (per-image tables of the batch; they are
+    also added to the running totals that :meth:`counts` returns). When the forward batch is the CFG pair
+    [cond; null] (twice the labels), only the conditional half counts, as in the paper.
     """
 
     def __init__(
-        self,
-        layers: dict[str, Any],
-        num_experts: int,
-        num_classes: int,
-        grid: tuple[int, int],
+        self, layers: dict[str, Any], num_experts: int, num_classes: int, grid: tuple[int, int]
     ) -> None:
         if not layers:
             raise ValueError("no MoE layers to record: this model is dense (num_experts == 0)")
@@ -122,17 +165,19 @@ class RoutingCollector:
         self.num_classes = num_classes
         self.grid = grid
         self.num_positions = grid[0] * grid[1]
-        n_layers = len(layers)
-        self._steps: list[np.ndarray] = []  # one (layers, experts) table per step, grown as steps arrive
-        self.by_position = np.zeros((n_layers, self.num_positions, num_experts), np.int64)
-        self.by_class = np.zeros((n_layers, num_classes, num_experts), np.int64)
         self.top_k = 0
-        self.num_images = 0
         self._labels: Tensor | None = None
+        self._steps: list[Tensor] = []  # per step of the current batch: (B, layers, experts)
+        self._positions: Tensor | None = None  # (B, layers, positions, experts)
+        # running totals over finished batches
+        self._by_step: np.ndarray | None = None
+        self._by_position = np.zeros((len(layers), self.num_positions, num_experts), np.int64)
+        self._by_class = np.zeros((len(layers), num_classes, num_experts), np.int64)
+        self._num_images = 0
 
     @classmethod
     def for_dit(cls, model: Any) -> RoutingCollector:
-        """A collector over every MoE block of a ``zoo.models.dit.DiT`` (reads ``model.routing_stats()``' layers)."""
+        """A collector over every MoE block of a ``zoo.models.dit.DiT``."""
         cfg = model.cfg
         layers = {f"MoE layer {i}": block.moe for i, block in enumerate(model.blocks) if block.is_moe}
         return cls(layers, cfg.num_experts, cfg.num_classes, (cfg.grid_size, cfg.grid_size))
@@ -143,51 +188,79 @@ class RoutingCollector:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}); got {labels.unique().tolist()}")
         self._labels = labels
-        self.num_images += labels.numel()
+        self._steps = []
+        self._positions = torch.zeros(labels.numel(), len(self.layers), self.num_positions, self.num_experts,
+                                      dtype=torch.long)  # fmt: skip
 
     def __call__(self, step: int, t: Any = None) -> None:
-        if self._labels is None:
+        if self._labels is None or self._positions is None:
             raise RuntimeError("RoutingCollector: call begin(labels) before sampling")
         b = self._labels.numel()
-        while len(self._steps) <= step:
-            self._steps.append(np.zeros((len(self.layers), self.num_experts), np.int64))
-        onehot_labels = torch.nn.functional.one_hot(self._labels, self.num_classes).double()  # (B, C)
+        if step != len(self._steps):
+            raise RuntimeError(
+                f"RoutingCollector: step {step} arrived after {len(self._steps)} recorded steps"
+            )
+        this_step = torch.zeros(b, len(self.layers), self.num_experts, dtype=torch.long)
         for li, (name, layer) in enumerate(self.layers.items()):
             stats = getattr(layer, "last_stats", None)
             if stats is None:
                 raise RuntimeError(f"{name}: no routing statistics after the forward (is it an MoE layer?)")
-            idx = stats.top_k_indices.detach().cpu().long()  # (rows * N, k)
+            idx = stats.top_k_indices.detach().cpu().long()  # (rows * N, k), row-major over (image, patch)
             rows, rem = divmod(idx.shape[0], self.num_positions)
             if rem or rows not in (b, 2 * b):
                 raise ValueError(
                     f"{name}: {idx.shape[0]} routed tokens do not split into {b} (or {2 * b} with guidance) "
                     f"images of {self.num_positions} patches"
                 )
-            k = idx.shape[1]
-            self.top_k = k
+            self.top_k = idx.shape[1]
             # rows = [cond; null] under guidance: keep the conditional images only (the paper's convention)
-            idx = idx.reshape(rows, self.num_positions, k)[:b]
+            idx = idx.reshape(rows, self.num_positions, self.top_k)[:b]
             onehot = torch.nn.functional.one_hot(idx, self.num_experts).sum(dim=2)  # (B, N, E), both choices
-            self._steps[step][li] += onehot.sum(dim=(0, 1)).numpy()
-            self.by_position[li] += onehot.sum(dim=0).numpy()
-            self.by_class[li] += (
-                torch.einsum("bc,be->ce", onehot_labels, onehot.sum(dim=1).double()).long().numpy()
+            this_step[:, li] = onehot.sum(dim=1)
+            self._positions[:, li] += onehot
+        self._steps.append(this_step)
+
+    def end(self) -> BatchRouting:
+        """Finish the batch: its per-image tables (also added to the running totals)."""
+        if self._labels is None or self._positions is None:
+            raise RuntimeError("RoutingCollector: end() without begin()")
+        if not self._steps:
+            raise RuntimeError(
+                "RoutingCollector: no sampling step was recorded (was it passed as the callback?)"
             )
+        batch = BatchRouting(
+            by_step=torch.stack(self._steps, dim=2).numpy(),
+            by_position=self._positions.numpy(),
+            labels=self._labels.numpy(),
+        )
+        step_total = batch.by_step.sum(axis=0)
+        if self._by_step is None:
+            self._by_step = step_total
+        elif self._by_step.shape != step_total.shape:
+            raise ValueError(
+                f"batch sampled with {step_total.shape[1]} steps, earlier batches with {self._by_step.shape[1]}"
+            )
+        else:
+            self._by_step += step_total
+        self._by_position += batch.by_position.sum(axis=0)
+        for label, pos in zip(batch.labels, batch.by_position):
+            self._by_class[:, label] += pos.sum(axis=1)
+        self._num_images += len(batch.labels)
+        self._labels, self._positions, self._steps = None, None, []
+        return batch
 
     def counts(self) -> RoutingCounts:
-        steps = (
-            np.stack(self._steps, axis=1)
-            if self._steps
-            else np.zeros((len(self.layers), 0, self.num_experts))
-        )
+        """Totals over every finished batch."""
+        if self._by_step is None:
+            raise RuntimeError("RoutingCollector: no finished batch (call begin / sample / end first)")
         return RoutingCounts(
-            by_step=steps.astype(np.int64),
-            by_position=self.by_position.copy(),
-            by_class=self.by_class.copy(),
+            by_step=self._by_step.copy(),
+            by_position=self._by_position.copy(),
+            by_class=self._by_class.copy(),
             layer_names=list(self.layers),
             grid=self.grid,
             top_k=self.top_k,
-            num_images=self.num_images,
+            num_images=self._num_images,
         )
 
 
@@ -209,14 +282,7 @@ def sample_with_routing(
     out = []
     for labels in torch.as_tensor(class_labels).long().split(batch_size):
         collector.begin(labels)
-        out.append(
-            sample(
-                model,
-                labels,
-                num_steps=num_steps,
-                cfg_scale=cfg_scale,
-                generator=generator,
-                callback=collector,
-            )
-        )
+        out.append(sample(model, labels, num_steps=num_steps, cfg_scale=cfg_scale, generator=generator,
+                          callback=collector))  # fmt: skip
+        collector.end()
     return torch.cat(out), collector.counts()
