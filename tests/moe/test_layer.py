@@ -51,11 +51,13 @@ def _naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         dict(expert_type="swiglu", granularity=2, routed_scaling=2.0),
         dict(expert_type="gelu", activation="relu", top_k=1, num_experts=3),
         dict(expert_type="swiglu", top_k=5, num_experts=5),
+        dict(expert_type="gelu", activation="gelu_tanh"),
     ],
 )
-def test_dropless_matches_naive_reference(kw):
+@pytest.mark.parametrize("impl", ["fused", "grouped"])
+def test_dropless_matches_naive_reference(kw, impl):
     torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=16, expert_hidden_size=24, **{"num_experts": 5, "top_k": 2, **kw})
+    cfg = MoEConfig(hidden_size=16, expert_hidden_size=24, impl=impl, **{"num_experts": 5, "top_k": 2, **kw})
     moe = MoE(cfg, name="t")
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     moe.double()
@@ -198,10 +200,11 @@ def test_train_and_eval_capacity_factors():
     assert moe.last_stats.drop_rate == 0.0
 
 
-def test_capacity_output_uses_kept_renormalised_weights():
+@pytest.mark.parametrize("impl", ["fused", "grouped"])
+def test_capacity_output_uses_kept_renormalised_weights(impl):
     torch.manual_seed(0)
     moe = MoE(MoEConfig(hidden_size=8, expert_hidden_size=12, num_experts=4, top_k=2, expert_type="gelu",
-                        capacity_factor=0.5, min_capacity=0), name="cap")
+                        capacity_factor=0.5, min_capacity=0, impl=impl), name="cap")
     x = torch.randn(20, 8)
     y = moe(x)
     combine = torch.zeros(20, 4).scatter_add_(1, moe.last_stats.top_k_indices, moe.last_stats.top_k_weights)

@@ -13,9 +13,10 @@ where rows ``[s_e, t_e)`` of ``x`` are the tokens routed to ``e`` (``counts[e]``
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["grouped_linear", "grouped_mm_supported"]
+__all__ = ["grouped_linear", "grouped_mm_supported", "sorted_experts_ffn"]
 
 
 def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
@@ -109,3 +110,136 @@ def grouped_linear(
         return out
     assert counts is not None, "the segment loop needs per-expert row counts"
     return _SegmentLinear.apply(x, weight, bias, segment_bounds(counts))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused CPU path: gather -> grouped FFN -> weighted index_add, with a hand-written backward
+# ---------------------------------------------------------------------------------------------------------------
+
+# Activations whose derivative has an ATen kernel with an out= variant, so the backward writes straight into the
+# preallocated gradient buffer. Others go through a small autograd call on the activation alone.
+_ATEN_GELU = {"gelu": "none", "gelu_tanh": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def _mm_segments(a: Tensor, w: Tensor, out: Tensor, bounds, bias: Tensor | None = None, trans_w: bool = True) -> None:
+    for e, s, t in bounds:
+        we = w[e].t() if trans_w else w[e]
+        if bias is None:
+            torch.mm(a[s:t], we, out=out[s:t])
+        else:
+            torch.addmm(bias[e], a[s:t], we, out=out[s:t])
+
+
+class _SortedExpertsFFN(torch.autograd.Function):
+    """y = sum over pairs n of w_n * FFN_{e(n)}(x[tok_n]), pairs sorted by expert, summed into [T, d].
+
+    Inputs: x [T, d]; tok [N] token of each pair (sorted by expert); pw [N] combine weights (x's dtype);
+    w1 [E, H1, d] (+ b1 [E, H1]); w2 [E, d, h] (+ b2 [E, d]); swiglu has H1 = 2h (gate rows then up rows).
+    Every intermediate is written by ``out=`` into one buffer, so there are no per-segment cat/split copies and no
+    autograd bookkeeping per expert.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tok, pw, w1, b1, w2, b2, bounds, swiglu: bool, act_name: str, act_fn):
+        N, d = tok.shape[0], x.shape[1]
+        h = w2.shape[2]
+        # Rows are gathered per segment into cache-sized temporaries (and gathered again in backward) instead of
+        # materialising x[tok] as one [N, d] buffer: a gather is cheaper than the page faults of a fresh buffer.
+        a = x.new_empty(N, w1.shape[1])
+        for e, s, t in bounds:
+            xs = x.index_select(0, tok[s:t])
+            if b1 is None:
+                torch.mm(xs, w1[e].t(), out=a[s:t])
+            else:
+                torch.addmm(b1[e], xs, w1[e].t(), out=a[s:t])
+        if swiglu:
+            hact = F.silu(a[:, :h])
+            hact.mul_(a[:, h:])
+        else:
+            hact = act_fn(a)
+        o = x.new_empty(N, d)
+        _mm_segments(hact, w2, o, bounds, b2)
+        # Weight and scatter segment by segment: the weighted rows live only in a cache-sized temporary.
+        y = torch.zeros_like(x)
+        for _, s, t in bounds:
+            y.index_add_(0, tok[s:t], o[s:t] * pw[s:t, None])
+        ctx.bounds, ctx.swiglu, ctx.act_name, ctx.act_fn = bounds, swiglu, act_name, act_fn
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.save_for_backward(x, tok, pw, w1, w2, a, hact, o)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, tok, pw, w1, w2, a, hact, o = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        h = w2.shape[2]
+        gy = gy.contiguous()
+        g_x = torch.zeros_like(x) if need[0] else None
+        g_pw = torch.zeros_like(pw) if need[2] else None
+        g_w1 = torch.zeros_like(w1) if need[3] else None
+        g_b1 = w1.new_zeros(w1.shape[0], w1.shape[1]) if ctx.has_b1 and need[4] else None
+        g_w2 = torch.zeros_like(w2) if need[5] else None
+        g_b2 = w2.new_zeros(w2.shape[0], w2.shape[1]) if ctx.has_b2 and need[6] else None
+        # One pass per expert segment; every intermediate is a segment-sized temporary.
+        for e, s, t in ctx.bounds:
+            go = gy.index_select(0, tok[s:t])
+            if g_pw is not None:
+                torch.sum(go * o[s:t], dim=1, out=g_pw[s:t])
+            go.mul_(pw[s:t, None])
+            if g_w2 is not None:
+                torch.mm(go.t(), hact[s:t], out=g_w2[e])
+            if g_b2 is not None:
+                torch.sum(go, dim=0, out=g_b2[e])
+            g_h = torch.mm(go, w2[e])
+            a_s = a[s:t]
+            if ctx.swiglu:
+                gate, up = a_s[:, :h], a_s[:, h:]
+                ga = torch.empty_like(a_s)
+                torch.mul(g_h, F.silu(gate), out=ga[:, h:])
+                g_h.mul_(up)
+                torch.ops.aten.silu_backward.grad_input(g_h, gate, grad_input=ga[:, :h])
+            elif ctx.act_name in _ATEN_GELU:
+                ga = torch.ops.aten.gelu_backward(g_h, a_s, approximate=_ATEN_GELU[ctx.act_name])
+            else:
+                with torch.enable_grad():
+                    a_ = a_s.detach().requires_grad_(True)
+                    (ga,) = torch.autograd.grad(ctx.act_fn(a_), a_, g_h)
+            if g_w1 is not None:
+                torch.mm(ga.t(), x.index_select(0, tok[s:t]), out=g_w1[e])
+            if g_b1 is not None:
+                torch.sum(ga, dim=0, out=g_b1[e])
+            if g_x is not None:
+                g_x.index_add_(0, tok[s:t], torch.mm(ga, w1[e]))
+        return g_x, None, g_pw, g_w1, g_b1, g_w2, g_b2, None, None, None, None
+
+
+def sorted_experts_ffn(
+    x: Tensor,
+    token_idx: Tensor,
+    pair_weight: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    counts: list[int],
+    swiglu: bool,
+    act_name: str,
+    act_fn,
+) -> Tensor:
+    """Routed experts on pairs sorted by expert, weighted and summed per token: the fused CPU path of ``MoE``."""
+    bounds = segment_bounds(counts)
+    params = (x, pair_weight, w1, b1, w2, b2)
+    if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+        # Inference: stream each expert's segment through both projections, so every intermediate is a
+        # cache-sized temporary and nothing is kept for a backward pass.
+        y = torch.zeros_like(x)
+        h = w2.shape[2]
+        for e, s, t in bounds:
+            xs = x.index_select(0, token_idx[s:t])
+            a = torch.mm(xs, w1[e].t()) if b1 is None else torch.addmm(b1[e], xs, w1[e].t())
+            hact = F.silu(a[:, :h]).mul_(a[:, h:]) if swiglu else act_fn(a)
+            o = torch.mm(hact, w2[e].t()) if b2 is None else torch.addmm(b2[e], hact, w2[e].t())
+            y.index_add_(0, token_idx[s:t], o.mul_(pair_weight[s:t, None]))
+        return y
+    return _SortedExpertsFFN.apply(x, token_idx, pair_weight, w1, b1, w2, b2, bounds, swiglu,
+                                   act_name, act_fn)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.moe.grouped import grouped_linear
+from zoo.moe.grouped import grouped_linear, sorted_experts_ffn
 
 __all__ = ["MoEConfig", "MoE", "MoEStats", "ACTIVATIONS", "capacity_for", "collect_aux_loss", "moe_layers"]
 
@@ -98,6 +98,10 @@ class MoEConfig:
         granularity: fine-grained split m: each expert becomes m experts of width h/m, and m*k are activated.
         router_init_std: None keeps nn.Linear's default init for the router; otherwise N(0, std).
         check_finite: raise on non-finite router logits (one reduction per forward).
+        impl: expert execution. "fused": one autograd function that gathers, runs the segment GEMMs into
+            preallocated buffers and index_adds (fastest on CPU); "grouped": autograd over ``grouped_linear``, which
+            uses ``torch._grouped_mm`` on CUDA; "auto": fused on CPU, grouped on CUDA. LoRA experts always use
+            "grouped".
     """
 
     hidden_size: int
@@ -126,6 +130,7 @@ class MoEConfig:
     granularity: int = 1
     router_init_std: float | None = None
     check_finite: bool = True
+    impl: Literal["auto", "fused", "grouped"] = "auto"
 
     # Effective (post-split) routed sizes.
     @property
@@ -193,6 +198,8 @@ class MoEConfig:
             raise bad(f"lora_rank={self.lora_rank} must be >= 0")
         if self.lora_rank and self.granularity != 1:
             raise bad("LoRA experts and granularity > 1 cannot be combined")
+        if self.impl not in ("auto", "fused", "grouped"):
+            raise bad(f"impl={self.impl!r} is unknown; use 'auto', 'fused' or 'grouped'")
         if not 0.0 <= self.router_jitter < 1.0:
             raise bad(f"router_jitter={self.router_jitter} must be in [0, 1)")
 
@@ -514,12 +521,22 @@ class MoE(nn.Module):
         counts = counts_t.tolist()
         offsets = torch.cumsum(counts_t, 0).to(torch.int32) if x2.is_cuda else None
 
-        if isinstance(self.experts, LoRAExperts):
-            out = self.experts.forward_pairs(x2, token_idx, counts, offsets)
+        ex = self.experts
+        fused = cfg.impl == "fused" or (cfg.impl == "auto" and not x2.is_cuda)
+        if isinstance(ex, Experts) and fused:
+            swiglu = ex.expert_type == "swiglu"
+            y = sorted_experts_ffn(
+                x2, token_idx, pair_w.to(x2.dtype),
+                ex.gate_up_proj if swiglu else ex.fc1_weight, None if swiglu else ex.fc1_bias,
+                ex.down_proj if swiglu else ex.fc2_weight, None if swiglu else ex.fc2_bias,
+                counts, swiglu, cfg.act_name, ex.act)
         else:
-            out = self.experts(x2.index_select(0, token_idx), counts, offsets)
-        out = out * pair_w.to(out.dtype).unsqueeze(-1)
-        y = torch.zeros_like(x2).index_add_(0, token_idx, out)
+            if isinstance(ex, LoRAExperts):
+                out = ex.forward_pairs(x2, token_idx, counts, offsets)
+            else:
+                out = ex(x2.index_select(0, token_idx), counts, offsets)
+            out = out * pair_w.to(out.dtype).unsqueeze(-1)
+            y = torch.zeros_like(x2).index_add_(0, token_idx, out)
 
         if self.shared_expert is not None:
             s = self.shared_expert(x2)
