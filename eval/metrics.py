@@ -231,20 +231,24 @@ class MMEScore(Metric):
 class CircularAccuracy(Metric):
     """MMBench circular evaluation: a question counts only if every rotated copy of it is answered correctly.
 
-    ``update(correct, question_ids, categories)``: ``question_ids`` are the original indices (``index % 1e6``),
-    ``categories`` names from the vocabulary given at construction (per-category hit rates are reported).
+    ``update(correct, question_ids, categories, l2_categories)``: ``question_ids`` are the original indices
+    (``index % 1e6``); category names come from the vocabularies given at construction, and hit rates are reported
+    per ``category`` (``circular_accuracy_<name>``) and per ``l2-category`` (``circular_accuracy_l2_<name>``).
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, categories: Sequence[str] = (), **kwargs) -> None:
+    def __init__(self, categories: Sequence[str] = (), l2_categories: Sequence[str] = (), **kwargs) -> None:
         super().__init__(**kwargs)
-        self.categories = tuple(categories)
-        self._index = {c: i for i, c in enumerate(self.categories)}
+        self._vocab = {
+            "": {c: i for i, c in enumerate(categories)},
+            "l2_": {c: i for i, c in enumerate(l2_categories)},
+        }
         self.add_state("correct", default=[], dist_reduce_fx="cat")
         self.add_state("question", default=[], dist_reduce_fx="cat")
         self.add_state("category", default=[], dist_reduce_fx="cat")
+        self.add_state("l2_category", default=[], dist_reduce_fx="cat")
         self.add_state("unparsed", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
@@ -252,28 +256,41 @@ class CircularAccuracy(Metric):
         correct: Sequence[bool],
         question_ids: Sequence[int],
         categories: Sequence[str] | None = None,
+        l2_categories: Sequence[str] | None = None,
         unparsed: Sequence[bool] | None = None,
     ) -> None:
-        cats = categories if categories is not None else [None] * len(correct)
+        n = len(correct)
         self.correct.append(torch.tensor([bool(c) for c in correct], dtype=torch.bool))
         self.question.append(torch.tensor(list(question_ids), dtype=torch.long))
-        self.category.append(torch.tensor([self._index.get(c, -1) for c in cats], dtype=torch.long))
+        for state, prefix, names in (("category", "", categories), ("l2_category", "l2_", l2_categories)):
+            vocab = self._vocab[prefix]
+            ids = [vocab.get(c, -1) for c in names] if names is not None else [-1] * n
+            getattr(self, state).append(torch.tensor(ids, dtype=torch.long))
         if unparsed is not None:
             self.unparsed += float(sum(bool(u) for u in unparsed))
 
     def compute(self) -> dict[str, Tensor]:
+        zero = torch.tensor(0.0)
         if _is_empty(self.correct):
-            return {"circular_accuracy": torch.tensor(0.0), "n_questions": torch.tensor(0.0),
-                    "n_samples": torch.tensor(0.0), "n_unparsed": self.unparsed}  # fmt: skip
-        correct, question, category = (dim_zero_cat(x) for x in (self.correct, self.question, self.category))
+            return {
+                "circular_accuracy": zero,
+                "n_questions": zero,
+                "n_samples": zero,
+                "n_unparsed": self.unparsed,
+            }
+        correct, question = dim_zero_cat(self.correct), dim_zero_cat(self.question)
         qids = torch.unique(question)
+        first = torch.stack(
+            [(question == q).nonzero()[0, 0] for q in qids]
+        )  # a question's copies share labels
         hit = torch.stack([correct[question == q].all() for q in qids]).double()
-        cat_of = torch.stack([category[question == q][0] for q in qids])
         out = {"circular_accuracy": 100 * hit.mean()}
-        for name, i in self._index.items():
-            sel = cat_of == i
-            if bool(sel.any()):
-                out[f"circular_accuracy_{name}"] = 100 * hit[sel].mean()
+        for state, prefix in (("category", ""), ("l2_category", "l2_")):
+            of_question = dim_zero_cat(getattr(self, state))[first]
+            for name, i in self._vocab[prefix].items():
+                sel = of_question == i
+                if bool(sel.any()):
+                    out[f"circular_accuracy_{prefix}{name}"] = 100 * hit[sel].mean()
         out["n_questions"] = torch.tensor(float(len(qids)))
         out["n_samples"] = torch.tensor(float(len(correct)))
         out["n_unparsed"] = self.unparsed

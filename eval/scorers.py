@@ -205,7 +205,9 @@ class MMBenchScorer(Scorer):
     primary = "circular_accuracy"
 
     def build_metric(self, docs):
-        return CircularAccuracy(categories=sorted({d.fields.get("category", "") for d in docs} - {""}))
+        cats = sorted({d.fields.get("category", "") for d in docs} - {""})
+        l2 = sorted({d.fields.get("l2_category", "") for d in docs} - {""})
+        return CircularAccuracy(categories=cats, l2_categories=l2)
 
     def score(self, predictions, docs):
         records, correct = [], []
@@ -214,8 +216,13 @@ class MMBenchScorer(Scorer):
             ok = letter is not None and letter == _require_target(doc)
             records.append({"parsed": letter, "score": float(ok), "unparsed": letter is None})
             correct.append(ok)
-        self.metric.update(correct, [d.fields["question_index"] for d in docs],
-                           [d.fields.get("category", "") for d in docs], [r["unparsed"] for r in records])  # fmt: skip
+        self.metric.update(
+            correct,
+            [d.fields["question_index"] for d in docs],
+            categories=[d.fields.get("category", "") for d in docs],
+            l2_categories=[d.fields.get("l2_category", "") for d in docs],
+            unparsed=[r["unparsed"] for r in records],
+        )
         return records
 
 

@@ -122,14 +122,15 @@ def test_mme_merge_across_processes():
 
 
 def test_circular_accuracy_needs_every_copy():
-    m = CircularAccuracy(categories=("ocr", "scene"))
+    m = CircularAccuracy(categories=("ocr", "scene"), l2_categories=("perception",))
     # question 0: 4 copies all right; question 1: one copy wrong; question 2: 2 copies right
-    m.update([True, True, True, True], [0, 0, 0, 0], ["ocr"] * 4)
-    m.update([True, False, True], [1, 1, 1], ["scene"] * 3, unparsed=[False, True, False])
+    m.update([True, True, True, True], [0, 0, 0, 0], ["ocr"] * 4, ["perception"] * 4)
+    m.update([True, False, True], [1, 1, 1], ["scene"] * 3, ["perception"] * 3, unparsed=[False, True, False])
     m.update([True, True], [2, 2], ["scene"] * 2)
     out = _f(m.compute())
     assert out["circular_accuracy"] == pytest.approx(200 / 3)
     assert out["circular_accuracy_ocr"] == 100.0 and out["circular_accuracy_scene"] == 50.0
+    assert out["circular_accuracy_l2_perception"] == 50.0  # questions 0 and 1
     assert out["n_questions"] == 3 and out["n_samples"] == 9 and out["n_unparsed"] == 1
 
 
