@@ -183,8 +183,9 @@ def describe_type(tp: Any) -> str:
 
 
 class _Checker:
-    def __init__(self, file: str):
+    def __init__(self, file: str, check_values: bool = True):
         self.file = file
+        self.check_values = check_values  # False: only the shape of the value (used to pick a Union arm)
         self.problems: list[str] = []
 
     def fail(self, path: str, msg: str) -> None:
@@ -202,7 +203,8 @@ class _Checker:
             return value
         if origin is Annotated:
             out = self._convert(value, args[0], path)
-            if out is not None and any(isinstance(m, MustExist) for m in args[1:]) and not Path(out).exists():
+            must_exist = any(isinstance(m, MustExist) for m in args[1:])
+            if self.check_values and out is not None and must_exist and not Path(out).exists():
                 self.fail(path, f"file not found: {str(out)!r} (relative paths start at the working directory "
                                 f"{Path.cwd()})")
             return out
@@ -212,8 +214,8 @@ class _Checker:
             for arm in args:
                 if arm is type(None):
                     continue
-                trial = _Checker(self.file)
-                out = trial._convert(value, arm, path)
+                trial = _Checker(self.file, check_values=False)
+                trial._convert(value, arm, path)
                 if not trial.problems:
                     return self._convert(value, arm, path)  # rerun for side checks with the real checker
             self.fail(path, f"expected {describe_type(tp)}, got {_show(value)}")
@@ -306,7 +308,7 @@ class _Checker:
                 continue
             out = self._convert(item, hints[key], key_path)
             f = fields[key]
-            if out is not None and isinstance(out, (int, float)) and not isinstance(out, bool):
+            if self.check_values and isinstance(out, (int, float)) and not isinstance(out, bool):
                 lo, hi = f.metadata.get("min"), f.metadata.get("max")
                 if lo is not None and out < lo:
                     self.fail(key_path, f"must be >= {lo}, got {out}")
@@ -465,11 +467,12 @@ def load_recipe(
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 checker.fail(f"{sp}.task", f"unknown task {task!r}.{hint} Known tasks: {', '.join(list_tasks())}")
             init = _check_init_from(checker, s.get("init_from"), f"{sp}.init_from", i, all_names)
-            trainer = getattr(stage, "trainer", None)
-            if stage is not None and trainer is not None:
-                if trainer.max_steps is None and trainer.max_epochs is None:
+            trainer = s.get("trainer")
+            if trainer is None or isinstance(trainer, dict):
+                given = [k for k in ("max_steps", "max_epochs") if (trainer or {}).get(k) is not None]
+                if not given:
                     checker.fail(f"{sp}.trainer.max_steps", "give max_steps or max_epochs")
-                if trainer.max_steps is not None and trainer.max_epochs is not None:
+                elif len(given) == 2:
                     checker.fail(f"{sp}.trainer.max_epochs", "give max_steps or max_epochs, not both")
             if stage is not None:
                 stage.init_source = init

@@ -1,0 +1,234 @@
+"""Recipe validation: every problem names the file, the key path and what was expected."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zoo.recipe import RecipeError, apply_overrides, load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE = {
+    "recipe": "tiny",
+    "description": "runner test",
+    "stages": [
+        {
+            "name": "a",
+            "task": "runner_tiny_regression",
+            "model": {"dim": 8, "hidden": 16},
+            "data": {"num_samples": 64},
+            "batch_size": 8,
+            "trainer": {"max_steps": 4},
+        },
+        {
+            "name": "b",
+            "task": "runner_tiny_regression",
+            "init_from": "a",
+            "batch_size": 8,
+            "trainer": {"max_steps": 4},
+        },
+    ],
+}
+
+
+def write(tmp_path: Path, recipe: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def problems(path: Path, overrides: list[str] | None = None, check_tasks: bool = True) -> list[str]:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides, check_tasks=check_tasks)
+    assert all(p.startswith(str(path)) for p in err.value.problems), err.value.problems
+    return err.value.problems
+
+
+def test_valid_recipe_loads_with_defaults(tmp_path, tiny_task):
+    recipe = load_recipe(write(tmp_path, BASE))
+    a, b = recipe.stages
+    assert recipe.recipe == "tiny"
+    assert a.model == tiny_task.TinyModelConfig(dim=8, hidden=16)
+    assert a.trainer.max_steps == 4 and a.trainer.strategy == "auto" and a.optim.name == "adamw"
+    assert a.trainable == ["*"] and a.frozen == []
+    assert b.init_source == ("stage", "a")
+
+
+def test_unknown_key_names_path_allowed_keys_and_suggestion(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][1]["trainer"]["max_stepz"] = 5
+    (msg,) = problems(write(tmp_path, bad))
+    assert "stages[1].trainer.max_stepz" in msg
+    assert "Did you mean 'max_steps'?" in msg
+    assert "Allowed keys: max_steps, max_epochs, accelerator" in msg
+
+
+def test_unknown_key_in_task_section_uses_task_dataclass(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["model"]["hiden"] = 3
+    (msg,) = problems(write(tmp_path, bad))
+    assert "stages[0].model.hiden" in msg and "Did you mean 'hidden'?" in msg and "dim, hidden, dropout" in msg
+
+
+def test_wrong_types_are_all_reported(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["batch_size"] = "eight"
+    bad["stages"][0]["optim"] = {"lr": "fast", "betas": [0.9]}
+    bad["stages"][1]["trainer"]["devices"] = 1.5
+    msgs = problems(write(tmp_path, bad))
+    joined = "\n".join(msgs)
+    assert "stages[0].batch_size: expected an integer, got str 'eight'" in joined
+    assert "stages[0].optim.lr: expected a number" in joined
+    assert "stages[0].optim.betas: expected a list of 2 values" in joined
+    assert "stages[1].trainer.devices: expected int or str or a list of int" in joined
+    assert len(msgs) == 4
+
+
+def test_numeric_bounds_and_literals(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["batch_size"] = 0
+    bad["stages"][0]["schedule"] = {"name": "cosin"}
+    joined = "\n".join(problems(write(tmp_path, bad)))
+    assert "stages[0].batch_size: must be >= 1, got 0" in joined
+    assert "stages[0].schedule.name: expected one of 'cosine', 'linear', 'constant'" in joined
+    assert "did you mean 'cosine'?" in joined
+
+
+def test_missing_file(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["data"]["notes_file"] = str(tmp_path / "nope.txt")
+    (msg,) = problems(write(tmp_path, bad))
+    assert "stages[0].data.notes_file: file not found" in msg and "nope.txt" in msg
+    (tmp_path / "nope.txt").write_text("here now")
+    load_recipe(write(tmp_path, bad))
+
+
+def test_missing_init_dir_and_recipe_file(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["init_from"] = {"dir": str(tmp_path / "no_such_dir")}
+    (msg,) = problems(write(tmp_path, bad), check_tasks=False)
+    assert "stages[0].init_from: directory not found" in msg
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_init_from_later_or_unknown_stage(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["init_from"] = "b"
+    (msg,) = problems(write(tmp_path, bad), check_tasks=False)
+    assert "stages[0].init_from: 'b' is a later stage" in msg
+    bad["stages"][0]["init_from"] = {"stage": "zz"}
+    (msg,) = problems(write(tmp_path, bad), check_tasks=False)
+    assert "stages[0].init_from: no earlier stage named 'zz'" in msg
+    # A bare string that is neither a stage, a directory nor a weights name fails in the registry check.
+    bad["stages"][0]["init_from"] = "not_a_thing.tag"
+    (msg,) = problems(write(tmp_path, bad))
+    assert "stages[0].init_from: 'not_a_thing.tag' is not an earlier stage" in msg and "weights name" in msg
+
+
+def test_unknown_task_and_duplicate_stage(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["task"] = "runner_tiny_regresion"
+    bad["stages"][1]["name"] = "a"
+    bad["stages"][1].pop("init_from")
+    joined = "\n".join(problems(write(tmp_path, bad), check_tasks=False))
+    assert "stages[0].task: unknown task 'runner_tiny_regresion'. Did you mean 'runner_tiny_regression'?" in joined
+    assert "stages[1].name: duplicate stage name 'a'" in joined
+
+
+def test_missing_required_and_steps(tmp_path, tiny_task):
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    del bad["stages"][0]["batch_size"]
+    bad["stages"][0]["trainer"] = {}
+    joined = "\n".join(problems(write(tmp_path, bad)))
+    assert "stages[0].batch_size: missing required key (expected int)" in joined
+    assert "stages[0].trainer.max_steps: give max_steps or max_epochs" in joined
+
+
+def test_overrides_are_typed_and_validated(tmp_path, tiny_task):
+    path = write(tmp_path, BASE)
+    recipe = load_recipe(
+        path,
+        ["stages.a.trainer.max_steps=50", "stages[1].optim.lr=1e-3", "stages.1.frozen=[fc1.*]", "description=x y"],
+    )
+    assert recipe.stages[0].trainer.max_steps == 50
+    assert recipe.stages[1].optim.lr == pytest.approx(1e-3)
+    assert recipe.stages[1].frozen == ["fc1.*"]
+    assert recipe.description == "x y"
+    (msg,) = problems(path, ["stages.a.trainer.max_stepz=3"])
+    assert "stages[0].trainer.max_stepz: unknown key" in msg
+    with pytest.raises(RecipeError, match="no stage 'zz'"):
+        apply_overrides(yaml.safe_load(path.read_text()), ["stages.zz.seed=1"])
+
+
+def test_misspelt_key_fails_before_heavy_imports(tmp_path):
+    """The CLI rejects a misspelt runner key without importing lightning or the model families."""
+    bad = yaml.safe_load(yaml.safe_dump(BASE))
+    bad["stages"][0]["task"] = "clip_contrastive"
+    bad["stages"][0]["trainer"] = {"max_stepz": 5}
+    path = write(tmp_path, bad)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from zoo.cli import main
+        rc = main(["train", {str(path)!r}])
+        heavy = sorted(m for m in ("lightning", "open_clip", "transformers", "timm") if m in sys.modules)
+        print("RC", rc, "HEAVY", heavy)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "RC 2 HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert f"{path}: stages[0].trainer.max_stepz: unknown key. Did you mean 'max_steps'?" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe_file", sorted(REPO.glob("recipes/**/*.yaml")), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_every_shipped_recipe_validates(recipe_file, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name files relative to the repository root
+    recipe = load_recipe(recipe_file.relative_to(REPO))
+    assert recipe.stages
+
+
+def test_models_components_moe_never_import_lightning_data_or_eval():
+    """zoo/models, zoo/components and zoo/moe are plain nn.Modules: check their imports statically..."""
+    offenders = []
+    for pkg in ("models", "components", "moe"):
+        for path in sorted((REPO / "zoo" / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    if name.split(".")[0] in ("lightning", "pytorch_lightning", "data", "eval") or name.startswith(
+                        ("zoo.tasks", "zoo.train")
+                    ):
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not offenders, offenders
+
+
+def test_model_packages_import_without_lightning():
+    """...and dynamically: importing them (and building the registry) leaves lightning out of sys.modules."""
+    code = (
+        "import sys, importlib, pkgutil, zoo.models, zoo.registry\n"
+        "for pkg in ('zoo.components', 'zoo.moe'):\n"
+        "    try:\n"
+        "        importlib.import_module(pkg)\n"
+        "    except ModuleNotFoundError:\n"
+        "        continue\n"
+        "zoo.registry.list_models()\n"
+        "print('LOADED', sorted(m for m in ('lightning', 'pytorch_lightning', 'data', 'eval') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert "LOADED []" in out.stdout, out.stdout + out.stderr

@@ -1,0 +1,183 @@
+"""``zoo``: the one command-line entry point.
+
+    zoo train RECIPE.yaml [--stage NAME] [--resume] [--force] [--set key.path=value ...] [--runs-dir DIR]
+    zoo list [GLOB] [--pretrained] [--tasks]
+    zoo eval | chat | sample | convert ...     (handed to eval.cli / zoo.chat / zoo.sample / zoo.convert)
+
+Heavy modules (torch, lightning, model families) are imported only by the subcommand that needs them, so a recipe
+with a misspelt key fails in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# subcommand -> (module, help); each module exposes ``main(argv: list[str]) -> int``.
+DISPATCH = {
+    "eval": ("eval.cli", "evaluate a model on benchmarks (see `zoo eval --help`)"),
+    "chat": ("zoo.chat", "chat with a multimodal model (see `zoo chat --help`)"),
+    "sample": ("zoo.sample", "sample images from a diffusion model (see `zoo sample --help`)"),
+    "convert": ("zoo.convert", "convert official checkpoints to zoo layout (see `zoo convert --help`)"),
+}
+
+TRAIN_EPILOG = """\
+outputs (per stage, under RUNS/<recipe>/<stage>/):
+  config.yaml             the resolved stage config (all defaults, init_from resolved, git commit)
+  checkpoints/last.ckpt   Lightning checkpoint, written atomically; an interrupted stage resumes from it
+  metrics.csv             training loss, lr and task logs every trainer.log_every_n_steps steps
+  final/                  model.safetensors + config.json, loadable with zoo.load(DIR)
+  summary.json            evaluation metrics, steps, wall time, samples/s (its presence = stage finished)
+
+behaviour:
+  The whole recipe is validated before anything trains (unknown keys, types, files, tasks, init_from).
+  Finished stages are skipped; an interrupted stage resumes from its last checkpoint and ends with the same
+  metrics as an uninterrupted run (data order and RNG are functions of seed and step). Distributed training
+  comes from Lightning: set e.g. stages.NAME.trainer.strategy=ddp and trainer.devices=2.
+
+examples:
+  zoo train recipes/clip/shapes_tiny.yaml
+  zoo train recipes/clip/shapes_tiny.yaml --set stages.clip.trainer.max_steps=50 --runs-dir /tmp/runs
+  zoo train recipes/clip/shapes_tiny.yaml --stage clip --force
+  make train RECIPE=recipes/clip/shapes_tiny.yaml
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zoo",
+        description="mmzoo: a multimodal mixture-of-experts model zoo (models, staged recipes, evaluation, weights).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "train",
+        help="run a staged training recipe",
+        description="Validate a recipe, then train its stages in order with Lightning.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file (e.g. recipes/clip/shapes_tiny.yaml)")
+    p.add_argument("--stage", metavar="NAME", help="run only this stage (the stages it starts from must be finished)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="insist on resuming: fail if RUNS/<recipe>/ does not exist (interrupted stages resume anyway)",
+    )
+    p.add_argument("--force", action="store_true", help="delete the selected stages' outputs and retrain them")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value before validation, e.g. stages.clip.trainer.max_steps=50 (stage by name "
+        "or index; VALUE is parsed as YAML). Repeatable.",
+    )
+    p.add_argument("--runs-dir", metavar="DIR", help="output root (default: $MMZOO_RUNS, else ./runs)")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (registers tasks defined outside zoo/tasks). Repeatable.",
+    )
+    p.add_argument("--check", action="store_true", help="only validate the recipe and print the stage plan")
+
+    p = sub.add_parser("list", help="list registered models, pretrained weights or recipe tasks")
+    p.add_argument("pattern", nargs="?", default="*", help="glob on names (default: *)")
+    p.add_argument("--pretrained", action="store_true", help="list weights names (arch.tag) instead of architectures")
+    p.add_argument("--tasks", action="store_true", help="list recipe task names instead of models")
+
+    for name, (module, text) in DISPATCH.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from zoo.recipe import RecipeError, check_task_configs, load_recipe
+
+    try:
+        for module in args.imports:
+            importlib.import_module(module)
+        if args.check:
+            recipe = load_recipe(args.recipe, args.overrides, check_tasks=False)
+            check_task_configs(recipe)
+            print(f"{args.recipe}: valid; recipe {recipe.recipe!r}")
+            for s in recipe.stages:
+                src = f" <- {s.init_source[0]} {s.init_source[1]}" if s.init_source else ""
+                steps = s.trainer.max_steps or f"{s.trainer.max_epochs} epochs"
+                print(f"  {s.name}: task {s.task}, {steps} steps, batch {s.batch_size}{src}")
+            return 0
+        # Fail fast on the runner's own keys before the heavy imports in zoo.train.
+        load_recipe(args.recipe, args.overrides, check_tasks=False)
+        from zoo.train import train
+
+        train(
+            args.recipe,
+            stage=args.stage,
+            resume=args.resume,
+            force=args.force,
+            overrides=args.overrides,
+            runs_dir=args.runs_dir,
+            imports=args.imports,
+        )
+    except RecipeError as e:
+        print(f"zoo train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.tasks:
+        from zoo.tasks import list_tasks
+
+        names = [n for n in list_tasks() if __import__("fnmatch").fnmatch(n, args.pattern)]
+    else:
+        from zoo.registry import list_models, list_pretrained
+
+        names = list_pretrained(args.pattern) if args.pretrained else list_models(args.pattern)
+    for n in names:
+        print(n)
+    if not names:
+        print(f"(nothing matches {args.pattern!r})", file=sys.stderr)
+    return 0
+
+
+def _dispatch(command: str, argv: list[str]) -> int:
+    module_name, _ = DISPATCH[command]
+    try:
+        found = importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        print(f"zoo {command}: not available in this build ({module_name} is not installed yet)", file=sys.stderr)
+        return 2
+    module = importlib.import_module(module_name)
+    return int(module.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # The dispatched commands own their flags (including --help), so hand them everything after the name.
+    if argv and argv[0] in DISPATCH:
+        return _dispatch(argv[0], argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "list":
+        return _list(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

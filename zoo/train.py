@@ -1,0 +1,502 @@
+"""The staged recipe runner behind ``zoo train`` and ``make train``.
+
+For each stage of a validated recipe (see :mod:`zoo.recipe`), in order:
+
+1. ``runs/<recipe>/<stage>/summary.json`` exists -> the stage is finished: skip it (``--force`` reruns it).
+2. Write the resolved config (``config.yaml``: every default filled in, ``init_from`` resolved to a directory).
+3. Build the task (seeded), load ``init_from`` unless resuming, apply the ``trainable`` / ``frozen`` globs to the
+   task's model and report the parameter counts.
+4. Fit with a Lightning ``Trainer`` built from the stage's ``trainer`` settings (any Lightning strategy: ddp, fsdp,
+   deepspeed). ``checkpoints/last.ckpt`` is written atomically every ``ckpt_every_n_steps`` and at the end; when it
+   exists the stage resumes from it, and because data order and RNG are functions of (seed, step) the resumed run
+   ends with the same weights and metrics as an uninterrupted one. ``metrics.csv`` gets a row every
+   ``log_every_n_steps`` (rows past the resumed step are dropped, then redone).
+5. On global rank 0: ``task.evaluate(out_dir)``, ``task.export(out_dir / "final")`` (``zoo.load``-able), and
+   ``summary.json`` (metrics, steps, wall time, samples/s, parameter counts), which marks the stage finished.
+
+The runs root is ``--runs-dir``, else ``$MMZOO_RUNS``, else ``./runs``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoo.recipe import Recipe, RecipeError, StageSpec, check_task_configs, load_recipe, to_plain
+from zoo.registry import SHIPPED_WEIGHTS_DIR, atomic_write
+
+__all__ = ["train", "runs_root", "stage_dir", "resolve_init_source", "apply_param_globs", "format_results"]
+
+log = logging.getLogger("zoo.train")
+
+CHECKPOINT_NAME = "last.ckpt"
+
+
+def runs_root(runs_dir: str | os.PathLike | None = None) -> Path:
+    """``runs_dir``, else ``$MMZOO_RUNS``, else ``./runs``."""
+    return Path(runs_dir or os.environ.get("MMZOO_RUNS") or "runs")
+
+
+def stage_dir(root: Path, recipe: Recipe | str, stage: StageSpec | str) -> Path:
+    name = recipe.recipe if isinstance(recipe, Recipe) else recipe
+    return root / name / (stage.name if isinstance(stage, StageSpec) else stage)
+
+
+def _global_rank() -> int:
+    """Rank of this process as known before (or after) Lightning sets up distributed training."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for var in ("RANK", "GLOBAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    # Lightning's subprocess launcher sets LOCAL_RANK / NODE_RANK on the processes it starts.
+    return int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_init_source(stage: StageSpec, recipe: Recipe, root: Path) -> Path | None:
+    """The directory ``stage.init_from`` points at (an earlier stage's ``final/``, a weights dir, or a dir)."""
+    if stage.init_source is None:
+        return None
+    kind, value = stage.init_source
+    if kind == "stage":
+        path = stage_dir(root, recipe, value) / "final"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"stage {stage.name!r} starts from stage {value!r}, which has no export at {path}; "
+                f"run it first (`zoo train {recipe.path} --stage {value}`)"
+            )
+        return path
+    if kind == "weights":
+        from zoo.registry import get_weights_cfg
+
+        cfg = get_weights_cfg(value)
+        if cfg.file is None:
+            raise FileNotFoundError(
+                f"weights {value!r} live on the hub ({cfg.hf_hub_id}); mmzoo never downloads at run time. Download "
+                f"them and give the directory as `init_from: {{dir: PATH}}`"
+            )
+        path = Path(cfg.file)
+        return path if path.is_absolute() else SHIPPED_WEIGHTS_DIR / path
+    return Path(value)
+
+
+@dataclass
+class ParamCounts:
+    trainable: int
+    frozen: int
+    trainable_tensors: int
+    frozen_tensors: int
+
+
+def apply_param_globs(model: Any, trainable: list[str], frozen: list[str], where: str = "") -> ParamCounts:
+    """Set ``requires_grad``: a parameter trains if its name matches a ``trainable`` glob and no ``frozen`` glob.
+
+    A glob that matches no parameter name is an error (it is almost always a typo), reported with a few names.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for key, globs in (("trainable", trainable), ("frozen", frozen)):
+        for g in globs:
+            if not any(fnmatch.fnmatchcase(n, g) for n in names):
+                sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise RecipeError([f"{where}.{key}: glob {g!r} matches no parameter of the model (names look like: "
+                                   f"{sample})"])
+    counts = ParamCounts(0, 0, 0, 0)
+    for name, p in model.named_parameters():
+        train = any(fnmatch.fnmatchcase(name, g) for g in trainable) and not any(
+            fnmatch.fnmatchcase(name, g) for g in frozen
+        )
+        p.requires_grad_(train)
+        if train:
+            counts.trainable += p.numel()
+            counts.trainable_tensors += 1
+        else:
+            counts.frozen += p.numel()
+            counts.frozen_tensors += 1
+    return counts
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
+# ---- Lightning pieces (imported lazily: validation must not pay for lightning) ----------------------------------
+
+
+def _lightning_parts():
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Write checkpoints to a temp file in the same directory, then rename: a kill never leaves half a file.
+
+        (Lightning's own save goes through an fsspec transaction whose temp file lives in the system temp dir, so
+        its final move can be a non-atomic copy across file systems.)
+        """
+
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    class StageCheckpoint(Callback):
+        """Save ``last.ckpt`` every ``every`` optimizer steps and at the last step (all ranks call; rank 0 writes)."""
+
+        def __init__(self, path: Path, every: int):
+            self.path, self.every = path, every
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if (batch_idx + 1) % trainer.accumulate_grad_batches:
+                return
+            if step % self.every == 0 or step >= trainer.max_steps:
+                trainer.save_checkpoint(self.path, weights_only=False)
+
+    class StageClock(Callback):
+        """Training wall time summed over resumed sessions (kept in the checkpoint)."""
+
+        def __init__(self) -> None:
+            self.before, self.started, self.start_step = 0.0, 0.0, 0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.started, self.start_step = time.perf_counter(), trainer.global_step
+
+        def elapsed(self) -> float:
+            return self.before + (time.perf_counter() - self.started if self.started else 0.0)
+
+        def state_dict(self) -> dict[str, float]:
+            return {"train_wall_s": self.elapsed()}
+
+        def load_state_dict(self, state: dict[str, float]) -> None:
+            self.before = float(state.get("train_wall_s", 0.0))
+
+    class MetricsCSV(Callback):
+        """``metrics.csv``: one row per ``every`` optimizer steps with the task's logged values (rank 0)."""
+
+        def __init__(self, path: Path, every: int, clock: StageClock):
+            self.path, self.every, self.clock = path, every, clock
+            self.last_step = -1
+
+        def _rows(self) -> list[dict[str, str]]:
+            if not self.path.is_file():
+                return []
+            with open(self.path, newline="") as f:
+                return list(csv.DictReader(f))
+
+        def _write(self, rows: list[dict[str, Any]]) -> None:
+            keys: list[str] = []
+            for r in rows:
+                keys += [k for k in r if k not in keys]
+
+            def write(tmp: str) -> None:
+                with open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=keys)
+                    w.writeheader()
+                    w.writerows(rows)
+
+            atomic_write(self.path, write)
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if trainer.global_rank != 0:
+                return
+            # Rows logged after the checkpoint we resumed from are about to be redone: drop them.
+            rows = [r for r in self._rows() if int(r["step"]) <= trainer.global_step]
+            self._write(rows) if rows or self.path.exists() else None
+            self.last_step = trainer.global_step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if trainer.global_rank != 0 or step == self.last_step:
+                return
+            if step % self.every and step < trainer.max_steps:
+                return
+            self.last_step = step
+            row = {"step": step, "train_wall_s": round(self.clock.elapsed(), 3), **pl_module.last_logs}
+            rows = self._rows()
+            if rows and set(row) <= set(rows[0]):
+                with open(self.path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=list(rows[0])).writerow(row)
+            else:
+                self._write([*rows, row])
+
+    class StepProgressBar(TQDMProgressBar):
+        """TQDM bar whose total is the stage's micro-batches (the stream itself is infinite)."""
+
+        def __init__(self, stage_name: str):
+            super().__init__()
+            self.stage_name = stage_name
+
+        @property
+        def total_train_batches(self) -> int | float:
+            trainer = self.trainer
+            return trainer.max_steps * trainer.accumulate_grad_batches
+
+        def on_train_epoch_start(self, trainer, *args: Any) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description(f"stage {self.stage_name}")
+
+    return L, AtomicCheckpointIO, StageCheckpoint, StageClock, MetricsCSV, StepProgressBar
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+
+
+def _world_size_guess(devices: Any, num_nodes: int) -> int | None:
+    if isinstance(devices, int) and devices > 0:
+        return devices * num_nodes
+    if isinstance(devices, list):
+        return len(devices) * num_nodes
+    return None
+
+
+def run_stage(
+    recipe: Recipe, stage: StageSpec, root: Path, *, force: bool = False, callbacks: list[Any] | None = None
+) -> dict[str, Any]:
+    """Run one stage (or skip / resume it); return its summary row."""
+    out = stage_dir(root, recipe, stage)
+    stage.out_dir = out
+    summary_file = out / "summary.json"
+    ckpt = out / "checkpoints" / CHECKPOINT_NAME
+    rank = _global_rank()
+
+    if force and rank == 0 and out.exists():
+        shutil.rmtree(out)
+    _barrier()
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        _say(rank, f"stage {stage.name}: finished earlier ({summary_file}); skipping (use --force to rerun)")
+        return {**summary, "status": "skipped (done)"}
+
+    L, AtomicCheckpointIO, StageCheckpoint, StageClock, MetricsCSV, StepProgressBar = _lightning_parts()
+    from zoo.tasks import get_task
+
+    resuming = ckpt.is_file()
+    source = None if resuming else resolve_init_source(stage, recipe, root)
+    resolved = {
+        "recipe": recipe.recipe,
+        "recipe_file": str(recipe.path),
+        "git_commit": _git_commit(),
+        "init_from_dir": str(source) if source else None,
+        "stage": to_plain(stage),
+    }
+    cfg_file = out / "config.yaml"
+    if rank == 0:
+        if resuming and cfg_file.is_file():
+            before = yaml.safe_load(cfg_file.read_text()).get("stage", {})
+            changed = [d for d in _diff(before, resolved["stage"]) if not d.startswith("out_dir")]
+            if changed:
+                warnings.warn(f"stage {stage.name}: resuming with a changed config: {'; '.join(changed)}", stacklevel=2)
+        else:
+            atomic_write(cfg_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(resolved, sort_keys=False)))
+
+    L.seed_everything(stage.seed, workers=True, verbose=False)
+    task_cls = get_task(stage.task)
+    task = task_cls(stage.model, stage.data, stage.eval, stage)
+    if source is not None:
+        _say(rank, f"stage {stage.name}: initialising from {source}")
+        task.init_from(source)
+    counts = apply_param_globs(task.model, stage.trainable, stage.frozen, where=f"{recipe.path}: stage {stage.name}")
+    _say(
+        rank,
+        f"stage {stage.name}: {counts.trainable:,} trainable parameters ({counts.trainable_tensors} tensors), "
+        f"{counts.frozen:,} frozen ({counts.frozen_tensors} tensors)",
+    )
+
+    t = stage.trainer
+    clock = StageClock()
+    plugins = [] if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
+    cbs = [
+        StageCheckpoint(ckpt, t.ckpt_every_n_steps),
+        clock,
+        MetricsCSV(out / "metrics.csv", t.log_every_n_steps, clock),
+        *(callbacks or []),
+    ]
+    if t.enable_progress_bar:
+        cbs.append(StepProgressBar(stage.name))
+    max_steps = t.max_steps
+    if max_steps is None:
+        world = _world_size_guess(t.devices, t.num_nodes)
+        if world is None:
+            raise RecipeError([f"{recipe.path}: stage {stage.name}: max_epochs needs an integer or list `devices`"])
+        per_step = stage.batch_size * world * t.accumulate_grad_batches
+        max_steps = max(1, int(-(-t.max_epochs * len(task.get_train_dataset()) // per_step)))
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_checkpointing=False,  # StageCheckpoint owns checkpoints/last.ckpt
+        enable_model_summary=False,
+        logger=False,
+        callbacks=cbs,
+        plugins=plugins,
+        use_distributed_sampler=False,  # StepBatchSampler shards by rank itself
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(out),
+    )
+    if resuming:
+        _say(rank, f"stage {stage.name}: resuming from {ckpt}")
+    with warnings.catch_warnings():
+        # The stream is resumable by construction (a function of seed and step), so this warning does not apply.
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(task, ckpt_path=str(ckpt) if resuming else None)
+    if trainer.interrupted or trainer.global_step < max_steps:
+        raise RuntimeError(f"stage {stage.name}: training stopped at step {trainer.global_step} of {max_steps}")
+
+    rank = trainer.global_rank
+    if rank == 0:
+        import torch
+
+        task.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in task.evaluate(out).items()}
+        eval_s = time.perf_counter() - t0
+        task.export(out / "final")
+        wall = clock.elapsed()
+        samples = max_steps * stage.batch_size * trainer.world_size * t.accumulate_grad_batches
+        summary = {
+            "recipe": recipe.recipe,
+            "stage": stage.name,
+            "task": stage.task,
+            "steps": trainer.global_step,
+            "samples": samples,
+            "train_wall_s": round(wall, 3),
+            "samples_per_s": round(samples / wall, 3) if wall > 0 else None,
+            "eval_wall_s": round(eval_s, 3),
+            "world_size": trainer.world_size,
+            "final_train_loss": task.last_logs.get("loss"),
+            "params": {"trainable": counts.trainable, "frozen": counts.frozen},
+            "init_from": str(source) if source else None,
+            "metrics": metrics,
+            "final_dir": str(out / "final"),
+        }
+        atomic_write(summary_file, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    _barrier()
+    summary = json.loads(summary_file.read_text())
+    return {**summary, "status": "trained"}
+
+
+def _say(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def format_results(rows: list[dict[str, Any]]) -> str:
+    """A small fixed-width table: stage, status, steps, wall time, samples/s, metrics."""
+    header = ["stage", "status", "steps", "train wall", "samples/s", "metrics"]
+    body = []
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (r.get("metrics") or {}).items())
+        wall = r.get("train_wall_s")
+        body.append(
+            [
+                str(r.get("stage", "")),
+                str(r.get("status", "")),
+                str(r.get("steps", "")),
+                f"{wall:.1f} s" if isinstance(wall, (int, float)) else "",
+                f"{r['samples_per_s']:.1f}" if isinstance(r.get("samples_per_s"), (int, float)) else "",
+                metrics,
+            ]
+        )
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = "  ".join("-" * w for w in widths)
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), line, *(fmt(b) for b in body)])
+
+
+def train(
+    recipe_path: str | os.PathLike,
+    *,
+    stage: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    overrides: list[str] | None = None,
+    runs_dir: str | os.PathLike | None = None,
+    imports: list[str] | None = None,
+    callbacks: list[Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Validate ``recipe_path`` completely, then run its stages (or just ``stage``); return the summary rows.
+
+    Args:
+        recipe_path: the recipe YAML.
+        stage: run only this stage (the stages it starts from must be finished).
+        resume: require an existing run to resume (error when ``runs/<recipe>/`` does not exist). Without it,
+            interrupted stages still resume and finished ones are skipped.
+        force: delete the selected stages' outputs and train them from scratch.
+        overrides: ``key.path=value`` edits applied before validation.
+        runs_dir: output root (default ``$MMZOO_RUNS`` or ``./runs``).
+        imports: modules to import first (tasks defined outside ``zoo/tasks``).
+        callbacks: extra Lightning callbacks (tests use them to interrupt a run).
+    """
+    for module in imports or []:
+        importlib.import_module(module)
+    recipe = load_recipe(recipe_path, overrides, check_tasks=False)
+    check_task_configs(recipe)
+    root = runs_root(runs_dir)
+    names = [s.name for s in recipe.stages]
+    if stage is not None and stage not in names:
+        raise RecipeError([f"{recipe.path}: --stage {stage!r}: no such stage (stages: {', '.join(names)})"])
+    if resume and not (root / recipe.recipe).is_dir():
+        raise FileNotFoundError(f"--resume: nothing to resume, {root / recipe.recipe} does not exist")
+    selected = [s for s in recipe.stages if stage is None or s.name == stage]
+    rows = []
+    for s in selected:
+        rows.append(run_stage(recipe, s, root, force=force, callbacks=callbacks))
+    if _global_rank() == 0:
+        print(f"\nresults: {recipe.recipe} ({root / recipe.recipe})\n" + format_results(rows), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``zoo train`` (the argument parser lives in zoo.cli)."""
+    from zoo.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
