@@ -439,3 +439,20 @@ def test_cli_convert_and_bad_releases(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="missing"):
         load_official(bad)
     assert math.isfinite(float(loaded.num_parameters()["active"]))
+
+
+def test_load_released_in_memory_and_official_weights_listed(tmp_path) -> None:
+    from zoo.convert import load_released
+    from zoo.registry import get_weights_cfg, list_pretrained
+
+    model = _tiny_release(tmp_path, PHI)
+    sd = _official_phi_or_stablelm(model, swiglu=False)
+    src = _write_release(tmp_path, "rel", sd, _official_config(tmp_path, model, "moe_llava_phi", PHI))
+    loaded = load_released(src)
+    ids, mask, px = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, px)[1], model(ids, mask, px)[1], atol=1e-5, rtol=1e-5)
+    assert "moe_llava_phi2_4e.official" in list_pretrained("moe_llava*")
+    assert get_weights_cfg("moe_llava_phi2_4e.official").hf_hub_id == "LanguageBind/MoE-LLaVA-Phi2-2.7B-4e"
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load("moe_llava_phi2_4e.official")

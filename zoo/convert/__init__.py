@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-__all__ = ["main", "convert"]
+__all__ = ["main", "convert", "detect_format", "load_released"]
 
 _MOE_LLAVA_TYPES = (
     "moe_llava_phi",
@@ -27,21 +27,39 @@ _MOE_LLAVA_TYPES = (
 )
 
 
+def detect_format(src: str | Path) -> str:
+    """``moe-llava`` or ``llava-hf`` from the ``model_type`` field of ``src/config.json``."""
+    from zoo.convert.common import read_config
+
+    model_type = read_config(src).get("model_type")
+    if model_type in _MOE_LLAVA_TYPES:
+        return "moe-llava"
+    if model_type == "llava":
+        return "llava-hf"
+    raise ValueError(
+        f"{Path(src) / 'config.json'}: field 'model_type' = {model_type!r} is not a format "
+        f"zoo convert knows ({', '.join(_MOE_LLAVA_TYPES)}, llava)"
+    )
+
+
+def load_released(src: str | Path, fmt: str = "auto", **kwargs):
+    """Build and load a released directory in memory (no mmzoo directory written); returns the model."""
+    fmt = detect_format(src) if fmt == "auto" else fmt
+    if fmt == "moe-llava":
+        from zoo.convert.moe_llava import load_official
+
+        return load_official(src, vision_weights=kwargs.get("vision_weights"))
+    if fmt == "llava-hf":
+        from zoo.convert.llava_hf import load_llava_hf
+
+        return load_llava_hf(src, template=kwargs.get("template") or "vicuna_v1")
+    raise ValueError(f"unknown format {fmt!r}; use moe-llava, llava-hf or auto")
+
+
 def convert(src: str | Path, out: str | Path, fmt: str = "auto", **kwargs) -> Path:
     """Convert ``src`` (format ``moe-llava``, ``llava-hf`` or ``auto``) into an mmzoo directory ``out``."""
     if fmt == "auto":
-        from zoo.convert.common import read_config
-
-        model_type = read_config(src).get("model_type")
-        if model_type in _MOE_LLAVA_TYPES:
-            fmt = "moe-llava"
-        elif model_type == "llava":
-            fmt = "llava-hf"
-        else:
-            raise ValueError(
-                f"{Path(src) / 'config.json'}: field 'model_type' = {model_type!r} is not a format "
-                f"zoo convert knows ({', '.join(_MOE_LLAVA_TYPES)}, llava)"
-            )
+        fmt = detect_format(src)
     if fmt == "moe-llava":
         from zoo.convert.moe_llava import convert_moe_llava
 
