@@ -148,6 +148,13 @@ def test_generate_batched_left_padded_matches_single_and_uncached() -> None:
     assert model.tokenizer.decode(keep, skip_special_tokens=True).strip() == batched[0]
 
 
+def test_stop_ids_follow_the_template() -> None:
+    tok = tiny().tokenizer
+    assert tiny()._stop_ids() == {tok.eos_token_id}  # phi: <|endoftext|> is both eos and sep2
+    assert tiny(template="plain")._stop_ids() == {tok.eos_token_id, tok.convert_tokens_to_ids("\n")}
+    assert tiny(template="vicuna_v1")._stop_ids() == {tok.eos_token_id, tok.convert_tokens_to_ids("</s>")}
+
+
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:
     model = tiny()
     imgs, prompts = [_image(0), _image(2)], ["what shape ?", "what color ?"]

@@ -329,11 +329,8 @@ class MoELLaVA(nn.Module):
         stop = set()
         if self.tokenizer.eos_token_id is not None:
             stop.add(self.tokenizer.eos_token_id)
-        tid = (
-            self.tokenizer.convert_tokens_to_ids(self.template.stop_str)
-            if self.template.stop_str.strip()
-            else None
-        )
+        # The template's end-of-answer string (sep2, or "\n" for the plain captioning template) when it is one token.
+        tid = self.tokenizer.convert_tokens_to_ids(self.template.stop_str) if self.template.stop_str else None
         if tid is not None and tid != self.tokenizer.unk_token_id:
             stop.add(tid)
         return stop
