@@ -181,14 +181,22 @@ def official_config_to_model_args(
                 f"{src / 'config.json'}: field 'moe.num_experts' = {experts}; differing expert counts "
                 "per layer are not supported"
             )
+
+        def value(name: str, default: Any) -> Any:
+            # A null in the release's config means "the training script's default" (MoE-LLaVA's train.py).
+            v = moe_cfg.get(name)
+            return default if v is None else v
+
+        if "moe_layers_idx" not in moe_cfg:
+            raise ValueError(f"{src / 'config.json'}: field 'moe.moe_layers_idx' is missing")
         moe = dict(
             num_experts=int(experts[0]),
-            top_k=int(moe_cfg.get("top_k_experts", 2)),
+            top_k=int(value("top_k_experts", 2)),
             layers=[int(i) for i in moe_cfg["moe_layers_idx"]],
-            capacity_factor=float(moe_cfg.get("capacity_factor", 1.5)),
-            eval_capacity_factor=float(moe_cfg.get("eval_capacity_factor", 2.0)),
-            min_capacity=int(moe_cfg.get("min_capacity", 0)),
-            aux_loss_coef=float(moe_cfg.get("router_aux_loss_coef", 0.01)),
+            capacity_factor=float(value("capacity_factor", 1.5)),
+            eval_capacity_factor=float(value("eval_capacity_factor", 2.0)),
+            min_capacity=int(value("min_capacity", 0)),
+            aux_loss_coef=float(value("router_aux_loss_coef", 0.01)),
         )
     return dict(
         vision=_vision_from_config(cfg, src, vision_config),
