@@ -348,3 +348,29 @@ def test_errors_name_layer_and_value():
         moe(x)
     with pytest.raises(ValueError, match="capacity_factor=0"):
         MoE(MoEConfig(hidden_size=8, expert_hidden_size=8, capacity_factor=0.0))
+
+
+@pytest.mark.parametrize("expert_type,act", [("swiglu", "silu"), ("gelu", "gelu_new"), ("gelu", "gelu")])
+@pytest.mark.parametrize("capacity", [None, 0.75])
+def test_lora_fused_matches_grouped_path(expert_type, act, capacity):
+    torch.manual_seed(0)
+    kw = dict(hidden_size=8, expert_hidden_size=12, num_experts=4, top_k=2, lora_rank=3, lora_alpha=6,
+              expert_type=expert_type, activation=act, capacity_factor=capacity, min_capacity=0)
+    fused = MoE(MoEConfig(**kw, impl="fused"), name="f").double()
+    ref = MoE(MoEConfig(**kw, impl="grouped"), name="g").double()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(std=0.5)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = fused(x), ref(x2)
+    torch.testing.assert_close(y, y2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    for (n, p), (_, p2) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (p2.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p2.grad, msg=n)

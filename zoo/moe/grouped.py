@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["grouped_linear", "grouped_mm_supported", "sorted_experts_ffn"]
+__all__ = ["grouped_linear", "grouped_mm_supported", "sorted_experts_ffn", "sorted_lora_experts_ffn"]
 
 
 def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
@@ -243,3 +243,110 @@ def sorted_experts_ffn(
         return y
     return _SortedExpertsFFN.apply(x, token_idx, pair_weight, w1, b1, w2, b2, bounds, swiglu,
                                    act_name, act_fn)
+
+
+class _SortedLoRAExpertsFFN(torch.autograd.Function):
+    """LoRA experts over one frozen base FFN, pairs sorted by expert, weighted and summed per token.
+
+    The base first projection runs once per token ([T, H1]); per pair only its rows are gathered and the rank-r
+    deltas added. ``b1_blocks`` lists the LoRA B matrices of the first projection, each [E, hb, r], applied to
+    consecutive column blocks of the first projection's output and consecutive r-blocks of ``x @ A1^T``
+    (swiglu: gate then up; gelu: one block). Base weights must not require grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tok, pw, a1, a2, b2l, w1, b1, w2, b2, bounds, swiglu, act_name, act_fn, scale, *b1_blocks):
+        N, d = tok.shape[0], x.shape[1]
+        h, r = w2.shape[1], a2.shape[1]
+        base1 = torch.mm(x, w1.t()) if b1 is None else torch.addmm(b1, x, w1.t())  # [T, H1], once per token
+        a = x.new_empty(N, w1.shape[0])
+        z1 = x.new_empty(N, a1.shape[1])
+        hact = x.new_empty(N, h)
+        z2 = x.new_empty(N, r)
+        o = x.new_empty(N, d)
+        y = torch.zeros_like(x)
+        for e, s, t in bounds:
+            ts = tok[s:t]
+            torch.index_select(base1, 0, ts, out=a[s:t])
+            torch.mm(x.index_select(0, ts), a1[e].t(), out=z1[s:t])
+            for j, bb in enumerate(b1_blocks):
+                hb = bb.shape[1]
+                a[s:t, j * hb:(j + 1) * hb].addmm_(z1[s:t, j * r:(j + 1) * r], bb[e].t(), alpha=scale)
+            if swiglu:
+                torch.mul(F.silu(a[s:t, :h]), a[s:t, h:], out=hact[s:t])
+            else:
+                hact[s:t] = act_fn(a[s:t])
+            if b2 is None:
+                torch.mm(hact[s:t], w2.t(), out=o[s:t])
+            else:
+                torch.addmm(b2, hact[s:t], w2.t(), out=o[s:t])
+            torch.mm(hact[s:t], a2[e].t(), out=z2[s:t])
+            o[s:t].addmm_(z2[s:t], b2l[e].t(), alpha=scale)
+            y.index_add_(0, ts, o[s:t] * pw[s:t, None])
+        ctx.meta = (bounds, swiglu, act_name, act_fn, scale, len(b1_blocks))
+        ctx.save_for_backward(x, tok, pw, a1, a2, b2l, w1, w2, a, z1, hact, z2, o, *b1_blocks)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, tok, pw, a1, a2, b2l, w1, w2, a, z1, hact, z2, o, *b1_blocks = ctx.saved_tensors
+        bounds, swiglu, act_name, act_fn, scale, _ = ctx.meta
+        need = ctx.needs_input_grad
+        h, r = w2.shape[1], a2.shape[1]
+        gy = gy.contiguous()
+        g_x = torch.zeros_like(x) if need[0] else None
+        g_pw = torch.zeros_like(pw) if need[2] else None
+        g_a1, g_a2, g_b2l = torch.zeros_like(a1), torch.zeros_like(a2), torch.zeros_like(b2l)
+        g_b1 = [torch.zeros_like(bb) for bb in b1_blocks]
+        g_base1 = torch.zeros(x.shape[0], w1.shape[0], dtype=x.dtype, device=x.device) if need[0] else None
+        for e, s, t in bounds:
+            ts = tok[s:t]
+            go = gy.index_select(0, ts)
+            if g_pw is not None:
+                torch.sum(go * o[s:t], dim=1, out=g_pw[s:t])
+            go.mul_(pw[s:t, None])
+            # second projection: base (frozen) + LoRA
+            torch.mm(go.t(), z2[s:t], out=g_b2l[e])
+            g_b2l[e].mul_(scale)
+            gz2 = torch.mm(go, b2l[e]).mul_(scale)
+            torch.mm(gz2.t(), hact[s:t], out=g_a2[e])
+            g_h = torch.mm(go, w2)
+            g_h.addmm_(gz2, a2[e])
+            a_s = a[s:t]
+            if swiglu:
+                gate, up = a_s[:, :h], a_s[:, h:]
+                ga = torch.empty_like(a_s)
+                torch.mul(g_h, F.silu(gate), out=ga[:, h:])
+                g_h.mul_(up)
+                torch.ops.aten.silu_backward.grad_input(g_h, gate, grad_input=ga[:, :h])
+            elif act_name in _ATEN_GELU:
+                ga = torch.ops.aten.gelu_backward(g_h, a_s, approximate=_ATEN_GELU[act_name])
+            else:
+                with torch.enable_grad():
+                    a_ = a_s.detach().requires_grad_(True)
+                    (ga,) = torch.autograd.grad(act_fn(a_), a_, g_h)
+            # first projection LoRA blocks
+            gz1 = torch.empty_like(z1[s:t])
+            for j, bb in enumerate(b1_blocks):
+                hb = bb.shape[1]
+                gblk = ga[:, j * hb:(j + 1) * hb]
+                torch.mm(gblk.t(), z1[s:t, j * r:(j + 1) * r], out=g_b1[j][e])
+                g_b1[j][e].mul_(scale)
+                torch.mm(gblk, bb[e], out=gz1[:, j * r:(j + 1) * r])
+            gz1.mul_(scale)
+            xs = x.index_select(0, ts)
+            torch.mm(gz1.t(), xs, out=g_a1[e])
+            if g_x is not None:
+                g_x.index_add_(0, ts, torch.mm(gz1, a1[e]))
+                g_base1.index_add_(0, ts, ga)
+        if g_x is not None:
+            g_x.addmm_(g_base1, w1)  # the base first projection ran once per token
+        return (g_x, None, g_pw, g_a1 if need[3] else None, g_a2 if need[4] else None, g_b2l if need[5] else None,
+                None, None, None, None, None, None, None, None, None, *g_b1)
+
+
+def sorted_lora_experts_ffn(x, token_idx, pair_weight, a1, a2, b2_lora, w1, b1, w2, b2, counts, swiglu, act_name,
+                            act_fn, scale, b1_blocks):
+    """LoRA experts (frozen shared base + per-expert LoRA) on pairs sorted by expert: the fused path of ``MoE``."""
+    return _SortedLoRAExpertsFFN.apply(x, token_idx, pair_weight, a1, a2, b2_lora, w1, b1, w2, b2,
+                                       segment_bounds(counts), swiglu, act_name, act_fn, scale, *b1_blocks)

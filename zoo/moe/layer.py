@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.moe.grouped import grouped_linear, sorted_experts_ffn
+from zoo.moe.grouped import grouped_linear, sorted_experts_ffn, sorted_lora_experts_ffn
 
 __all__ = ["MoEConfig", "MoE", "MoEStats", "ACTIVATIONS", "capacity_for", "collect_aux_loss", "moe_layers"]
 
@@ -100,8 +100,8 @@ class MoEConfig:
         check_finite: raise on non-finite router logits (one reduction per forward).
         impl: expert execution. "fused": one autograd function that gathers, runs the segment GEMMs into
             preallocated buffers and index_adds (fastest on CPU); "grouped": autograd over ``grouped_linear``, which
-            uses ``torch._grouped_mm`` on CUDA; "auto": fused on CPU, grouped on CUDA. LoRA experts always use
-            "grouped".
+            uses ``torch._grouped_mm`` on CUDA; "auto": fused on CPU, grouped on CUDA (LoRA experts use the fused
+            path only while their base FFN is frozen).
     """
 
     hidden_size: int
@@ -387,6 +387,19 @@ class LoRAExperts(nn.Module):
         h = self.act(base.fc1(x).index_select(0, token_idx) + self._delta(xs, "fc1", counts, offsets))
         return base.fc2(h) + self._delta(h, "fc2", counts, offsets)
 
+    def fused_forward(self, x: Tensor, token_idx: Tensor, pair_w: Tensor, counts: list[int], act_name: str) -> Tensor:
+        """The weighted per-token sum over pairs in one autograd function (frozen base only)."""
+        base = self.base
+        if self.expert_type == "swiglu":
+            w1 = torch.cat([base.gate_proj.weight, base.up_proj.weight])
+            a1 = torch.cat([self.lora_A_gate, self.lora_A_up], dim=1)
+            return sorted_lora_experts_ffn(x, token_idx, pair_w, a1, self.lora_A_down, self.lora_B_down, w1, None,
+                                           base.down_proj.weight, None, counts, True, act_name, self.act, self.scale,
+                                           (self.lora_B_gate, self.lora_B_up))
+        return sorted_lora_experts_ffn(x, token_idx, pair_w, self.lora_A_fc1, self.lora_A_fc2, self.lora_B_fc2,
+                                       base.fc1.weight, base.fc1.bias, base.fc2.weight, base.fc2.bias, counts, False,
+                                       act_name, self.act, self.scale, (self.lora_B_fc1,))
+
 
 class MoE(nn.Module):
     """A sparse MoE FFN: ``y = MoE(cfg)(x)`` for ``x [..., d]``; a drop-in replacement for an MLP slot.
@@ -530,6 +543,8 @@ class MoE(nn.Module):
                 ex.gate_up_proj if swiglu else ex.fc1_weight, None if swiglu else ex.fc1_bias,
                 ex.down_proj if swiglu else ex.fc2_weight, None if swiglu else ex.fc2_bias,
                 counts, swiglu, cfg.act_name, ex.act)
+        elif isinstance(ex, LoRAExperts) and fused and not any(p.requires_grad for p in ex.base.parameters()):
+            y = ex.fused_forward(x2, token_idx, pair_w.to(x2.dtype), counts, cfg.act_name)
         else:
             if isinstance(ex, LoRAExperts):
                 out = ex.forward_pairs(x2, token_idx, counts, offsets)
