@@ -81,6 +81,19 @@ def test_forward_splices_projected_patch_features_in_order() -> None:
     torch.testing.assert_close(logits[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
     assert aux["moe_aux_loss"] == 0  # dense model
 
+    # a hook between layers sees the image span and can change the residual stream
+    seen = []
+
+    def hook(i, state):
+        seen.append(i)
+        if i == 1:
+            state.hidden = state.hidden.masked_fill(model.image_mask(ids)[..., None], 0.0)
+        return state
+
+    with torch.no_grad():
+        _, hooked, _ = model(ids, mask, px, hooks=[hook])
+    assert seen == [0, 1, 2, 3] and not torch.allclose(hooked, logits)
+
 
 def test_upcycled_model_equals_dense_at_eval_and_trains_with_aux_loss() -> None:
     model = tiny()

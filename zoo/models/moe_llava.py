@@ -17,6 +17,7 @@ Differences from the official code (see ``zoo.convert.moe_llava`` for loading it
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.components.lm import CausalLMWrapper, build_causal_lm
+from zoo.components.lm import CausalLMWrapper, LayerHook, build_causal_lm
 from zoo.components.projector import build_projector
 from zoo.components.vision import VisionTowerConfig, build_vision_tower, image_to_tensor
 from zoo.conversation import IMAGE_PLACEHOLDER, get_template
@@ -262,6 +263,10 @@ class MoELLaVA(nn.Module):
         p = next(self.vision_tower.parameters(), None)
         return p.dtype if p is not None else torch.float32
 
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool: positions whose embeddings are image features."""
+        return input_ids == self.image_token_id
+
     def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token positions filled by projected patch features (in order)."""
         has_id = self.cfg.image_token_id is not None or self.tokenizer is not None
@@ -290,10 +295,19 @@ class MoELLaVA(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        hooks: Sequence[LayerHook] = (),
+        layer_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns ``(loss, logits, aux)``; loss = next-token CE over labels != -100 + summed MoE aux loss."""
+        """Returns ``(loss, logits, aux)``; loss = next-token CE over labels != -100 + summed MoE aux loss.
+
+        ``hooks`` run after every decoder layer and ``layer_kwargs`` reach every layer's attention function (see
+        ``zoo.components.CausalLMWrapper``); ``image_mask(input_ids)`` tells which positions hold image features.
+        """
         embeds = self.embed_multimodal(input_ids, pixel_values)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask)
+        out = self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, hooks=hooks, layer_kwargs=layer_kwargs
+        )
         logits = out.logits
         aux: dict[str, torch.Tensor] = {}
         loss = None
