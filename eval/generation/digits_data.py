@@ -1,39 +1,35 @@
-"""Real digits for the classifier and the FID-digits reference set, in the DiT digits recipes' pixel format."""
+"""Real digits for the classifier and the FID-digits reference set, in the DiT digits recipes' pixel format.
+
+The pixels and the held-out split come from ``data.digits`` (the loader the DiT digits recipes train on), so the
+classifier, the FID reference and the generators all see the same images: scikit-learn's 1797 digits resized
+bilinearly to 16x16, in [-1, 1] with ink = +1, and a stratified 20 % held out with seed 0.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+
+from data.digits import HELDOUT_FRACTION, SPLIT_SEED, load_digits_tensors, stratified_split
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "SPLIT_SEED", "HELDOUT_FRACTION", "load_real_digits", "heldout_split"]
 
-DEFAULT_IMAGE_SIZE = 16
-SPLIT_SEED = 0
-HELDOUT_FRACTION = 0.2
+DEFAULT_IMAGE_SIZE = 16  # the DiT digits recipes' resolution (``dit_tiny`` input_size)
 
 
-def load_real_digits(image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 scikit-learn digits as (N, 1, S, S) float32 in [-1, 1] (ink = +1) and int64 labels."""
-    from sklearn.datasets import load_digits
-
-    ds = load_digits()
-    x = torch.from_numpy(ds.images.astype(np.float32) / 16.0)[:, None]  # 17 grey levels 0..16
-    if image_size != x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return (x * 2 - 1).clamp(-1, 1), torch.from_numpy(ds.target.astype(np.int64))
+def load_real_digits(image_size: int = DEFAULT_IMAGE_SIZE, split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits as (N, 1, S, S) float32 in [-1, 1] and int64 labels; ``split``: all | train | heldout."""
+    x, y = load_digits_tensors("sklearn", image_size, 1)
+    if split == "all":
+        return x, y
+    if split not in ("train", "heldout"):
+        raise ValueError(f"digits split must be 'all', 'train' or 'heldout', got {split!r}")
+    train, held = stratified_split(y)
+    idx = train if split == "train" else held
+    return x[idx], y[idx]
 
 
 def heldout_split(
     labels: torch.Tensor, fraction: float = HELDOUT_FRACTION, seed: int = SPLIT_SEED
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified (train, held-out) indices: the same ``fraction`` of each class held out, fixed by ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in labels.unique(sorted=True):
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        k = round(len(idx) * fraction)
-        test.append(idx[:k])
-        train.append(idx[k:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
+    return stratified_split(labels, fraction, seed)

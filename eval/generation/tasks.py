@@ -13,7 +13,8 @@ Registered here (importing this module registers them):
 * scorer ``class_conditional_generation``: FID, KID, IS (torchmetrics) in the feature space named by
   ``scorer_args.features`` (``digit_cnn``: the shipped classifier, optionally ``classifier_weights`` = a directory;
   ``inception``: ``inception_weights`` = a local torch-fidelity / pytorch-fid file) against a real reference set
-  (``reference``: ``sklearn_digits`` or an ADM-style ``.npz`` with ``arr_0`` uint8 NHWC), the share of samples
+  (``reference``: ``sklearn_digits`` with ``reference_split`` all | train | heldout, or an ADM-style ``.npz``
+  with ``arr_0`` uint8 NHWC), the share of samples
   classified as their conditioning class, and for MoE models mutual information between expert choice and
   step / position / class. Artifacts (:meth:`GenerationScorer.write_artifacts`, or ``scorer_args.artifacts_dir``):
   ``samples_<task>.png`` and ``routing_{step,position,class,position_maps}.png`` + ``routing_counts.npz``.
@@ -138,11 +139,11 @@ def class_conditional_sample(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _reference_images(name: str, image_size: int) -> Tensor:
+def _reference_images(name: str, image_size: int, split: str = "all") -> Tensor:
     if name == "sklearn_digits":
         from eval.generation.digits_data import load_real_digits
 
-        return load_real_digits(image_size)[0]
+        return load_real_digits(image_size, split)[0]
     path = Path(name)
     if path.suffix != ".npz" or not path.is_file():
         raise FileNotFoundError(
@@ -191,7 +192,8 @@ class GenerationScorer(Scorer):
     neutral = _Prefixes("is_", "kid_std", "kid_subset_size", "class_acc", "routing_")
 
     _ARGS = {"features", "classifier_weights", "inception_weights", "reference", "grid_per_class", "artifacts_dir",
-             "kid_subsets", "kid_subset_size", "is_splits", "device", "reference_image_size"}  # fmt: skip
+             "kid_subsets", "kid_subset_size", "is_splits", "device", "reference_image_size",
+             "reference_split"}  # fmt: skip
 
     def build_metric(self, docs: Sequence[Doc]):
         unknown = sorted(set(self.args) - self._ARGS)
@@ -226,7 +228,9 @@ class GenerationScorer(Scorer):
                 is_splits=int(self.args.get("is_splits", 10)),
             ),
         )
-        reference = _reference_images(self.args.get("reference", "sklearn_digits"), image_size)
+        reference = _reference_images(
+            self.args.get("reference", "sklearn_digits"), image_size, self.args.get("reference_split", "all")
+        )
         for chunk in reference.split(512):
             self.metrics.update_real(chunk)
         self.grid_per_class = int(self.args.get("grid_per_class", 10))
