@@ -16,7 +16,8 @@ How to add a benchmark
 4. Write ``eval/tasks/<bench>/<task>.yaml`` (keys = the fields of :class:`TaskSpec`; ``include: _template.yaml``
    merges a shared template from the same folder; files starting with ``_`` are templates, not tasks), or call
    ``register_task(TaskSpec(...))`` from Python (what another family does from its own module, e.g. image-generation
-   tasks with their own ``output_type`` registered by ``@register_output_type``).
+   tasks with their own ``output_type`` registered by ``@register_output_type``); list that module in
+   ``PLUGIN_MODULES`` so that ``zoo eval --tasks`` finds its tasks.
 5. Freeze its prompt in ``tests/eval/test_prompts.py``.
 
 A family whose model does not answer text (e.g. class-conditional image generation) registers the call too::
@@ -29,7 +30,9 @@ A family whose model does not answer text (e.g. class-conditional image generati
                            scorer="fid", generation={"num_steps": 50}))
 
 Models are only required to have ``generate`` when a ``generate_until`` task is requested; outputs that are not
-text are summarised (type and shape) in the predictions file.
+text are summarised (type and shape) in the predictions file. A scorer with a ``write_artifacts(out_dir) -> dict``
+method (sample grids, plots) is called when the run has an output directory; what it returns is recorded under
+``artifacts`` in results.json.
 
 Data roots never live in code: a task with files is looked up, in order, in the ``data_roots`` mapping passed to
 ``eval.run`` (keyed by task name or by ``data_subdir``), the task's own environment variable (``data_env``), and
@@ -40,6 +43,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib
+import importlib.util
 import io
 import os
 from collections.abc import Callable, Mapping
@@ -70,6 +75,8 @@ __all__ = [
 ]
 
 TASKS_DIR = Path(__file__).parent / "tasks"
+# Modules imported with the built-in tasks because they call register_task themselves (see "How to add").
+PLUGIN_MODULES: tuple[str, ...] = ("eval.generation.tasks",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +262,11 @@ def _load_builtin() -> None:
     for path in sorted(TASKS_DIR.rglob("*.yaml")):
         if not path.name.startswith("_"):
             register_task(load_task_yaml(path))
+    # Families that register their tasks from Python; a module that is not there is skipped, one that fails to
+    # import raises (never hidden).
+    for module in PLUGIN_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
 
 
 def get_task(name: str) -> TaskSpec:

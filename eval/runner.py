@@ -176,10 +176,16 @@ def _device(model: Any) -> str:
     return "cpu"
 
 
-def _describe(obj: Any) -> str:
-    # Non-text outputs (images, tensors) are summarised in the predictions file, not dumped.
-    shape = getattr(obj, "shape", None) or getattr(obj, "size", None)
-    return f"<{type(obj).__name__} {tuple(shape) if shape is not None else ''}>"
+def _describe(obj: Any) -> Any:
+    # Non-text outputs (images, tensors, dicts of them) are summarised in the predictions file, not dumped.
+    if isinstance(obj, Mapping):
+        return {str(k): _describe(v) for k, v in obj.items()}
+    if isinstance(obj, str | int | float | bool | None):
+        return obj
+    shape = getattr(obj, "shape", None)
+    if shape is None and not callable(getattr(obj, "size", None)):
+        shape = getattr(obj, "size", None)  # PIL images: size is a tuple
+    return f"<{type(obj).__name__} {tuple(shape)}>" if shape is not None else f"<{type(obj).__name__}>"
 
 
 def _finite(v: float) -> float | None:
@@ -239,7 +245,7 @@ def _evaluate_task(
                 "doc": {"question": doc.question, "image": doc.image_ref(), "fields": dict(doc.fields)},
                 "target": doc.target,
                 "arguments": {"prompt": prompt, "gen_kwargs": dict(spec.generation)},
-                "resps": [out if isinstance(out, str | int | float | bool | None) else _describe(out)],
+                "resps": [_describe(out)],
                 "filtered_resps": [rec.get("parsed")],
                 "score": rec.get("score"),
                 "unparsed": bool(rec.get("unparsed", False)),
@@ -335,6 +341,9 @@ def run(
             results["n-samples"][spec.name] = {"original": n_orig, "effective": n_eff}
             results["efficiency"][spec.name] = eff
             results["primary_metric"][spec.name] = scorer.primary
+            write_artifacts = getattr(scorer, "write_artifacts", None)
+            if output_dir is not None and rank == 0 and callable(write_artifacts):
+                results.setdefault("artifacts", {})[spec.name] = write_artifacts(Path(output_dir))
             samples[spec.name] = records
             log.info("%s: %s = %.2f", spec.name, scorer.primary, metrics.get(scorer.primary, float("nan")))
     finally:

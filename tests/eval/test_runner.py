@@ -87,7 +87,7 @@ def test_empty_predictions_are_counted_and_wrong(doubles, tmp_path):
 
 
 def test_every_fixture_task_with_oracle(doubles):
-    specs = [s for s in expand_tasks(eval.list_tasks()) if not s.reader.startswith("shapes")]
+    specs = [s for s in expand_tasks(eval.list_tasks()) if s.files and s.output_type == "generate_until"]
     specs = [dataclasses.replace(s, reader_args={"subtasks": ["existence", "artwork", "code_reasoning"]})
              if s.name == "mme" else s for s in specs]  # fmt: skip
     oracle = _oracle_for(doubles, specs, root=FIXTURES)
@@ -235,6 +235,11 @@ def test_custom_output_type_and_scorer_for_another_family(tmp_path):
             def compute(self):
                 return {"mean": float(self.metric.compute())}
 
+            def write_artifacts(self, out_dir):
+                path = Path(out_dir) / "mean.txt"
+                path.write_text(str(self.compute()["mean"]))
+                return {"mean": str(path)}
+
     class Sampler:
         def sample(self, label):
             return torch.full((3, 4, 4), float(label))
@@ -245,6 +250,8 @@ def test_custom_output_type_and_scorer_for_another_family(tmp_path):
     assert res["results"]["test_gen"]["mean,none"] == pytest.approx(2.0)
     row = json.loads((tmp_path / "samples_test_gen.jsonl").read_text().splitlines()[0])
     assert row["resps"] == ["<Tensor (3, 4, 4)>"]
+    assert res["artifacts"]["test_gen"] == {"mean": str(tmp_path / "mean.txt")}
+    assert (tmp_path / "mean.txt").read_text() == "2.0"
 
 
 @pytest.mark.slow
