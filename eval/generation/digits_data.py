@@ -16,7 +16,9 @@ __all__ = ["DEFAULT_IMAGE_SIZE", "SPLIT_SEED", "HELDOUT_FRACTION", "load_real_di
 DEFAULT_IMAGE_SIZE = 16  # the DiT digits recipes' resolution (``dit_tiny`` input_size)
 
 
-def load_real_digits(image_size: int = DEFAULT_IMAGE_SIZE, split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+def load_real_digits(
+    image_size: int = DEFAULT_IMAGE_SIZE, split: str = "all"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn digits as (N, 1, S, S) float32 in [-1, 1] and int64 labels; ``split``: all | train | heldout."""
     x, y = load_digits_tensors("sklearn", image_size, 1)
     if split == "all":
