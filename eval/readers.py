@@ -314,7 +314,10 @@ def read_mmbench(spec: TaskSpec, files: Mapping[str, Path]) -> list[Doc]:
                 f"{where}: field 'answer' = {answer!r} is not one of the {len(options)} option letters"
             )
         if row.get("image") and not _is_missing(row["image"]):
-            images[index % CIRCULAR_OFFSET] = decode_base64_image(row["image"])
+            try:
+                images[index % CIRCULAR_OFFSET] = decode_base64_image(row["image"])
+            except ValueError as e:  # binascii.Error is a ValueError
+                raise ValueError(f"{where}: field 'image' is not valid base64 ({e})") from None
         parsed.append((index, row, options, answer, where))
     has_copies = any(index >= CIRCULAR_OFFSET for index, *_ in parsed)
     circular = bool(spec.reader_args.get("circular", True))

@@ -128,7 +128,7 @@ class Doc:
 
 
 def decode_base64_image(data: str) -> bytes:
-    return base64.b64decode(data)
+    return base64.b64decode(data, validate=True)
 
 
 @dataclass(frozen=True, kw_only=True)

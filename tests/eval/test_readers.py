@@ -227,3 +227,15 @@ def test_include_merges_template():
     spec = get_task("pope_adversarial")
     assert (spec.group, spec.scorer, spec.split) == ("pope", "pope", "adversarial")
     assert spec.generation == {"max_new_tokens": 16, "do_sample": False}
+
+
+def test_mmbench_bad_image_names_row(tmp_path):
+    root = _copy(tmp_path, "mmbench")
+    path = root / "mmbench/mmbench_dev_20230712.tsv"
+    lines = path.read_text().splitlines()
+    cells = lines[2].split("\t")
+    cells[9] = "not*base64!"  # the image column
+    lines[2] = "\t".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"tsv:3 \(index 1\): field 'image' is not valid base64"):
+        read("mmbench_en_dev", root)
