@@ -8,7 +8,8 @@ How to add a benchmark
 ----------------------
 1. If the data format is new, write a reader ``@register_reader("fmt")`` ``fn(spec, files) -> list[Doc]``, where
    ``files`` maps each key of ``spec.files`` to a resolved ``Path`` (missing ones were already reported by name).
-   Synthetic tasks declare no files and get ``{}``.
+   Synthetic tasks declare no files and get ``{}``; a reader that can stop early (generated data) may take a
+   ``limit=`` keyword, which the runner then passes.
 2. If the prompt layout is new, a builder ``@register_prompt("name")`` ``fn(doc, spec) -> str``; the default
    ``question`` builder is ``pre_prompt + doc.question + post_prompt``.
 3. If the scoring is new, a :class:`eval.scorers.Scorer` subclass ``@register_scorer("name")``: a torchmetrics
