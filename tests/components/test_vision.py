@@ -113,7 +113,7 @@ def test_projectors_and_bad_configs() -> None:
         build_projector("qformer", 8, 16)
     with pytest.raises(ValueError, match="vision tower kind"):
         VisionTowerConfig(kind="clip")
-    with pytest.raises(ValueError, match="select_layer"):
+    with pytest.raises(ValueError, match="layer -9 is out of range"):
         build_vision_tower(
             VisionTowerConfig(
                 kind="timm",
@@ -147,3 +147,35 @@ def test_zoo_clip_tower_uses_the_registered_tiny_clip() -> None:
         ref = clip.encode_image(px)
     torch.testing.assert_close(feats, tokens[:, 1:])
     torch.testing.assert_close(x[:, 0] @ clip.visual.proj, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hf", "open_clip", "timm"])
+def test_forward_intermediates_use_hf_hidden_state_numbering(kind: str) -> None:
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    if kind == "hf":
+        tower = build_vision_tower(VisionTowerConfig(kind="hf", config=CLIP_VISION))
+    elif kind == "open_clip":
+        visual = VisionTransformer(image_size=32, patch_size=8, width=32, layers=3, heads=4, mlp_ratio=2.0)
+        tower = OpenClipVisionTower(VisionTowerConfig(kind="open_clip"), visual)
+    else:
+        tower = build_vision_tower(
+            VisionTowerConfig(
+                kind="timm",
+                model_name="vit_tiny_patch16_224",
+                config=dict(img_size=32, patch_size=8, depth=3),
+            )
+        )
+    px = _pixels()
+    with torch.no_grad():
+        every = tower.eval().forward_intermediates(px)
+        picked = tower.forward_intermediates(px, [-2, 3, 1])
+        feats = tower.forward_features(px)
+    assert len(every) == 3
+    torch.testing.assert_close(picked[0], every[1])  # -2 = penultimate = output of block 2 of 3
+    torch.testing.assert_close(picked[1], every[2])
+    torch.testing.assert_close(picked[2], every[0])
+    torch.testing.assert_close(feats, every[1][:, tower.num_prefix_tokens :])
+    with pytest.raises(ValueError, match="out of range"):
+        tower.forward_intermediates(px, [4])

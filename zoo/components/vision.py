@@ -86,27 +86,46 @@ class VisionTowerConfig:
 
 
 class VisionTower(nn.Module):
-    """Base: subclasses provide ``_select_hidden(pixels) -> [B, prefix + patches, C]`` and the size attributes."""
+    """Base: subclasses provide ``_hidden_states(pixels, layers)`` and the size attributes.
+
+    Layers are numbered as transformers' ``hidden_states``: 0 = embeddings, ``s`` = output of block ``s - 1``,
+    negative from the end (-1 = last block, -2 = penultimate).
+    """
 
     num_prefix_tokens: int
     grid_tokens: int  # patch tokens per image
     width: int
     image_size: int
+    num_blocks: int
 
     def __init__(self, cfg: VisionTowerConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
-    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise TypeError(f"{type(self).__name__} must implement _select_hidden")
+    def _hidden_states(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} must implement _hidden_states")
 
-    def _block_index(self, num_blocks: int) -> int:
-        # HF's hidden_states has num_blocks + 1 entries (embeddings first); hidden_states[s] is block s-1's output.
-        s = self.cfg.select_layer
-        idx = num_blocks + s if s < 0 else s - 1
-        if not 0 <= idx < num_blocks:
-            raise ValueError(f"select_layer={s} is out of range for a tower with {num_blocks} blocks")
+    def _block_index(self, layer: int) -> int:
+        """Block whose output is ``hidden_states[layer]`` (blocks only: the embeddings are not a block)."""
+        idx = self.num_blocks + layer if layer < 0 else layer - 1
+        if not 0 <= idx < self.num_blocks:
+            raise ValueError(
+                f"layer {layer} is out of range for a {type(self).__name__} with {self.num_blocks} blocks "
+                f"(use -{self.num_blocks}..-1 or 1..{self.num_blocks})"
+            )
         return idx
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"vision tower expects pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+
+    def forward_intermediates(
+        self, pixels: torch.Tensor, layers: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Hidden states ``[B, prefix + patches, C]`` after each of ``layers`` (default: every block)."""
+        self._check_pixels(pixels)
+        layers = list(range(1, self.num_blocks + 1)) if layers is None else list(layers)
+        return self._hidden_states(pixels, layers)
 
     @property
     def out_dim(self) -> int:
@@ -130,9 +149,8 @@ class VisionTower(nn.Module):
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"vision tower expects pixels [B, 3, H, W], got {tuple(pixels.shape)}")
-        h = self._select_hidden(pixels)
+        self._check_pixels(pixels)
+        h = self._hidden_states(pixels, [self.cfg.select_layer])[0]
         if self.cfg.select_feature == "patch":
             h = h[:, self.num_prefix_tokens :]
         if self.cfg.drop_first_token:
@@ -167,13 +185,18 @@ class HFVisionTower(VisionTower):
         self.grid_tokens = (c.image_size // c.patch_size) ** 2
         self.width = c.hidden_size
         self.image_size = c.image_size
+        self.num_blocks = c.num_hidden_layers
+        self._block_index(cfg.select_layer)  # validate early
 
     def _default_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return _HF_DEFAULT_NORM[self.model_type]
 
-    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixels, output_hidden_states=True)
-        return out.hidden_states[self.cfg.select_layer]
+    def _hidden_states(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        for layer in layers:
+            if layer != 0:
+                self._block_index(layer)
+        hs = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        return [hs[layer] for layer in layers]
 
 
 class OpenClipVisionTower(VisionTower):
@@ -192,7 +215,8 @@ class OpenClipVisionTower(VisionTower):
         self.width = visual.transformer.width
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self._block = self._block_index(len(visual.transformer.resblocks))
+        self.num_blocks = len(visual.transformer.resblocks)
+        self._block_index(cfg.select_layer)  # validate early
 
     def _default_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         pre = getattr(self.visual, "preprocess_cfg", None) or {}
@@ -200,16 +224,23 @@ class OpenClipVisionTower(VisionTower):
         std = pre.get("std", getattr(self.visual, "image_std", None)) or OPENAI_CLIP_STD
         return tuple(mean), tuple(std)
 
-    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _hidden_states(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        blocks = [self._block_index(layer) for layer in layers]
         out = self.visual.forward_intermediates(
             pixels,
-            indices=[self._block],
+            indices=sorted(set(blocks)),
             stop_early=True,
             intermediates_only=True,
             output_fmt="NLC",
             output_extra_tokens=True,
         )
-        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+        by_block = {
+            b: torch.cat([p, x], dim=1)
+            for b, p, x in zip(
+                sorted(set(blocks)), out["image_intermediates_prefix"], out["image_intermediates"]
+            )
+        }
+        return [by_block[b] for b in blocks]
 
 
 class TimmVisionTower(VisionTower):
@@ -228,26 +259,27 @@ class TimmVisionTower(VisionTower):
         self.grid_tokens = int(model.patch_embed.num_patches)
         self.width = int(model.embed_dim)
         self.image_size = int(model.patch_embed.img_size[0])
-        self._block = self._block_index(len(model.blocks))
+        self.num_blocks = len(model.blocks)
+        self._block_index(cfg.select_layer)  # validate early
 
     def _default_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         pc = getattr(self.model, "pretrained_cfg", None) or {}
         return tuple(pc.get("mean", HALF)), tuple(pc.get("std", HALF))
 
-    def _select_hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _hidden_states(self, pixels: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        blocks = [self._block_index(layer) for layer in layers]
+        uniq = sorted(set(blocks))
         out = self.model.forward_intermediates(
             pixels,
-            indices=[self._block],
+            indices=uniq,
             return_prefix_tokens=True,
             norm=False,
             stop_early=True,
             output_fmt="NLC",
             intermediates_only=True,
         )
-        spatial, prefix = out[0]
-        if prefix is None:
-            return spatial
-        return torch.cat([prefix, spatial], dim=1)
+        by_block = {b: x if p is None else torch.cat([p, x], dim=1) for b, (x, p) in zip(uniq, out)}
+        return [by_block[b] for b in blocks]
 
 
 def _build_open_clip_visual(cfg: VisionTowerConfig) -> nn.Module:
