@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from datetime import datetime, timezone
 
+    from eval.models import NotGenerativeError
     from eval.runner import _sanitize, run
 
     out = args.output_dir
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size, output_dir=out,
             data_root=args.data_root, log_samples=not args.no_samples, print_table=True)  # fmt: skip
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+    except (FileNotFoundError, KeyError, ValueError, NotGenerativeError) as e:
         # Bad input (unknown task or model, missing data, malformed record): one clear line, not a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"zoo eval: error: {msg}")

@@ -99,10 +99,14 @@ def resolve_model(model: Any) -> tuple[Any, str]:
     return zoo.load(name), name
 
 
+class NotGenerativeError(TypeError):
+    """The model cannot answer text prompts (no ``generate``)."""
+
+
 def check_generative(model: Any, name: str) -> None:
     """Raise unless ``model`` implements :class:`GenerativeModel` (needed by ``generate_until`` tasks)."""
     if not isinstance(model, GenerativeModel):
-        raise TypeError(
+        raise NotGenerativeError(
             f"model {name!r} ({type(model).__name__}) has no generate(images, prompts, max_new_tokens, **gen); "
             "eval tasks of output_type generate_until need one (see eval/models.py)"
         )
