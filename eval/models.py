@@ -37,6 +37,7 @@ __all__ = [
     "GenerationStats",
     "resolve_model",
     "check_generative",
+    "NotGenerativeError",
     "count_parameters",
     "read_generation_stats",
 ]
