@@ -111,7 +111,9 @@ class GenerationMetrics:
     @torch.no_grad()
     def update_real(self, images: Tensor) -> None:
         feats, _ = self.extractor(images)
-        feats = feats.double()
+        feats = (
+            feats.detach().double().cpu()
+        )  # metric states live on the CPU whatever device the network runs on
         self.fid.update(feats, real=True)
         self.kid.update(feats, real=True)
         self.n_real += feats.shape[0]
@@ -123,13 +125,13 @@ class GenerationMetrics:
         Returns the feature network's predicted class per image (for per-sample records).
         """
         feats, logits = self.extractor(images)
-        feats = feats.double()
+        feats, logits = feats.detach().double().cpu(), logits.detach().cpu()
         self.fid.update(feats, real=False)
         self.kid.update(feats, real=False)
         self.inception_score.update(logits.double())
         self.n_fake += feats.shape[0]
         if labels is not None:
-            labels = torch.as_tensor(labels, device=logits.device).long().reshape(-1)
+            labels = torch.as_tensor(labels).long().reshape(-1).cpu()
             if labels.shape[0] != logits.shape[0]:
                 raise ValueError(f"{labels.shape[0]} labels for {logits.shape[0]} images")
             if labels.min() < 0 or labels.max() >= self.extractor.num_classes:
@@ -137,9 +139,9 @@ class GenerationMetrics:
                     f"labels must lie in [0, {self.extractor.num_classes}) for {self.extractor.name}; "
                     f"got min {int(labels.min())}, max {int(labels.max())}"
                 )
-            pred = logits.argmax(dim=1).cpu()
-            self.class_acc.update(pred, labels.cpu())
-            self.class_acc_per_class.update(pred, labels.cpu())
+            pred = logits.argmax(dim=1)
+            self.class_acc.update(pred, labels)
+            self.class_acc_per_class.update(pred, labels)
             self.n_labelled += labels.shape[0]
             self.per_class_seen |= set(labels.unique().tolist())
         return logits.argmax(dim=1)

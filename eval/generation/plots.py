@@ -128,7 +128,10 @@ def routing_heatmap_figure(
             ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(title, fontsize=12)
     cbar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85, pad=0.01)
-    cbar.set_label(_CBAR_LABEL[normalisation])
+    label = _CBAR_LABEL[normalisation]
+    if normalisation == "share":
+        label += f" (uniform = {1 / n_exp:.3f})"
+    cbar.set_label(label)
     return fig
 
 

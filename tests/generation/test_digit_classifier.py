@@ -91,3 +91,20 @@ def test_classifier_accepts_other_sizes_and_rgb(classifier: DigitCNN, digits) ->
     assert acc > 0.9
     with pytest.raises(ValueError, match="expected 1 channel"):
         classifier(torch.zeros(2, 2, 16, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_feature_network_on_cuda_matches_cpu(digits) -> None:
+    x, y = digits
+    scores = []
+    for device in ("cpu", "cuda"):
+        gm = GenerationMetrics(
+            DigitClassifierExtractor(load_digit_classifier(), device=device),
+            GenerationMetricsConfig(kid_subset_size=200, kid_subsets=5),
+        )
+        gm.update_real(x[:900])
+        gm.update_fake(x[900:].to(device), y[900:])
+        scores.append(gm.compute())
+    assert scores[1]["fid"] == pytest.approx(scores[0]["fid"], rel=1e-3, abs=1e-4)
+    assert scores[1]["class_acc"] == pytest.approx(scores[0]["class_acc"], abs=2 / 897)
