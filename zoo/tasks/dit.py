@@ -1,0 +1,340 @@
+"""Recipe task ``dit_diffusion``: train a DiT / DiT-MoE with DDPM (eps + learned-range VLB) or rectified flow.
+
+- model: a registered architecture (``arch``) plus any ``DiTConfig`` field as an override; an EMA copy of the
+  weights (DiT keeps one with decay 0.9999; tiny recipes use a shorter one) is what ``evaluate`` samples from
+  and what ``export`` writes.
+- data: the embedded real digits (``data.digits``, pixel space) or, for full scale, pre-encoded ImageNet latents in
+  webdataset shards (``recipes/dit_moe/encode_imagenet_latents.py`` writes them).
+- loss: the objective's per-sample loss averaged over the batch, plus the MoE balance losses (which DiT-MoE feeds
+  into the gradient without logging them in the loss; we add them and log ``aux`` separately).
+- evaluate: a held-out denoising loss on fixed (t, noise), a sample grid, and, when ``eval/generation`` and its
+  shipped digit classifier are importable, FID-digits / KID / IS in the classifier's feature space and the share of
+  samples classified as their conditioning class.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field, fields
+from glob import glob
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from zoo.registry import save_pretrained
+from zoo.tasks import register_task
+from zoo.tasks.base import StageTask
+
+__all__ = ["DiTModelConfig", "DiTDataConfig", "DiTEvalConfig", "DiTDiffusionTask", "LatentShards", "sample_labels"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class DiTModelConfig:
+    """``arch`` (a registered DiT / DiT-MoE name) and overrides of its ``DiTConfig`` fields (null = keep)."""
+
+    arch: str = field(default="dit_tiny", metadata={"help": "registered architecture, e.g. dit_moe_s_2_8e2a"})
+    input_size: int | None = None
+    patch_size: int | None = None
+    in_channels: int | None = None
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    class_dropout_prob: float | None = None
+    num_classes: int | None = None
+    learn_sigma: bool | None = None
+    qk_norm: bool | None = None
+    num_experts: int | None = None
+    top_k: int | None = None
+    expert_hidden: int | None = None
+    shared_hidden: int | None = None
+    num_shared_experts: int | None = None
+    aux_loss_alpha: float | None = None
+    moe_every: int | None = None
+    objective: Literal["ddpm", "rectified_flow"] | None = None
+    time_scale: float | None = None
+    ema_decay: float = field(default=0.9999, metadata={"min": 0.0, "max": 1.0, "help": "0 disables the EMA"})
+    ema_warmup: bool = field(default=False, metadata={"help": "decay min(ema_decay, (1+s)/(10+s)) for short runs"})
+
+    def model_args(self) -> dict[str, Any]:
+        skip = {"arch", "ema_decay", "ema_warmup"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None}
+
+
+@dataclass(kw_only=True)
+class DiTDataConfig:
+    source: Literal["sklearn", "mnist5k", "latents"] = "sklearn"
+    image_size: int = 16
+    channels: int = 1
+    split: Literal["train", "heldout", "all"] = "train"
+    shards: str | None = field(default=None, metadata={"help": "latents: glob of webdataset .tar shards"})
+    hflip: bool = field(default=False, metadata={"help": "random horizontal flip (ImageNet; never for digits)"})
+
+
+@dataclass(kw_only=True)
+class DiTEvalConfig:
+    samples_per_class: int = field(default=50, metadata={"min": 0})
+    num_steps: int = field(default=50, metadata={"min": 1})
+    cfg_scale: float = 1.5
+    sampler: Literal["ddpm", "ddim", "euler"] | None = None
+    guidance_channels: int | None = None
+    seed: int = 0
+    batch_size: int = field(default=250, metadata={"min": 1})
+    metrics: bool = field(default=True, metadata={"help": "FID-digits and class accuracy via eval/generation"})
+    reference_split: Literal["train", "heldout", "all"] = "all"
+    val_batches: int = field(default=4, metadata={"min": 0, "help": "held-out denoising-loss batches"})
+
+
+class LatentShards(Dataset):
+    """Map-style view of webdataset shards holding ``<key>.latent.npy`` (C, h, w) and ``<key>.cls`` (class id).
+
+    An index of (tar file, byte offset, size) per member is built once, so item ``i`` is a deterministic random
+    access, as the runner's resumable sampler needs.
+    """
+
+    def __init__(self, pattern: str) -> None:
+        expanded = os.path.expandvars(pattern)
+        if "$" in expanded:
+            raise ValueError(f"latents: data.shards {pattern!r} uses an unset environment variable")
+        files = sorted(glob(expanded))
+        if not files:
+            raise FileNotFoundError(f"latents: no shards match {expanded!r} (data.shards {pattern!r})")
+        self.items: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
+        skipped = 0
+        for path in files:
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(path) as tar:
+                for m in tar.getmembers():
+                    key, _, ext = m.name.partition(".")
+                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+            for key, parts in members.items():
+                if "latent.npy" in parts and "cls" in parts:
+                    self.items.append((path, parts["latent.npy"], parts["cls"]))
+                else:
+                    skipped += 1
+        if skipped:
+            log.warning("latents: skipped %d records without both latent.npy and cls in %s", skipped, pattern)
+        if not self.items:
+            raise ValueError(f"latents: shards {pattern!r} hold no record with latent.npy and cls")
+        self.skipped = skipped
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @staticmethod
+    def _read(path: str, where: tuple[int, int]) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(where[0])
+            return f.read(where[1])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        path, lat, cls = self.items[i]
+        x = torch.from_numpy(np.load(io.BytesIO(self._read(path, lat))).astype(np.float32))
+        try:
+            y = int(self._read(path, cls).decode().strip())
+        except ValueError as e:
+            raise ValueError(f"{path}: record {i}: field cls is not an integer class id") from e
+        return x, torch.tensor(y)
+
+
+def sample_labels(num_classes: int, per_class: int) -> Tensor:
+    """0,0,...,1,1,... : ``per_class`` samples of every class, in class order."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+@register_task("dit_diffusion")
+class DiTDiffusionTask(StageTask):
+    ModelConfig = DiTModelConfig
+    DataConfig = DiTDataConfig
+    EvalConfig = DiTEvalConfig
+
+    def __init__(self, model_cfg: DiTModelConfig, data_cfg: DiTDataConfig, eval_cfg: DiTEvalConfig, stage: Any):
+        super().__init__(model_cfg, data_cfg, eval_cfg, stage)
+        from zoo.registry import create_model
+
+        self.architecture, self.model_args = model_cfg.arch, model_cfg.model_args()
+        self.model = create_model(self.architecture, **self.model_args)
+        cfg = self.model.cfg
+        if data_cfg.source != "latents" and (data_cfg.image_size != cfg.input_size or data_cfg.channels != cfg.in_channels):
+            raise ValueError(
+                f"stage {stage.name}: data gives {data_cfg.channels}x{data_cfg.image_size}x{data_cfg.image_size} images "
+                f"but the model takes {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}; make data.image_size / "
+                "data.channels match model.input_size / model.in_channels"
+            )
+        self.ema_model = None
+        if model_cfg.ema_decay > 0:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if cfg.objective == "ddpm":
+            from zoo.diffusion import GaussianDiffusion
+
+            self.diffusion = GaussianDiffusion.create(1000, learn_sigma=cfg.learn_sigma)
+        else:
+            from zoo.diffusion import RectifiedFlow
+
+            self.diffusion = RectifiedFlow(time_scale=cfg.time_scale)
+
+    def init_from(self, source: Path) -> None:
+        super().init_from(source)
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(self.model.state_dict())
+
+    # ---- data ------------------------------------------------------------------------------------------------------
+    def train_dataset(self) -> Dataset:
+        d = self.data_cfg
+        if d.source == "latents":
+            if not d.shards:
+                raise ValueError(f"stage {self.stage.name}: data.source 'latents' needs data.shards (a glob of .tar)")
+            return LatentShards(d.shards)
+        from data.digits import DigitsConfig, DigitsDataset
+
+        return DigitsDataset(DigitsConfig(source=d.source, image_size=d.image_size, channels=d.channels, split=d.split))
+
+    # ---- training --------------------------------------------------------------------------------------------------
+    def denoise_losses(self, x0: Tensor, y: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+        model = self.model
+
+        def denoise(xt: Tensor, tt: Tensor) -> Tensor:
+            return model(xt, tt, y)
+
+        if self.model.cfg.objective == "ddpm":
+            if t is None:
+                t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), device=x0.device)
+            return self.diffusion.training_losses(denoise, x0, t, noise)
+        return self.diffusion.training_losses(denoise, x0, t, noise)
+
+    def compute_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor | float]]:
+        x0, y = batch
+        if self.data_cfg.hflip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        terms = self.denoise_losses(x0, y)
+        loss = terms["loss"].mean()
+        logs: dict[str, Tensor | float] = {"mse": terms["mse"].mean().detach()}
+        if "vb" in terms:
+            logs["vb"] = terms["vb"].mean().detach()
+        if self.model.cfg.num_experts:
+            aux = self.model.aux_loss()
+            loss = loss + aux
+            logs["aux"] = aux.detach()
+        return loss, logs
+
+    def on_before_zero_grad(self, optimizer: Any) -> None:
+        # Called once per optimizer step, after the step: the EMA follows the weights just updated.
+        if self.ema_model is None:
+            return
+        decay = self.model_cfg.ema_decay
+        if self.model_cfg.ema_warmup:
+            s = self.trainer.global_step
+            decay = min(decay, (1 + s) / (10 + s))
+        with torch.no_grad():
+            ema = list(self.ema_model.parameters())
+            cur = list(self.model.parameters())
+            torch._foreach_lerp_(ema, cur, 1.0 - decay)
+
+    def sampling_model(self) -> torch.nn.Module:
+        return self.ema_model if self.ema_model is not None else self.model
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, out_dir: Path) -> dict[str, float]:
+        e, d = self.eval_cfg, self.data_cfg
+        model = self.sampling_model().eval()
+        cfg = model.cfg
+        device = next(model.parameters()).device
+        metrics: dict[str, float] = {}
+
+        if e.val_batches and d.source != "latents":
+            metrics["val_loss"] = self.validation_loss(model, e.val_batches)
+        if e.samples_per_class == 0:
+            return metrics
+        labels = sample_labels(cfg.num_classes, e.samples_per_class)
+        gen = torch.Generator().manual_seed(e.seed)
+        images = []
+        for chunk in labels.split(e.batch_size):
+            images.append(
+                model.sample(chunk.to(device), num_steps=e.num_steps, cfg_scale=e.cfg_scale, generator=gen,
+                             sampler=e.sampler, guidance_channels=e.guidance_channels).cpu()
+            )
+        samples = torch.cat(images)
+        if d.source == "latents":
+            torch.save({"latents": samples, "labels": labels}, out_dir / "samples_latents.pt")
+            return metrics
+        metrics |= self.generation_metrics(samples, labels, out_dir)
+        return metrics
+
+    def validation_loss(self, model: torch.nn.Module, batches: int) -> float:
+        """Mean denoising loss of ``model`` on held-out digits at fixed timesteps and noise (seeded)."""
+        from data.digits import DigitsConfig, DigitsDataset
+
+        d = self.data_cfg
+        ds = DigitsDataset(DigitsConfig(source=d.source, image_size=d.image_size, channels=d.channels, split="heldout"))
+        gen = torch.Generator().manual_seed(1234)
+        device = next(model.parameters()).device
+        saved, self.model = self.model, model
+        try:
+            total, n = 0.0, 0
+            for b in range(batches):
+                idx = torch.randint(0, len(ds), (64,), generator=gen)
+                x0, y = ds.images[idx].to(device), ds.labels[idx].to(device)
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                if model.cfg.objective == "ddpm":
+                    t = torch.randint(0, 1000, (64,), generator=gen).to(device)
+                else:
+                    t = torch.sigmoid(torch.randn(64, generator=gen)).to(device)
+                total += float(self.denoise_losses(x0, y, t, noise)["mse"].sum())
+                n += 64
+        finally:
+            self.model = saved
+        return total / n
+
+    def generation_metrics(self, samples: Tensor, labels: Tensor, out_dir: Path) -> dict[str, float]:
+        """Sample grid + FID-digits, KID, IS and class accuracy (when eval/generation is available)."""
+        out: dict[str, float] = {}
+        per_class = int((labels == 0).sum())
+        try:
+            from eval.generation.grid import save_sample_grid
+        except ImportError as err:
+            log.warning("no sample grid: eval.generation.grid is not importable (%s)", err)
+        else:
+            keep = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in labels.unique()])
+            save_sample_grid(samples[keep], labels[keep], out_dir / "samples_grid.png", nrow=min(10, per_class))
+        if not self.eval_cfg.metrics:
+            return out
+        try:
+            from eval.generation.digit_classifier import DigitClassifierExtractor, load_digit_classifier
+            from eval.generation.metrics import GenerationMetrics
+
+            classifier = load_digit_classifier()
+        except (ImportError, FileNotFoundError, KeyError) as err:
+            log.warning("FID-digits / class accuracy skipped: the digit classifier is not available (%s)", err)
+            return out
+        from data.digits import DigitsConfig, DigitsDataset
+
+        d = self.data_cfg
+        real = DigitsDataset(DigitsConfig(source=d.source, image_size=d.image_size, channels=d.channels,
+                                          split=self.eval_cfg.reference_split)).images
+        gm = GenerationMetrics(DigitClassifierExtractor(classifier))
+        gm.update_real(real[:, :1])
+        gm.update_fake(samples[:, :1].clamp(-1, 1), labels)
+        scores = gm.compute()
+        out["fid_digits"] = scores["fid"]
+        out["kid_digits"] = scores["kid_mean"]
+        out["is_digits"] = scores["is_mean"]
+        out["class_acc"] = scores["class_acc"]
+        return out
+
+    # ---- export ----------------------------------------------------------------------------------------------------
+    def export(self, out_dir: Path) -> Path:
+        """Write the EMA weights (the ones evaluated), as DiT releases its EMA weights."""
+        extra = {"task": self.task_name, "stage": self.stage.name, "weights": "ema" if self.ema_model else "raw"}
+        return save_pretrained(self.sampling_model(), out_dir, self.architecture, self.model_args, **extra)
