@@ -70,6 +70,7 @@ def test_digits_gen_oracle_vs_noise(tmp_path) -> None:
         "digits_gen"
     ]
     assert noise["fid,none"] > 30 * r["fid,none"] and noise["class_acc,none"] < 0.3
+    assert Image.open(res["artifacts"]["digits_gen"]["samples"]).size == (4 * 66 + 2, 10 * 66 + 2)
     lines = (tmp_path / "oracle" / "samples_digits_gen.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert len(lines) == 300 and first["target"] == 0 and first["score"] in (0.0, 1.0)
@@ -104,3 +105,10 @@ def test_mutual_information() -> None:
     assert routing_mutual_information(independent)[0] == pytest.approx(0.0, abs=1e-12)
     deterministic = torch.eye(4).reshape(1, 4, 4).numpy()  # row y always picks expert y: I = log2(4)
     assert routing_mutual_information(deterministic)[0] == pytest.approx(2.0)
+
+
+def test_digits_gen_is_found_by_name() -> None:
+    assert "digits_gen" in mm_eval.list_tasks()
+    res = mm_eval.run(OracleGenerator(), "digits_gen", limit=20, batch_size=20, progress=False)
+    r = res["results"]["digits_gen"]
+    assert r["n_fake,none"] == 20 and r["class_acc,none"] >= 0.9
