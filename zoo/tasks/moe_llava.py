@@ -349,8 +349,8 @@ def summarise_eval(results: dict[str, Any]) -> dict[str, float]:
             if group and group != task:
                 groups.setdefault(f"{group}/{primary}", []).append(float(value))
         eff = results.get("efficiency", {}).get(task, {})
-        if isinstance(eff.get("tokens_per_s"), (int, float)):
-            out[f"{task}/gen_tokens_per_s"] = float(eff["tokens_per_s"])
+        if isinstance(eff.get("tokens_per_second"), (int, float)):
+            out[f"{task}/gen_tokens_per_s"] = float(eff["tokens_per_second"])
     for key, values in groups.items():
         if len(values) > 1:  # a group of one task repeats that task's number
             out[key] = sum(values) / len(values)
