@@ -121,8 +121,8 @@ def create_model(name: str, pretrained: bool = False, **model_args: Any) -> nn.M
 def _resolve_weights_dir(cfg: WeightsCfg, name: str) -> Path:
     if cfg.file is None:
         raise FileNotFoundError(
-            f"weights {name!r} live on the hub ({cfg.hf_hub_id}/{cfg.filename}); mmzoo never downloads at run time. "
-            "Download them yourself and pass the local directory to zoo.load(path)."
+            f"weights {name!r} live on the hub ({cfg.hf_hub_id}); mmzoo never downloads at run time. Download the "
+            "release yourself, then zoo.load(<its directory>) or `zoo convert <its directory> <out>`."
         )
     path = Path(cfg.file)
     return path if path.is_absolute() else SHIPPED_WEIGHTS_DIR / path
@@ -141,9 +141,14 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; mmzoo checkpoints are a directory written by save_pretrained")
     config = json.loads(cfg_file.read_text())
-    for key in ("architecture", "model_args"):
-        if key not in config:
-            raise ValueError(f"{cfg_file}: missing field {key!r}")
+    if "architecture" not in config:
+        # Not ours: an officially released directory (MoE-LLaVA, transformers Llava). The converters read those
+        # layouts and map their keys; `zoo convert` writes the same model as an mmzoo directory once and for all.
+        from zoo.convert import load_released
+
+        return load_released(path).eval()
+    if "model_args" not in config:
+        raise ValueError(f"{cfg_file}: missing field 'model_args'")
     model_args = {**config["model_args"], **overrides}
     model = create_model(config["architecture"], **model_args)
     weights_file = path / WEIGHTS_NAME
