@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -112,3 +113,27 @@ def test_digits_gen_is_found_by_name() -> None:
     res = mm_eval.run(OracleGenerator(), "digits_gen", limit=20, batch_size=20, progress=False)
     r = res["results"]["digits_gen"]
     assert r["n_fake,none"] == 20 and r["class_acc,none"] >= 0.9
+
+
+def test_npz_reference_and_bad_scorer_args(tmp_path) -> None:
+    x, y = load_real_digits(16)
+    # an ADM-style reference batch: uint8 NHWC under arr_0 (RGB copies of the grey digits)
+    arr = ((x[:600] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
+    np_path = tmp_path / "ref.npz"
+    np.savez(np_path, arr_0=arr.numpy())
+    spec = _spec(
+        reader_args={"num_classes": 10, "per_class": 10},
+        scorer_args={"features": "digit_cnn", "reference": str(np_path), "kid_subsets": 5},
+    )
+    r = mm_eval.run(OracleGenerator(), [spec], batch_size=100, progress=False)["results"]["digits_gen"]
+    assert r["n_real,none"] == 600 and r["class_acc,none"] > 0.9 and r["fid,none"] < 10
+    with pytest.raises(ValueError, match="unknown scorer_args"):
+        mm_eval.run(OracleGenerator(), [_spec(scorer_args={"feature": "digit_cnn"})], limit=2, progress=False)
+    with pytest.raises(ValueError, match="needs scorer_args.inception_weights"):
+        mm_eval.run(
+            OracleGenerator(), [_spec(scorer_args={"features": "inception"})], limit=2, progress=False
+        )
+    with pytest.raises(FileNotFoundError, match="ADM-style"):
+        mm_eval.run(
+            OracleGenerator(), [_spec(scorer_args={"reference": "imagenet"})], limit=2, progress=False
+        )
