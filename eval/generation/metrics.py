@@ -22,7 +22,8 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -100,13 +101,10 @@ class GenerationMetrics:
             self.inception_score = InceptionScore(
                 feature=FeaturePassthrough(extractor.num_classes), splits=self.cfg.is_splits
             )
-        # torchmetrics accuracies (not plain counters) so that a distributed run reduces them like FID's sums
-        self.class_acc = MulticlassAccuracy(extractor.num_classes, average="micro")
-        self.class_acc_per_class = MulticlassAccuracy(extractor.num_classes, average=None)
-        self.n_real = 0
-        self.n_fake = 0
-        self.n_labelled = 0
-        self.per_class_seen: set[int] = set()
+        # torchmetrics states (not Python counters), so that a distributed run reduces them like FID's sums
+        self.confusion = MulticlassConfusionMatrix(extractor.num_classes)  # rows: conditioning class
+        self.num_real = SumMetric()
+        self.num_fake = SumMetric()
 
     @torch.no_grad()
     def update_real(self, images: Tensor) -> None:
@@ -116,7 +114,7 @@ class GenerationMetrics:
         )  # metric states live on the CPU whatever device the network runs on
         self.fid.update(feats, real=True)
         self.kid.update(feats, real=True)
-        self.n_real += feats.shape[0]
+        self.num_real.update(feats.shape[0])
 
     @torch.no_grad()
     def update_fake(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -129,7 +127,7 @@ class GenerationMetrics:
         self.fid.update(feats, real=False)
         self.kid.update(feats, real=False)
         self.inception_score.update(logits.double())
-        self.n_fake += feats.shape[0]
+        self.num_fake.update(feats.shape[0])
         if labels is not None:
             labels = torch.as_tensor(labels).long().reshape(-1).cpu()
             if labels.shape[0] != logits.shape[0]:
@@ -139,11 +137,7 @@ class GenerationMetrics:
                     f"labels must lie in [0, {self.extractor.num_classes}) for {self.extractor.name}; "
                     f"got min {int(labels.min())}, max {int(labels.max())}"
                 )
-            pred = logits.argmax(dim=1)
-            self.class_acc.update(pred, labels)
-            self.class_acc_per_class.update(pred, labels)
-            self.n_labelled += labels.shape[0]
-            self.per_class_seen |= set(labels.unique().tolist())
+            self.confusion.update(logits.argmax(dim=1), labels)
         return logits.argmax(dim=1)
 
     def reset_fake(self) -> None:
@@ -151,18 +145,17 @@ class GenerationMetrics:
         self.fid.reset()
         self.kid.reset()
         self.inception_score.reset()
-        self.class_acc.reset()
-        self.class_acc_per_class.reset()
-        self.n_fake = self.n_labelled = 0
-        self.per_class_seen = set()
+        self.confusion.reset()
+        self.num_fake.reset()
 
     def compute(self) -> dict[str, float]:
-        if self.n_real < 2 or self.n_fake < 2:
+        n_real, n_fake = (int(m.compute()) if m.update_called else 0 for m in (self.num_real, self.num_fake))
+        if n_real < 2 or n_fake < 2:
             raise RuntimeError(
-                f"need at least 2 real and 2 generated images, have {self.n_real} real and {self.n_fake} generated"
+                f"need at least 2 real and 2 generated images, have {n_real} real and {n_fake} generated"
             )
         out: dict[str, float] = {"fid": float(self.fid.compute())}
-        subset = min(self.cfg.kid_subset_size, self.n_real, self.n_fake)
+        subset = min(self.cfg.kid_subset_size, n_real, n_fake)
         self.kid.subset_size = subset
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
@@ -177,14 +170,15 @@ class GenerationMetrics:
             "kid_subset_size": float(subset),
             "is_mean": float(is_mean),
             "is_std": float(is_std),
-            "n_real": float(self.n_real),
-            "n_fake": float(self.n_fake),
+            "n_real": float(n_real),
+            "n_fake": float(n_fake),
         }
-        if self.n_labelled:
-            out["class_acc"] = float(self.class_acc.compute())
-            per_class = self.class_acc_per_class.compute()
-            for c in sorted(self.per_class_seen):
-                out[f"class_acc_{c}"] = float(per_class[c])
+        cm = self.confusion.compute().long() if self.confusion.update_called else None
+        per_class_total = cm.sum(dim=1) if cm is not None else None
+        if cm is not None and per_class_total.sum() > 0:
+            out["class_acc"] = int(cm.diagonal().sum()) / int(per_class_total.sum())
+            for c in per_class_total.nonzero().flatten().tolist():
+                out[f"class_acc_{c}"] = int(cm[c, c]) / int(per_class_total[c])
         return out
 
 
