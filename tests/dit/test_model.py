@@ -53,7 +53,7 @@ def test_sincos_positions_layout() -> None:
 
 
 def tiny(**kw) -> DiT:
-    return zoo.create_model("dit_tiny", input_size=8, hidden_size=32, depth=2, num_heads=2, **kw)
+    return zoo.create_model("dit_tiny", input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, **kw)
 
 
 def test_init_is_identity_and_output_zero() -> None:
@@ -84,7 +84,7 @@ def test_moe_forward_backward_aux_loss_and_routing_stats() -> None:
 
 def test_three_channel_guidance_and_full_guidance() -> None:
     torch.manual_seed(0)
-    m = zoo.create_model("dit_tiny", input_size=8, hidden_size=32, depth=1, num_heads=2, in_channels=4).eval()
+    m = zoo.create_model("dit_tiny", input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, in_channels=4).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.1)

@@ -33,7 +33,16 @@ from zoo.registry import save_pretrained
 from zoo.tasks import register_task
 from zoo.tasks.base import StageTask
 
-__all__ = ["DiTModelConfig", "DiTDataConfig", "DiTEvalConfig", "DiTDiffusionTask", "LatentShards", "sample_labels"]
+__all__ = [
+    "DiTModelConfig",
+    "DiTDataConfig",
+    "DiTEvalConfig",
+    "DiTDiffusionTask",
+    "LatentShards",
+    "sample_labels",
+    "evaluate_generator",
+    "digits_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +215,8 @@ class DiTDiffusionTask(StageTask):
         def denoise(xt: Tensor, tt: Tensor) -> Tensor:
             return model(xt, tt, y)
 
-        if self.model.cfg.objective == "ddpm":
-            if t is None:
-                t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), device=x0.device)
-            return self.diffusion.training_losses(denoise, x0, t, noise)
+        if self.model.cfg.objective == "ddpm" and t is None:
+            t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), device=x0.device)
         return self.diffusion.training_losses(denoise, x0, t, noise)
 
     def compute_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor | float]]:
@@ -247,30 +254,11 @@ class DiTDiffusionTask(StageTask):
     # ---- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, out_dir: Path) -> dict[str, float]:
-        e, d = self.eval_cfg, self.data_cfg
         model = self.sampling_model().eval()
-        cfg = model.cfg
-        device = next(model.parameters()).device
         metrics: dict[str, float] = {}
-
-        if e.val_batches and d.source != "latents":
-            metrics["val_loss"] = self.validation_loss(model, e.val_batches)
-        if e.samples_per_class == 0:
-            return metrics
-        labels = sample_labels(cfg.num_classes, e.samples_per_class)
-        gen = torch.Generator().manual_seed(e.seed)
-        images = []
-        for chunk in labels.split(e.batch_size):
-            images.append(
-                model.sample(chunk.to(device), num_steps=e.num_steps, cfg_scale=e.cfg_scale, generator=gen,
-                             sampler=e.sampler, guidance_channels=e.guidance_channels).cpu()
-            )
-        samples = torch.cat(images)
-        if d.source == "latents":
-            torch.save({"latents": samples, "labels": labels}, out_dir / "samples_latents.pt")
-            return metrics
-        metrics |= self.generation_metrics(samples, labels, out_dir)
-        return metrics
+        if self.eval_cfg.val_batches and self.data_cfg.source != "latents":
+            metrics["val_loss"] = self.validation_loss(model, self.eval_cfg.val_batches)
+        return metrics | evaluate_generator(model, self.eval_cfg, self.data_cfg, out_dir)
 
     def validation_loss(self, model: torch.nn.Module, batches: int) -> float:
         """Mean denoising loss of ``model`` on held-out digits at fixed timesteps and noise (seeded)."""
@@ -297,44 +285,67 @@ class DiTDiffusionTask(StageTask):
             self.model = saved
         return total / n
 
-    def generation_metrics(self, samples: Tensor, labels: Tensor, out_dir: Path) -> dict[str, float]:
-        """Sample grid + FID-digits, KID, IS and class accuracy (when eval/generation is available)."""
-        out: dict[str, float] = {}
-        per_class = int((labels == 0).sum())
+    # ---- export ----------------------------------------------------------------------------------------------------
+    def export(self, out_dir: Path) -> Path:
+        """Write the EMA weights (the ones evaluated), as DiT releases its EMA weights."""
+        extra = {"task": self.task_name, "stage": self.stage.name, "weights": "ema" if self.ema_model else "raw"}
+        return save_pretrained(self.sampling_model(), out_dir, self.architecture, self.model_args, **extra)
+
+
+@torch.no_grad()
+def evaluate_generator(model: torch.nn.Module, e: DiTEvalConfig, d: DiTDataConfig, out_dir: Path | None) -> dict[str, float]:
+    """Sample ``e.samples_per_class`` images of every class (seeded, in class order) and score them: sample grid,
+    FID-digits / KID / IS in the shipped digit classifier's feature space and class accuracy (pixel-space digits),
+    or the raw samples saved for an external evaluator (latents). The shipped weights' test calls this too."""
+    if e.samples_per_class == 0:
+        return {}
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    labels = sample_labels(cfg.num_classes, e.samples_per_class)
+    gen = torch.Generator().manual_seed(e.seed)
+    images = []
+    for chunk in labels.split(e.batch_size):
+        images.append(
+            model.sample(chunk.to(device), num_steps=e.num_steps, cfg_scale=e.cfg_scale, generator=gen,
+                         sampler=e.sampler, guidance_channels=e.guidance_channels).cpu()
+        )
+    samples = torch.cat(images)
+    if d.source == "latents":
+        if out_dir is not None:
+            torch.save({"latents": samples, "labels": labels}, Path(out_dir) / "samples_latents.pt")
+        return {}
+    return digits_metrics(samples, labels, e, d, out_dir)
+
+
+def digits_metrics(samples: Tensor, labels: Tensor, e: DiTEvalConfig, d: DiTDataConfig, out_dir: Path | None) -> dict[str, float]:
+    """Sample grid + FID-digits, KID, IS and class accuracy (when eval/generation is available)."""
+    out: dict[str, float] = {}
+    per_class = int((labels == 0).sum())
+    if out_dir is not None:
         try:
             from eval.generation.grid import save_sample_grid
         except ImportError as err:
             log.warning("no sample grid: eval.generation.grid is not importable (%s)", err)
         else:
             keep = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in labels.unique()])
-            save_sample_grid(samples[keep], labels[keep], out_dir / "samples_grid.png", nrow=min(10, per_class))
-        if not self.eval_cfg.metrics:
-            return out
-        try:
-            from eval.generation.digit_classifier import DigitClassifierExtractor, load_digit_classifier
-            from eval.generation.metrics import GenerationMetrics
-
-            classifier = load_digit_classifier()
-        except (ImportError, FileNotFoundError, KeyError) as err:
-            log.warning("FID-digits / class accuracy skipped: the digit classifier is not available (%s)", err)
-            return out
-        from data.digits import DigitsConfig, DigitsDataset
-
-        d = self.data_cfg
-        real = DigitsDataset(DigitsConfig(source=d.source, image_size=d.image_size, channels=d.channels,
-                                          split=self.eval_cfg.reference_split)).images
-        gm = GenerationMetrics(DigitClassifierExtractor(classifier))
-        gm.update_real(real[:, :1])
-        gm.update_fake(samples[:, :1].clamp(-1, 1), labels)
-        scores = gm.compute()
-        out["fid_digits"] = scores["fid"]
-        out["kid_digits"] = scores["kid_mean"]
-        out["is_digits"] = scores["is_mean"]
-        out["class_acc"] = scores["class_acc"]
+            save_sample_grid(samples[keep], labels[keep], Path(out_dir) / "samples_grid.png", nrow=min(10, per_class))
+    if not e.metrics:
         return out
+    try:
+        from eval.generation.digit_classifier import DigitClassifierExtractor, load_digit_classifier
+        from eval.generation.metrics import GenerationMetrics
 
-    # ---- export ----------------------------------------------------------------------------------------------------
-    def export(self, out_dir: Path) -> Path:
-        """Write the EMA weights (the ones evaluated), as DiT releases its EMA weights."""
-        extra = {"task": self.task_name, "stage": self.stage.name, "weights": "ema" if self.ema_model else "raw"}
-        return save_pretrained(self.sampling_model(), out_dir, self.architecture, self.model_args, **extra)
+        classifier = load_digit_classifier()
+    except (ImportError, FileNotFoundError, KeyError) as err:
+        log.warning("FID-digits / class accuracy skipped: the digit classifier is not available (%s)", err)
+        return out
+    from data.digits import DigitsConfig, DigitsDataset
+
+    real = DigitsDataset(DigitsConfig(source=d.source, image_size=d.image_size, channels=d.channels,
+                                      split=e.reference_split)).images
+    gm = GenerationMetrics(DigitClassifierExtractor(classifier))
+    gm.update_real(real[:, :1])
+    gm.update_fake(samples[:, :1].clamp(-1, 1), labels)
+    scores = gm.compute()
+    return out | {"fid_digits": scores["fid"], "kid_digits": scores["kid_mean"], "is_digits": scores["is_mean"],
+                  "class_acc": scores["class_acc"]}
