@@ -169,7 +169,7 @@ class GenerationMetrics:
             "kid_std": float(kid_std),
             "kid_subset_size": float(subset),
             "is_mean": float(is_mean),
-            "is_std": float(is_std),
+            "is_std": float(is_std) if self.cfg.is_splits > 1 else 0.0,  # one split: no spread (not NaN)
             "n_real": float(n_real),
             "n_fake": float(n_fake),
         }

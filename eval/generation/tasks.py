@@ -139,6 +139,12 @@ def class_conditional_sample(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _reference_images(name: str, image_size: int, split: str = "all") -> Tensor:
     if name == "sklearn_digits":
         from eval.generation.digits_data import load_real_digits
@@ -231,7 +237,10 @@ class GenerationScorer(Scorer):
         reference = _reference_images(
             self.args.get("reference", "sklearn_digits"), image_size, self.args.get("reference_split", "all")
         )
-        for chunk in reference.split(512):
+        # Under torch.distributed each rank adds its strided share of the reference, as the runner shards the
+        # documents, so the reduced statistics are those of the whole reference set counted once.
+        rank, world = _dist()
+        for chunk in reference[rank::world].split(512):
             self.metrics.update_real(chunk)
         self.grid_per_class = int(self.args.get("grid_per_class", 10))
         self.grid_images: dict[int, list[Tensor]] = {}
