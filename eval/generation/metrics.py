@@ -109,9 +109,8 @@ class GenerationMetrics:
     @torch.no_grad()
     def update_real(self, images: Tensor) -> None:
         feats, _ = self.extractor(images)
-        feats = (
-            feats.detach().double().cpu()
-        )  # metric states live on the CPU whatever device the network runs on
+        # metric states live on the CPU whatever device the feature network runs on
+        feats = feats.detach().double().cpu()
         self.fid.update(feats, real=True)
         self.kid.update(feats, real=True)
         self.num_real.update(feats.shape[0])
