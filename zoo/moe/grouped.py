@@ -25,6 +25,8 @@ def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.dtype != weight.dtype:
         return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):  # the CUDA kernel needs SM80+ (torch >= 2.9)
+        return False
     elem = x.element_size()
     return (x.shape[-1] * elem) % 16 == 0 and (weight.shape[1] * elem) % 16 == 0
 
@@ -121,6 +123,14 @@ def grouped_linear(
 _ATEN_GELU = {"gelu": "none", "gelu_tanh": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
+def _combine_pairs(rows: Tensor, inv: Tensor, k: int, T: int) -> Tensor:
+    """Sum the k pair rows of every token: ``rows`` is [N + 1, d] in sorted-pair order with a zero last row,
+    ``inv`` [k * T] maps choice-major pair slots (j * T + t) to rows (N for dropped pairs). A gather with the
+    inverse permutation plus a k-way add replaces ``index_add_``, which is slow with several CPU threads."""
+    u = rows.index_select(0, inv).view(k, T, rows.shape[1])
+    return torch.add(u[0], u[1]) if k == 2 else u.sum(dim=0)
+
+
 def _mm_segments(a: Tensor, w: Tensor, out: Tensor, bounds, bias: Tensor | None = None, trans_w: bool = True) -> None:
     for e, s, t in bounds:
         we = w[e].t() if trans_w else w[e]
@@ -135,23 +145,19 @@ class _SortedExpertsFFN(torch.autograd.Function):
 
     Inputs: x [T, d]; tok [N] token of each pair (sorted by expert); pw [N] combine weights (x's dtype);
     w1 [E, H1, d] (+ b1 [E, H1]); w2 [E, d, h] (+ b2 [E, d]); swiglu has H1 = 2h (gate rows then up rows).
-    Every intermediate is written by ``out=`` into one buffer, so there are no per-segment cat/split copies and no
-    autograd bookkeeping per expert.
+    Each GEMM writes its segment straight into one preallocated buffer (no per-segment cat/split copies, no
+    autograd bookkeeping per expert), and every elementwise step runs once over the whole buffer, so the number of
+    kernel launches (parallel regions on CPU) stays at about one per expert per GEMM; that keeps the layer robust
+    when the CPU is oversubscribed.
     """
 
     @staticmethod
-    def forward(ctx, x, tok, pw, w1, b1, w2, b2, bounds, swiglu: bool, act_name: str, act_fn):
+    def forward(ctx, x, tok, inv, pw, w1, b1, w2, b2, bounds, swiglu: bool, act_name: str, act_fn):
         N, d = tok.shape[0], x.shape[1]
         h = w2.shape[2]
-        # Rows are gathered per segment into cache-sized temporaries (and gathered again in backward) instead of
-        # materialising x[tok] as one [N, d] buffer: a gather is cheaper than the page faults of a fresh buffer.
+        xs = x.index_select(0, tok)
         a = x.new_empty(N, w1.shape[1])
-        for e, s, t in bounds:
-            xs = x.index_select(0, tok[s:t])
-            if b1 is None:
-                torch.mm(xs, w1[e].t(), out=a[s:t])
-            else:
-                torch.addmm(b1[e], xs, w1[e].t(), out=a[s:t])
+        _mm_segments(xs, w1, a, bounds, b1)
         if swiglu:
             hact = F.silu(a[:, :h])
             hact.mul_(a[:, h:])
@@ -159,58 +165,68 @@ class _SortedExpertsFFN(torch.autograd.Function):
             hact = act_fn(a)
         o = x.new_empty(N, d)
         _mm_segments(hact, w2, o, bounds, b2)
-        # Weight and scatter segment by segment: the weighted rows live only in a cache-sized temporary.
-        y = torch.zeros_like(x)
-        for _, s, t in bounds:
-            y.index_add_(0, tok[s:t], o[s:t] * pw[s:t, None])
+        ow = x.new_empty(N + 1, d)
+        torch.mul(o, pw.unsqueeze(1), out=ow[:N])
+        ow[N].zero_()
+        k = inv.shape[0] // x.shape[0]
+        y = _combine_pairs(ow, inv, k, x.shape[0])
+        ctx.k = k
         ctx.bounds, ctx.swiglu, ctx.act_name, ctx.act_fn = bounds, swiglu, act_name, act_fn
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        ctx.save_for_backward(x, tok, pw, w1, w2, a, hact, o)
+        ctx.save_for_backward(x, tok, inv, pw, w1, w2, xs, a, hact, o)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, tok, pw, w1, w2, a, hact, o = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        x, tok, inv, pw, w1, w2, xs, a, hact, o = ctx.saved_tensors
+        bounds = ctx.bounds
+        need = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]]  # skip inv: indices as before
         h = w2.shape[2]
-        gy = gy.contiguous()
-        g_x = torch.zeros_like(x) if need[0] else None
-        g_pw = torch.zeros_like(pw) if need[2] else None
-        g_w1 = torch.zeros_like(w1) if need[3] else None
-        g_b1 = w1.new_zeros(w1.shape[0], w1.shape[1]) if ctx.has_b1 and need[4] else None
-        g_w2 = torch.zeros_like(w2) if need[5] else None
-        g_b2 = w2.new_zeros(w2.shape[0], w2.shape[1]) if ctx.has_b2 and need[6] else None
-        # One pass per expert segment; every intermediate is a segment-sized temporary.
-        for e, s, t in ctx.bounds:
-            go = gy.index_select(0, tok[s:t])
-            if g_pw is not None:
-                torch.sum(go * o[s:t], dim=1, out=g_pw[s:t])
-            go.mul_(pw[s:t, None])
-            if g_w2 is not None:
-                torch.mm(go.t(), hact[s:t], out=g_w2[e])
-            if g_b2 is not None:
-                torch.sum(go, dim=0, out=g_b2[e])
-            g_h = torch.mm(go, w2[e])
-            a_s = a[s:t]
-            if ctx.swiglu:
-                gate, up = a_s[:, :h], a_s[:, h:]
-                ga = torch.empty_like(a_s)
-                torch.mul(g_h, F.silu(gate), out=ga[:, h:])
-                g_h.mul_(up)
-                torch.ops.aten.silu_backward.grad_input(g_h, gate, grad_input=ga[:, :h])
-            elif ctx.act_name in _ATEN_GELU:
-                ga = torch.ops.aten.gelu_backward(g_h, a_s, approximate=_ATEN_GELU[ctx.act_name])
-            else:
-                with torch.enable_grad():
-                    a_ = a_s.detach().requires_grad_(True)
-                    (ga,) = torch.autograd.grad(ctx.act_fn(a_), a_, g_h)
-            if g_w1 is not None:
-                torch.mm(ga.t(), x.index_select(0, tok[s:t]), out=g_w1[e])
-            if g_b1 is not None:
-                torch.sum(ga, dim=0, out=g_b1[e])
-            if g_x is not None:
-                g_x.index_add_(0, tok[s:t], torch.mm(ga, w1[e]))
-        return g_x, None, g_pw, g_w1, g_b1, g_w2, g_b2, None, None, None, None
+        go = gy.contiguous().index_select(0, tok)
+        g_pw = (go * o).sum(dim=1) if need[2] else None
+        go.mul_(pw.unsqueeze(1))
+        g_w2 = _grad_w_segments(go, hact, w2, bounds) if need[5] else None
+        g_b2 = _grad_b_segments(go, w2, bounds) if ctx.has_b2 and need[6] else None
+        g_h = torch.empty_like(hact)
+        _mm_segments(go, w2, g_h, bounds, trans_w=False)
+        del go
+        if ctx.swiglu:
+            ga = torch.empty_like(a)
+            gate, up = a[:, :h], a[:, h:]
+            torch.mul(g_h, F.silu(gate), out=ga[:, h:])
+            g_h.mul_(up)
+            torch.ops.aten.silu_backward.grad_input(g_h, gate, grad_input=ga[:, :h])
+        elif ctx.act_name in _ATEN_GELU:
+            ga = torch.ops.aten.gelu_backward(g_h, a, approximate=_ATEN_GELU[ctx.act_name])
+        else:
+            with torch.enable_grad():
+                a_ = a.detach().requires_grad_(True)
+                (ga,) = torch.autograd.grad(ctx.act_fn(a_), a_, g_h)
+        del g_h
+        g_w1 = _grad_w_segments(ga, xs, w1, bounds) if need[3] else None
+        g_b1 = _grad_b_segments(ga, w1, bounds) if ctx.has_b1 and need[4] else None
+        g_x = None
+        if need[0]:
+            N = xs.shape[0]
+            g_xs = xs.new_empty(N + 1, xs.shape[1])
+            g_xs[N].zero_()
+            _mm_segments(ga, w1, g_xs, bounds, trans_w=False)
+            g_x = _combine_pairs(g_xs, inv, ctx.k, x.shape[0])
+        return g_x, None, None, g_pw, g_w1, g_b1, g_w2, g_b2, None, None, None, None
+
+
+def _grad_w_segments(g: Tensor, a: Tensor, w: Tensor, bounds) -> Tensor:
+    gw = torch.zeros_like(w)
+    for e, s, t in bounds:
+        torch.mm(g[s:t].t(), a[s:t], out=gw[e])
+    return gw
+
+
+def _grad_b_segments(g: Tensor, w: Tensor, bounds) -> Tensor:
+    gb = w.new_zeros(w.shape[0], w.shape[1])
+    for e, s, t in bounds:
+        torch.sum(g[s:t], dim=0, out=gb[e])
+    return gb
 
 
 def sorted_experts_ffn(
@@ -225,128 +241,130 @@ def sorted_experts_ffn(
     swiglu: bool,
     act_name: str,
     act_fn,
+    inv: Tensor,
 ) -> Tensor:
-    """Routed experts on pairs sorted by expert, weighted and summed per token: the fused CPU path of ``MoE``."""
+    """Routed experts on pairs sorted by expert, weighted and summed per token: the fused CPU path of ``MoE``.
+
+    ``inv`` [k * T] gives, for every choice-major pair slot j * T + t, its row in the sorted pairs (N if dropped).
+    """
     bounds = segment_bounds(counts)
     params = (x, pair_weight, w1, b1, w2, b2)
     if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-        # Inference: stream each expert's segment through both projections, so every intermediate is a
-        # cache-sized temporary and nothing is kept for a backward pass.
-        y = torch.zeros_like(x)
+        # Inference: the same steps with nothing saved and the intermediates reused in place.
         h = w2.shape[2]
-        for e, s, t in bounds:
-            xs = x.index_select(0, token_idx[s:t])
-            a = torch.mm(xs, w1[e].t()) if b1 is None else torch.addmm(b1[e], xs, w1[e].t())
-            hact = F.silu(a[:, :h]).mul_(a[:, h:]) if swiglu else act_fn(a)
-            o = torch.mm(hact, w2[e].t()) if b2 is None else torch.addmm(b2[e], hact, w2[e].t())
-            y.index_add_(0, token_idx[s:t], o.mul_(pair_weight[s:t, None]))
-        return y
-    return _SortedExpertsFFN.apply(x, token_idx, pair_weight, w1, b1, w2, b2, bounds, swiglu,
-                                   act_name, act_fn)
+        a = x.new_empty(token_idx.shape[0], w1.shape[1])
+        _mm_segments(x.index_select(0, token_idx), w1, a, bounds, b1)
+        hact = F.silu(a[:, :h]).mul_(a[:, h:]) if swiglu else act_fn(a)
+        del a
+        N = token_idx.shape[0]
+        o = x.new_empty(N + 1, x.shape[1])
+        o[N].zero_()
+        _mm_segments(hact, w2, o, bounds, b2)
+        o[:N].mul_(pair_weight.unsqueeze(1))
+        return _combine_pairs(o, inv, inv.shape[0] // x.shape[0], x.shape[0])
+    return _SortedExpertsFFN.apply(x, token_idx, inv, pair_weight, w1, b1, w2, b2, bounds, swiglu, act_name, act_fn)
 
 
 class _SortedLoRAExpertsFFN(torch.autograd.Function):
     """LoRA experts over one frozen base FFN, pairs sorted by expert, weighted and summed per token.
 
-    The base first projection runs once per token ([T, H1]); per pair only its rows are gathered and the rank-r
-    deltas added. ``b1_blocks`` lists the LoRA B matrices of the first projection, each [E, hb, r], applied to
-    consecutive column blocks of the first projection's output and consecutive r-blocks of ``x @ A1^T``
-    (swiglu: gate then up; gelu: one block). Base weights must not require grad.
+    The base first projection runs once per token ([T, H1]) and the base second projection once over all pairs;
+    per expert segment only the low-rank LoRA products run. LoRA of the first projection: a1 [E, R1, d],
+    b1l [E, H1, R1] (for swiglu a block-diagonal stack of the gate and up LoRA, so that one contiguous GEMM updates
+    both halves); of the second: a2 [E, r, h], b2l [E, d, r]. Base weights must not require grad.
     """
 
     @staticmethod
-    def forward(ctx, x, tok, pw, a1, a2, b2l, w1, b1, w2, b2, bounds, swiglu, act_name, act_fn, scale, *b1_blocks):
-        N, d = tok.shape[0], x.shape[1]
+    def forward(ctx, x, tok, inv, pw, a1, b1l, a2, b2l, w1, b1, w2, b2, bounds, swiglu, act_name, act_fn, scale):
+        N = tok.shape[0]
         h, r = w2.shape[1], a2.shape[1]
         base1 = torch.mm(x, w1.t()) if b1 is None else torch.addmm(b1, x, w1.t())  # [T, H1], once per token
-        a = x.new_empty(N, w1.shape[0])
+        a = base1.index_select(0, tok)
+        del base1
+        xs = x.index_select(0, tok)
         z1 = x.new_empty(N, a1.shape[1])
-        hact = x.new_empty(N, h)
-        z2 = x.new_empty(N, r)
-        o = x.new_empty(N, d)
-        y = torch.zeros_like(x)
+        _mm_segments(xs, a1, z1, bounds)
         for e, s, t in bounds:
-            ts = tok[s:t]
-            torch.index_select(base1, 0, ts, out=a[s:t])
-            torch.mm(x.index_select(0, ts), a1[e].t(), out=z1[s:t])
-            for j, bb in enumerate(b1_blocks):
-                hb = bb.shape[1]
-                a[s:t, j * hb:(j + 1) * hb].addmm_(z1[s:t, j * r:(j + 1) * r], bb[e].t(), alpha=scale)
-            if swiglu:
-                torch.mul(F.silu(a[s:t, :h]), a[s:t, h:], out=hact[s:t])
-            else:
-                hact[s:t] = act_fn(a[s:t])
-            if b2 is None:
-                torch.mm(hact[s:t], w2.t(), out=o[s:t])
-            else:
-                torch.addmm(b2, hact[s:t], w2.t(), out=o[s:t])
-            torch.mm(hact[s:t], a2[e].t(), out=z2[s:t])
+            a[s:t].addmm_(z1[s:t], b1l[e].t(), alpha=scale)
+        hact = F.silu(a[:, :h]).mul_(a[:, h:]) if swiglu else act_fn(a)
+        o = x.new_empty(N + 1, x.shape[1])
+        o[N].zero_()
+        if b2 is None:
+            torch.mm(hact, w2.t(), out=o[:N])
+        else:
+            torch.addmm(b2, hact, w2.t(), out=o[:N])
+        z2 = x.new_empty(N, r)
+        _mm_segments(hact, a2, z2, bounds)
+        for e, s, t in bounds:
             o[s:t].addmm_(z2[s:t], b2l[e].t(), alpha=scale)
-            y.index_add_(0, ts, o[s:t] * pw[s:t, None])
-        ctx.meta = (bounds, swiglu, act_name, act_fn, scale, len(b1_blocks))
-        ctx.save_for_backward(x, tok, pw, a1, a2, b2l, w1, w2, a, z1, hact, z2, o, *b1_blocks)
+        ow = o * torch.cat([pw, pw.new_zeros(1)]).unsqueeze(1)
+        y = _combine_pairs(ow, inv, inv.shape[0] // x.shape[0], x.shape[0])
+        ctx.meta = (bounds, swiglu, act_name, act_fn, scale)
+        ctx.save_for_backward(x, tok, inv, pw, a1, b1l, a2, b2l, w1, w2, xs, a, z1, hact, z2, o)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, tok, pw, a1, a2, b2l, w1, w2, a, z1, hact, z2, o, *b1_blocks = ctx.saved_tensors
-        bounds, swiglu, act_name, act_fn, scale, _ = ctx.meta
+        x, tok, inv, pw, a1, b1l, a2, b2l, w1, w2, xs, a, z1, hact, z2, o = ctx.saved_tensors
+        bounds, swiglu, act_name, act_fn, scale = ctx.meta
         need = ctx.needs_input_grad
+        N, T = tok.shape[0], x.shape[0]
         h, r = w2.shape[1], a2.shape[1]
-        gy = gy.contiguous()
-        g_x = torch.zeros_like(x) if need[0] else None
-        g_pw = torch.zeros_like(pw) if need[2] else None
-        g_a1, g_a2, g_b2l = torch.zeros_like(a1), torch.zeros_like(a2), torch.zeros_like(b2l)
-        g_b1 = [torch.zeros_like(bb) for bb in b1_blocks]
-        g_base1 = torch.zeros(x.shape[0], w1.shape[0], dtype=x.dtype, device=x.device) if need[0] else None
+        go = gy.contiguous().index_select(0, tok)
+        g_pw = (go * o[:N]).sum(dim=1) if need[3] else None
+        go.mul_(pw.unsqueeze(1))
+        # second projection: frozen base over all pairs, LoRA per segment
+        g_a2, g_b2l = torch.zeros_like(a2), torch.zeros_like(b2l)
+        gz2 = x.new_empty(N, r)
         for e, s, t in bounds:
-            ts = tok[s:t]
-            go = gy.index_select(0, ts)
-            if g_pw is not None:
-                torch.sum(go * o[s:t], dim=1, out=g_pw[s:t])
-            go.mul_(pw[s:t, None])
-            # second projection: base (frozen) + LoRA
-            torch.mm(go.t(), z2[s:t], out=g_b2l[e])
-            g_b2l[e].mul_(scale)
-            gz2 = torch.mm(go, b2l[e]).mul_(scale)
-            torch.mm(gz2.t(), hact[s:t], out=g_a2[e])
-            g_h = torch.mm(go, w2)
-            g_h.addmm_(gz2, a2[e])
-            a_s = a[s:t]
-            if swiglu:
-                gate, up = a_s[:, :h], a_s[:, h:]
-                ga = torch.empty_like(a_s)
-                torch.mul(g_h, F.silu(gate), out=ga[:, h:])
-                g_h.mul_(up)
-                torch.ops.aten.silu_backward.grad_input(g_h, gate, grad_input=ga[:, :h])
-            elif act_name in _ATEN_GELU:
-                ga = torch.ops.aten.gelu_backward(g_h, a_s, approximate=_ATEN_GELU[act_name])
-            else:
-                with torch.enable_grad():
-                    a_ = a_s.detach().requires_grad_(True)
-                    (ga,) = torch.autograd.grad(act_fn(a_), a_, g_h)
-            # first projection LoRA blocks
-            gz1 = torch.empty_like(z1[s:t])
-            for j, bb in enumerate(b1_blocks):
-                hb = bb.shape[1]
-                gblk = ga[:, j * hb:(j + 1) * hb]
-                torch.mm(gblk.t(), z1[s:t, j * r:(j + 1) * r], out=g_b1[j][e])
-                g_b1[j][e].mul_(scale)
-                torch.mm(gblk, bb[e], out=gz1[:, j * r:(j + 1) * r])
-            gz1.mul_(scale)
-            xs = x.index_select(0, ts)
-            torch.mm(gz1.t(), xs, out=g_a1[e])
-            if g_x is not None:
-                g_x.index_add_(0, ts, torch.mm(gz1, a1[e]))
-                g_base1.index_add_(0, ts, ga)
-        if g_x is not None:
-            g_x.addmm_(g_base1, w1)  # the base first projection ran once per token
-        return (g_x, None, g_pw, g_a1 if need[3] else None, g_a2 if need[4] else None, g_b2l if need[5] else None,
-                None, None, None, None, None, None, None, None, None, *g_b1)
+            torch.mm(go[s:t].t(), z2[s:t], out=g_b2l[e])
+            torch.mm(go[s:t], b2l[e], out=gz2[s:t])
+        g_b2l.mul_(scale)
+        gz2.mul_(scale)
+        for e, s, t in bounds:
+            torch.mm(gz2[s:t].t(), hact[s:t], out=g_a2[e])
+        g_h = torch.mm(go, w2)
+        del go
+        for e, s, t in bounds:
+            g_h[s:t].addmm_(gz2[s:t], a2[e])
+        ga = x.new_empty(N + 1, a.shape[1])
+        ga[N].zero_()
+        if swiglu:
+            gate, up = a[:, :h], a[:, h:]
+            torch.mul(g_h, F.silu(gate), out=ga[:N, h:])
+            g_h.mul_(up)
+            torch.ops.aten.silu_backward.grad_input(g_h, gate, grad_input=ga[:N, :h])
+        elif act_name in _ATEN_GELU:
+            torch.ops.aten.gelu_backward.grad_input(g_h, a, approximate=_ATEN_GELU[act_name], grad_input=ga[:N])
+        else:
+            with torch.enable_grad():
+                a_ = a.detach().requires_grad_(True)
+                ga[:N] = torch.autograd.grad(act_fn(a_), a_, g_h)[0]
+        del g_h
+        # first projection LoRA blocks
+        g_b1l = torch.zeros_like(b1l)
+        gz1 = torch.empty_like(z1)
+        for e, s, t in bounds:
+            torch.mm(ga[s:t].t(), z1[s:t], out=g_b1l[e])
+            torch.mm(ga[s:t], b1l[e], out=gz1[s:t])
+        g_b1l.mul_(scale)
+        gz1.mul_(scale)
+        g_a1 = _grad_w_segments(gz1, xs, a1, bounds)
+        g_x = None
+        if need[0]:
+            g_xs = x.new_empty(N + 1, x.shape[1])
+            g_xs[N].zero_()
+            _mm_segments(gz1, a1, g_xs, bounds, trans_w=False)
+            k = inv.shape[0] // T
+            g_x = _combine_pairs(g_xs, inv, k, T)
+            g_x.addmm_(_combine_pairs(ga, inv, k, T), w1)  # the base first projection ran once per token
+        return (g_x, None, None, g_pw, g_a1 if need[4] else None, g_b1l if need[5] else None,
+                g_a2 if need[6] else None, g_b2l if need[7] else None, None, None, None, None, None, None, None, None,
+                None)
 
 
-def sorted_lora_experts_ffn(x, token_idx, pair_weight, a1, a2, b2_lora, w1, b1, w2, b2, counts, swiglu, act_name,
-                            act_fn, scale, b1_blocks):
+def sorted_lora_experts_ffn(x, token_idx, pair_weight, a1, b1_lora, a2, b2_lora, w1, b1, w2, b2, counts, swiglu,
+                            act_name, act_fn, scale, inv):
     """LoRA experts (frozen shared base + per-expert LoRA) on pairs sorted by expert: the fused path of ``MoE``."""
-    return _SortedLoRAExpertsFFN.apply(x, token_idx, pair_weight, a1, a2, b2_lora, w1, b1, w2, b2,
-                                       segment_bounds(counts), swiglu, act_name, act_fn, scale, *b1_blocks)
+    return _SortedLoRAExpertsFFN.apply(x, token_idx, inv, pair_weight, a1, b1_lora, a2, b2_lora, w1, b1, w2, b2,
+                                       segment_bounds(counts), swiglu, act_name, act_fn, scale)

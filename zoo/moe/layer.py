@@ -387,18 +387,22 @@ class LoRAExperts(nn.Module):
         h = self.act(base.fc1(x).index_select(0, token_idx) + self._delta(xs, "fc1", counts, offsets))
         return base.fc2(h) + self._delta(h, "fc2", counts, offsets)
 
-    def fused_forward(self, x: Tensor, token_idx: Tensor, pair_w: Tensor, counts: list[int], act_name: str) -> Tensor:
+    def fused_forward(self, x: Tensor, token_idx: Tensor, pair_w: Tensor, counts: list[int], act_name: str,
+                      inv: Tensor) -> Tensor:
         """The weighted per-token sum over pairs in one autograd function (frozen base only)."""
         base = self.base
         if self.expert_type == "swiglu":
             w1 = torch.cat([base.gate_proj.weight, base.up_proj.weight])
-            a1 = torch.cat([self.lora_A_gate, self.lora_A_up], dim=1)
-            return sorted_lora_experts_ffn(x, token_idx, pair_w, a1, self.lora_A_down, self.lora_B_down, w1, None,
+            a1 = torch.cat([self.lora_A_gate, self.lora_A_up], dim=1)  # [E, 2r, d]
+            zg, zu = torch.zeros_like(self.lora_B_gate), torch.zeros_like(self.lora_B_up)
+            # block-diagonal [E, 2h, 2r]: gate rows read the first r LoRA features, up rows the last r
+            b1 = torch.cat([torch.cat([self.lora_B_gate, zg], dim=2), torch.cat([zu, self.lora_B_up], dim=2)], dim=1)
+            return sorted_lora_experts_ffn(x, token_idx, pair_w, a1, b1, self.lora_A_down, self.lora_B_down, w1, None,
                                            base.down_proj.weight, None, counts, True, act_name, self.act, self.scale,
-                                           (self.lora_B_gate, self.lora_B_up))
-        return sorted_lora_experts_ffn(x, token_idx, pair_w, self.lora_A_fc1, self.lora_A_fc2, self.lora_B_fc2,
-                                       base.fc1.weight, base.fc1.bias, base.fc2.weight, base.fc2.bias, counts, False,
-                                       act_name, self.act, self.scale, (self.lora_B_fc1,))
+                                           inv)
+        return sorted_lora_experts_ffn(x, token_idx, pair_w, self.lora_A_fc1, self.lora_B_fc1, self.lora_A_fc2,
+                                       self.lora_B_fc2, base.fc1.weight, base.fc1.bias, base.fc2.weight, base.fc2.bias,
+                                       counts, False, act_name, self.act, self.scale, inv)
 
 
 class MoE(nn.Module):
@@ -531,6 +535,10 @@ class MoE(nn.Module):
 
         token_idx = order % T
         pair_w = weights.t().reshape(-1)[order]
+        # inverse of the sort: choice-major slot -> row among the kept sorted pairs (dropped pairs -> the extra
+        # zero row at index N)
+        inv = torch.full((T * k,), order.numel(), dtype=order.dtype, device=x.device)
+        inv[order] = torch.arange(order.numel(), dtype=order.dtype, device=x.device)
         counts = counts_t.tolist()
         offsets = torch.cumsum(counts_t, 0).to(torch.int32) if x2.is_cuda else None
 
@@ -542,9 +550,9 @@ class MoE(nn.Module):
                 x2, token_idx, pair_w.to(x2.dtype),
                 ex.gate_up_proj if swiglu else ex.fc1_weight, None if swiglu else ex.fc1_bias,
                 ex.down_proj if swiglu else ex.fc2_weight, None if swiglu else ex.fc2_bias,
-                counts, swiglu, cfg.act_name, ex.act)
+                counts, swiglu, cfg.act_name, ex.act, inv)
         elif isinstance(ex, LoRAExperts) and fused and not any(p.requires_grad for p in ex.base.parameters()):
-            y = ex.fused_forward(x2, token_idx, pair_w.to(x2.dtype), counts, cfg.act_name)
+            y = ex.fused_forward(x2, token_idx, pair_w.to(x2.dtype), counts, cfg.act_name, inv)
         else:
             if isinstance(ex, LoRAExperts):
                 out = ex.forward_pairs(x2, token_idx, counts, offsets)
