@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -154,13 +153,14 @@ def _list(args: argparse.Namespace) -> int:
 def _dispatch(command: str, argv: list[str]) -> int:
     module_name, _ = DISPATCH[command]
     try:
-        found = importlib.util.find_spec(module_name) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        print(f"zoo {command}: not available in this build ({module_name} is not installed yet)", file=sys.stderr)
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # Only "the command's own module is absent" gets the friendly message; a missing dependency inside it
+        # is a real error and keeps its traceback.
+        if e.name is None or not module_name.startswith(e.name):
+            raise
+        print(f"zoo {command}: not available in this build ({module_name} does not exist yet)", file=sys.stderr)
         return 2
-    module = importlib.import_module(module_name)
     return int(module.main(argv) or 0)
 
 

@@ -29,7 +29,9 @@ What the base class supplies:
   uninterrupted run would have seen, and ``N`` processes with ``batch_size = B / N`` see the same global batches as
   one process with ``batch_size = B``.
 - ``on_train_batch_start``: reseeds ``torch``/``numpy``/``random`` from ``(seed, step, micro-batch, rank)`` so
-  dropout and random augmentation are also a function of the step (Lightning checkpoints do not store RNG state).
+  randomness in the forward pass (dropout, noise, timesteps) is a function of the step (Lightning checkpoints do not
+  store RNG state). Randomness in ``train_dataset`` items or ``collate_fn`` must instead be seeded by the sample
+  index (e.g. ``random.Random(mix_seed(seed, index))``): Lightning collates batches ahead of the step hooks.
 - ``training_step`` (logs ``loss``, the task's logs and ``lr``), ``configure_optimizers`` (over parameters with
   ``requires_grad``; weight decay only on tensors with ``ndim >= 2``; warmup + cosine/linear/constant schedule,
   stepped per optimizer step).

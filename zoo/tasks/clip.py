@@ -1,7 +1,7 @@
 """``clip_contrastive``: train a CLIP on synthetic-world captions; evaluate zero-shot colour x shape accuracy.
 
-Training pairs are ``(scene.image, scene.caption)`` from :class:`data.shapes.ShapesWorld` (captions such as "a large
-red circle."), images transformed with the model's own preprocessing config, captions tokenized by the model's
+Training pairs are ``(scene.image, text)`` from :class:`data.shapes.ShapesWorld`: the text is the scene caption ("a
+large red circle.") or, with probability ``prompt_prob``, a class-name prompt ("a photo of a red circle."); images transformed with the model's own preprocessing config, captions tokenized by the model's
 open_clip tokenizer, and the loss is open_clip's ``ClipLoss`` (gathering features across ranks under DDP).
 
 Evaluation is open_clip-style zero-shot classification on a held-out split: one text classifier per class
@@ -12,6 +12,7 @@ classes, plus colour and shape accuracy read off the predicted class.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +22,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from zoo.tasks import register_task
-from zoo.tasks.base import StageTask
+from zoo.tasks.base import StageTask, mix_seed
 
 __all__ = ["ClipModelConfig", "ClipDataConfig", "ClipEvalConfig", "ClipContrastiveTask", "WorldCaptions"]
 
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a rendering of a {}.", "a {} shape.")
+# World captions always name the size ("a large red circle."), so a text tower trained on them alone never sees
+# size-free phrases and ranks "a red circle." poorly. Like web alt-text that says "a photo of a dog", part of the
+# training text is a class-name prompt; evaluation then runs on held-out images, with one template never trained on.
+TRAIN_TEMPLATES = ("a {}.", "a photo of a {}.", "a {} shape.")
+DEFAULT_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.")
 
 
 @dataclass(kw_only=True)
@@ -46,6 +51,8 @@ class ClipDataConfig:
     clutter: int = field(default=0, metadata={"min": 0})
     skew: float = field(default=0.0, metadata={"min": 0.0, "help": "Zipf skew of colour x shape frequencies"})
     num_train: int = field(default=4096, metadata={"min": 1, "help": "distinct training scenes (cycled)"})
+    prompt_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    prompt_templates: list[str] = field(default_factory=lambda: list(TRAIN_TEMPLATES))
 
 
 @dataclass(kw_only=True)
@@ -73,19 +80,19 @@ def make_world(cfg: ClipDataConfig) -> Any:
 
 
 class WorldCaptions(Dataset):
-    """Scenes ``0..n-1`` of a split as ``(image tensor, caption, label)``; rendered once, then kept in memory."""
+    """Scenes ``0..n-1`` of a split as ``(image tensor, caption, label, index)``; rendered once, then kept in memory."""
 
     def __init__(self, world: Any, split: str, n: int, transform: Any):
         self.world, self.split, self.n, self.transform = world, split, n, transform
-        self._cache: dict[int, tuple[Tensor, str, int]] = {}
+        self._cache: dict[int, tuple[Tensor, str, int, int]] = {}
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> tuple[Tensor, str, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, str, int, int]:
         if i not in self._cache:
             scene = self.world.scene(int(i), self.split)
-            self._cache[i] = (self.transform(scene.image), scene.caption, scene.label)
+            self._cache[i] = (self.transform(scene.image), scene.caption, scene.label, int(i))
         return self._cache[i]
 
 
@@ -111,9 +118,18 @@ class ClipContrastiveTask(StageTask):
     def train_dataset(self) -> Dataset:
         return WorldCaptions(self.world, "train", self.data_cfg.num_train, self.transform)
 
-    def collate_fn(self, samples: list[tuple[Tensor, str, int]]) -> dict[str, Tensor]:
-        images, captions, labels = zip(*samples)
-        return {"images": torch.stack(images), "texts": self.tokenizer(list(captions)), "labels": torch.tensor(labels)}
+    def collate_fn(self, samples: list[tuple[Tensor, str, int, int]]) -> dict[str, Tensor]:
+        images, captions, labels, indices = zip(*samples)
+        cfg, names = self.data_cfg, self.world.class_names
+        texts = []
+        for caption, label, index in zip(captions, labels, indices):
+            # Seeded by the sample index, not by global RNG: Lightning collates batches ahead of the step hooks,
+            # so only per-sample seeding keeps a resumed run's batches identical to an uninterrupted run's.
+            rng = random.Random(mix_seed(self.stage.seed, index))
+            if rng.random() < cfg.prompt_prob:
+                caption = rng.choice(cfg.prompt_templates).format(names[label])
+            texts.append(caption)
+        return {"images": torch.stack(images), "texts": self.tokenizer(texts), "labels": torch.tensor(labels)}
 
     def setup(self, stage: str) -> None:
         import open_clip
@@ -145,10 +161,10 @@ class ClipContrastiveTask(StageTask):
         preds, labels = [], []
         for start in range(0, len(data), self.eval_cfg.batch_size):
             items = [data[i] for i in range(start, min(len(data), start + self.eval_cfg.batch_size))]
-            images = torch.stack([x for x, _, _ in items]).to(device)
+            images = torch.stack([item[0] for item in items]).to(device)
             feats = model.encode_image(images, normalize=True)
             preds.append((feats @ classifier).argmax(dim=-1).cpu())
-            labels.append(torch.tensor([y for _, _, y in items]))
+            labels.append(torch.tensor([item[2] for item in items]))
         pred, label = torch.cat(preds), torch.cat(labels)
         pairs = self.world.pairs
         color_ok = [pairs[p][0] == pairs[t][0] for p, t in zip(pred.tolist(), label.tolist())]

@@ -1,0 +1,59 @@
+"""The `zoo` command line: help, list, dispatch to modules other packages provide."""
+
+from __future__ import annotations
+
+import pytest
+
+from zoo import cli
+
+
+def test_help_mentions_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "list", "eval", "chat", "sample", "convert"):
+        assert command in out
+
+
+def test_train_help_explains_outputs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--stage", "--resume", "--set", "--runs-dir", "MMZOO_RUNS", "summary.json", "checkpoints/last.ckpt"):
+        assert text in out
+
+
+def test_list_models_and_tasks(capsys):
+    assert cli.main(["list", "clip_*"]) == 0
+    assert "clip_vit_tiny" in capsys.readouterr().out.split()
+    assert cli.main(["list", "--tasks"]) == 0
+    assert "clip_contrastive" in capsys.readouterr().out.split()
+
+
+def test_dispatch_to_missing_module_is_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setitem(cli.DISPATCH, "chat", ("zoo._no_such_module_", "chat"))
+    assert cli.main(["chat", "--model", "x"]) == 2
+    assert "zoo chat: not available" in capsys.readouterr().err
+
+
+def test_dispatch_passes_argv_through(monkeypatch):
+    import sys
+    import types
+
+    seen = {}
+    fake = types.ModuleType("zoo_fake_sample")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "zoo_fake_sample", fake)
+    monkeypatch.setitem(cli.DISPATCH, "sample", ("zoo_fake_sample", "sample"))
+    assert cli.main(["sample", "--help", "-n", "4"]) == 0
+    assert seen["argv"] == ["--help", "-n", "4"]
+
+
+def test_check_validates_and_prints_plan(tmp_path, capsys):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "clip" / "shapes_tiny.yaml"
+    assert cli.main(["train", str(recipe), "--check", "--set", "stages.clip.trainer.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "clip: task clip_contrastive, 7 steps" in out
