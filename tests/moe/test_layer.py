@@ -374,3 +374,19 @@ def test_lora_fused_matches_grouped_path(expert_type, act, capacity):
         assert (p.grad is None) == (p2.grad is None), n
         if p.grad is not None:
             torch.testing.assert_close(p.grad, p2.grad, msg=n)
+
+
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_unused_expert_gets_zero_gradient(expert_type):
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=4, expert_hidden_size=6, num_experts=4, top_k=2, expert_type=expert_type,
+                        impl="fused"), name="z")
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))
+    x = torch.randn(10, 4)
+    x[:, 3] = -50.0  # expert 3 is never chosen
+    moe(x).sum().backward()
+    assert int(moe.last_stats.expert_load[3]) == 0
+    for p in moe.experts.parameters():
+        assert torch.all(p.grad[3] == 0) and torch.isfinite(p.grad).all()
+        assert p.grad[:3].abs().sum() > 0

@@ -216,9 +216,14 @@ class _SortedExpertsFFN(torch.autograd.Function):
 
 
 def _grad_w_segments(g: Tensor, a: Tensor, w: Tensor, bounds) -> Tensor:
-    gw = torch.zeros_like(w)
+    gw = torch.empty_like(w)
+    hit = set()
     for e, s, t in bounds:
         torch.mm(g[s:t].t(), a[s:t], out=gw[e])
+        hit.add(e)
+    for e in range(w.shape[0]):  # experts that got no rows have zero gradient; only they need clearing
+        if e not in hit:
+            gw[e].zero_()
     return gw
 
 
