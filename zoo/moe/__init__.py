@@ -45,6 +45,18 @@ priority over second choices, then token order; the kept weights are renormalise
 whose every choice is dropped gets 0 from the routed experts (plus any shared expert) and passes via the residual.
 ``aux_loss`` = balance_loss_coef * E * sum_i f_i P_i + z_loss_coef * mean(logsumexp(logits)^2), computed in training
 mode only.
+
+Execution (``MoEConfig.impl``): pairs are stable-sorted by expert (choice-major, which is also the capacity priority).
+On CPU the default "fused" path is one autograd function per layer: a gather, one GEMM per expert segment written
+into a preallocated buffer, whole-buffer activations, and an inverse-permutation gather + k-way add to combine
+(``index_add_`` is slow with several CPU threads), with a hand-written backward. On CUDA the "grouped" path runs
+``torch._grouped_mm`` (SM80+) under autograd. LoRA experts have their own fused path in which the frozen base's first
+projection runs once per token. ``python -m eval.bench moe`` measures all of this against a dense SwiGLU floor and
+transformers' Mixtral block.
+
+Differences from the originals worth knowing: DeepSpeed's top-1 gate uses random token selection (RTS) for its
+capacity priority by default, ours uses token order; transformers' Mixtral jitter multiplies the experts' input too,
+ours jitters only the router input; DeepSpeed's Gumbel second choice is opt-in (``second_choice_noise``).
 """
 
 from zoo.moe.convert import from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
