@@ -410,3 +410,21 @@ def test_grouped_mm_backend_matches_segment_loop(bias):
     grads_ref = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), g)
     for a, r in zip(grads, grads_ref):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_inference_paths_match_training_path(threads, expert_type):
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=8, expert_hidden_size=12, num_experts=4, top_k=2, expert_type=expert_type,
+                        capacity_factor=0.75, min_capacity=0), name="inf")
+    x = torch.randn(30, 8)
+    y_train_path = moe(x)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y = moe(x)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y, y_train_path, rtol=1e-6, atol=1e-6)

@@ -255,8 +255,20 @@ def sorted_experts_ffn(
     bounds = segment_bounds(counts)
     params = (x, pair_weight, w1, b1, w2, b2)
     if not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-        # Inference: the same steps with nothing saved and the intermediates reused in place.
         h = w2.shape[2]
+        if torch.get_num_threads() == 1:
+            # Single-threaded inference: stream each segment through both projections, so every intermediate is a
+            # cache-sized temporary (no page faults of fresh [N, *] buffers). With several threads, the many small
+            # parallel regions this needs cost more than they save, so the whole-buffer path below is used.
+            y = torch.zeros_like(x)
+            for e, s, t in bounds:
+                xs = x.index_select(0, token_idx[s:t])
+                a = torch.mm(xs, w1[e].t()) if b1 is None else torch.addmm(b1[e], xs, w1[e].t())
+                hact = F.silu(a[:, :h]).mul_(a[:, h:]) if swiglu else act_fn(a)
+                o = torch.mm(hact, w2[e].t()) if b2 is None else torch.addmm(b2[e], hact, w2[e].t())
+                y.index_add_(0, token_idx[s:t], o.mul_(pair_weight[s:t, None]))
+            return y
+        # Inference: the training steps with nothing saved and the intermediates reused in place.
         a = x.new_empty(token_idx.shape[0], w1.shape[1])
         _mm_segments(x.index_select(0, token_idx), w1, a, bounds, b1)
         hact = F.silu(a[:, :h]).mul_(a[:, h:]) if swiglu else act_fn(a)
