@@ -8,6 +8,9 @@ where rows ``[s_e, t_e)`` of ``x`` are the tokens routed to ``e`` (``counts[e]``
   result straight into a preallocated output (forward) or gradient buffer (backward). In torch 2.14 the CPU
   ``_grouped_mm`` is itself a loop of ``aten::mm`` and needs 16-byte aligned strides, so it brings nothing there;
   the explicit loop avoids the per-segment ``cat``/``split`` copies that plain autograd over slices would add.
+
+``sorted_experts_ffn`` and ``sorted_lora_experts_ffn`` are the fused CPU paths of ``MoE``: gather, expert FFN and
+weighted combine of all (token, expert) pairs in one autograd function each, with hand-written backwards.
 """
 
 from __future__ import annotations
