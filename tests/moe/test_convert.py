@@ -127,16 +127,18 @@ def test_from_hf_rejects_other_modules():
 
 
 def _tiny_lm(kind: str) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                   max_position_embeddings=64)
     if kind == "phi":
         return PhiForCausalLM(PhiConfig(**common)).eval()
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2)).eval()
     return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2)).eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "phi"])
+@pytest.mark.parametrize("kind", ["llama", "phi", "qwen2"])
 def test_upcycle_causal_lm_keeps_logits_and_generates(kind):
     torch.manual_seed(0)
     lm = _tiny_lm(kind)
