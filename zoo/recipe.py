@@ -468,7 +468,9 @@ def load_recipe(
                 checker.fail(f"{sp}.task", f"unknown task {task!r}.{hint} Known tasks: {', '.join(list_tasks())}")
             init = _check_init_from(checker, s.get("init_from"), f"{sp}.init_from", i, all_names)
             trainer = s.get("trainer")
-            if trainer is None or isinstance(trainer, dict):
+            trainer_fields = {f.name for f in _yaml_fields(TrainerConfig)}
+            misspelt = isinstance(trainer, dict) and any(k not in trainer_fields for k in trainer)
+            if (trainer is None or isinstance(trainer, dict)) and not misspelt:
                 given = [k for k in ("max_steps", "max_epochs") if (trainer or {}).get(k) is not None]
                 if not given:
                     checker.fail(f"{sp}.trainer.max_steps", "give max_steps or max_epochs")

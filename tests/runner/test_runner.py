@@ -179,3 +179,21 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     w2 = load_file(tmp_path / "two" / "tiny" / "a" / "final" / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    """A save that dies half-way leaves the previous last.ckpt intact and no stray temp file."""
+    from zoo.train import _lightning_parts
+
+    io = _lightning_parts()[1]()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 5}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        io.save_checkpoint({"global_step": 6, "junk": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"global_step": 5}
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]

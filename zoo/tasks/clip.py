@@ -1,12 +1,13 @@
 """``clip_contrastive``: train a CLIP on synthetic-world captions; evaluate zero-shot colour x shape accuracy.
 
 Training pairs are ``(scene.image, text)`` from :class:`data.shapes.ShapesWorld`: the text is the scene caption ("a
-large red circle.") or, with probability ``prompt_prob``, a class-name prompt ("a photo of a red circle."); images transformed with the model's own preprocessing config, captions tokenized by the model's
+large red circle.") or, with probability ``data.prompt_prob`` (default 0), a class-name prompt; images transformed with the model's own preprocessing config, captions tokenized by the model's
 open_clip tokenizer, and the loss is open_clip's ``ClipLoss`` (gathering features across ranks under DDP).
 
-Evaluation is open_clip-style zero-shot classification on a held-out split: one text classifier per class
-("red circle", ...) averaged over prompt templates (``build_zero_shot_classifier``), top-1 over all colour x shape
-classes, plus colour and shape accuracy read off the predicted class.
+Evaluation is open_clip-style zero-shot classification on a held-out split: text classifiers per class ("red
+circle", ...) from prompt templates (``build_zero_shot_classifier``), either one averaged embedding per class
+(``mean_embedding``, open_clip's ensemble) or one per template with the best score kept (``max_score``); top-1 over
+all colour x shape classes, plus colour and shape accuracy read off the predicted class.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from zoo.tasks.base import StageTask, mix_seed
 
 __all__ = ["ClipModelConfig", "ClipDataConfig", "ClipEvalConfig", "ClipContrastiveTask", "WorldCaptions"]
 
-# World captions always name the size ("a large red circle."), so a text tower trained on them alone never sees
-# size-free phrases and ranks "a red circle." poorly. Like web alt-text that says "a photo of a dog", part of the
-# training text is a class-name prompt; evaluation then runs on held-out images, with one template never trained on.
+# Class-name prompts that may stand in for part of the training captions (data.prompt_prob > 0).
 TRAIN_TEMPLATES = ("a {}.", "a photo of a {}.", "a {} shape.")
-DEFAULT_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.")
+# World captions always name the size ("a large red circle."), so a text tower trained on them embeds a size-free
+# "a red circle." poorly, and averaging the "large" and "small" embeddings mixes two distant directions. The default
+# zero-shot classifier therefore keeps one prototype per size template and scores a class by its best match.
+DEFAULT_TEMPLATES = ("a large {}.", "a small {}.")
 
 
 @dataclass(kw_only=True)
@@ -51,7 +53,7 @@ class ClipDataConfig:
     clutter: int = field(default=0, metadata={"min": 0})
     skew: float = field(default=0.0, metadata={"min": 0.0, "help": "Zipf skew of colour x shape frequencies"})
     num_train: int = field(default=4096, metadata={"min": 1, "help": "distinct training scenes (cycled)"})
-    prompt_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    prompt_prob: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0, "help": "share of class prompts"})
     prompt_templates: list[str] = field(default_factory=lambda: list(TRAIN_TEMPLATES))
 
 
@@ -60,6 +62,11 @@ class ClipEvalConfig:
     split: Literal["val", "test"] = "test"
     num_samples: int = field(default=600, metadata={"min": 1})
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    aggregate: Literal["mean_embedding", "max_score"] = field(
+        default="max_score",
+        metadata={"help": "mean_embedding: open_clip's prompt ensemble (one averaged text embedding per class); "
+                          "max_score: a class scores its best-matching template (one prototype per template)"},
+    )
     batch_size: int = field(default=200, metadata={"min": 1})
 
 
@@ -154,16 +161,21 @@ class ClipContrastiveTask(StageTask):
         model = self.model.eval()
         device = next(model.parameters()).device
         names = self.world.class_names
-        classifier = open_clip.build_zero_shot_classifier(
-            model, self.tokenizer, names, self.eval_cfg.templates, num_classes_per_batch=None, device=device
-        )
+        templates = self.eval_cfg.templates
+        groups = [templates] if self.eval_cfg.aggregate == "mean_embedding" else [[t] for t in templates]
+        classifiers = [
+            open_clip.build_zero_shot_classifier(model, self.tokenizer, names, g, num_classes_per_batch=None,
+                                                 device=device)
+            for g in groups
+        ]
         data = WorldCaptions(self.world, self.eval_cfg.split, self.eval_cfg.num_samples, self.transform)
         preds, labels = [], []
         for start in range(0, len(data), self.eval_cfg.batch_size):
             items = [data[i] for i in range(start, min(len(data), start + self.eval_cfg.batch_size))]
             images = torch.stack([item[0] for item in items]).to(device)
             feats = model.encode_image(images, normalize=True)
-            preds.append((feats @ classifier).argmax(dim=-1).cpu())
+            scores = torch.stack([feats @ c for c in classifiers]).amax(dim=0)
+            preds.append(scores.argmax(dim=-1).cpu())
             labels.append(torch.tensor([item[2] for item in items]))
         pred, label = torch.cat(preds), torch.cat(labels)
         pairs = self.world.pairs
@@ -177,6 +189,6 @@ class ClipContrastiveTask(StageTask):
         confusion = torch.zeros(len(names), len(names), dtype=torch.long)
         confusion.index_put_((label, pred), torch.ones_like(label), accumulate=True)
         report = {"split": self.eval_cfg.split, "num_samples": len(data), "class_names": names,
-                  "templates": self.eval_cfg.templates, "metrics": metrics, "confusion": confusion.tolist()}
+                  "templates": templates, "aggregate": self.eval_cfg.aggregate, "metrics": metrics, "confusion": confusion.tolist()}
         (Path(out_dir) / "zeroshot.json").write_text(json.dumps(report, indent=1))
         return metrics
