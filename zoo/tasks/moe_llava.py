@@ -68,6 +68,12 @@ class MoELLaVADataConfig:
     world: dict[str, Any] = field(default_factory=dict, metadata={"help": "WorldConfig fields (source=shapes)"})
     num_scenes: int = field(default=2000, metadata={"min": 1})
     answer_prompt: bool = field(default=True, metadata={"help": "append LLaVA-1.5's short-answer instruction"})
+    turns_per_conversation: int = field(
+        default=3, metadata={"min": 1, "help": "shapes vqa: questions per conversation (a scene gives several)"}
+    )
+    pope_probes: int = field(
+        default=2, metadata={"min": 0, "help": "shapes vqa: POPE probes per scene added as questions"}
+    )
     json_paths: list[str] = field(default_factory=list, metadata={"help": "LLaVA JSON files ($VARS expanded)"})
     image_folder: str | None = field(default=None, metadata={"help": "image root (default: each JSON's folder)"})
     shards: list[str] = field(default_factory=list, metadata={"help": "webdataset .tar shards ($VARS expanded)"})
@@ -97,6 +103,46 @@ def shapes_tokenizer(world: dict[str, Any], num_scenes: int):
         texts += [f"{qa.question} {qa.answer}" for qa in scene.vqa]
         texts += [f"{p.question} {p.answer}" for p in scene.pope]
     return build_tokenizer(texts)
+
+
+def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_probes: int, answer_prompt: bool,
+                     seed: int) -> Path:
+    """LLaVA JSON of the train scenes' questions, shuffled per scene and cut into conversations of ``turns``.
+
+    The world lists a scene's questions in a fixed order (colour, shape, count, position, existence), and evaluation
+    asks one question per conversation; trained on that order, a model learns "first question -> a colour" instead
+    of reading the question. A seeded shuffle puts every kind in every position, short conversations make the
+    first-turn case common, and ``pope_probes`` of the scene's POPE probes (present objects and random / popular /
+    adversarial absent ones) add the existence questions POPE asks. Images are ``images/<id>.png`` under ``out`` (written by the caption
+    export).
+    """
+    import json
+
+    import numpy as np
+
+    from data.formats import IMAGE_TOKEN, SHORT_ANSWER_PROMPT
+    from zoo.registry import atomic_write
+    from zoo.tasks.base import mix_seed
+
+    records = []
+    for scene in world.iter_scenes("train", num_scenes):
+        rng = np.random.default_rng(mix_seed(seed, scene.index))
+        qas = {qa.question: qa.answer for qa in scene.vqa}
+        probes = list({p.question: p.answer for p in scene.pope if p.question not in qas}.items())
+        for i in rng.permutation(len(probes))[:pope_probes]:
+            qas[probes[i][0]] = probes[i][1]
+        items = list(qas.items())
+        items = [items[i] for i in rng.permutation(len(items))]
+        for c in range(0, len(items), turns):
+            conv = []
+            for k, (q, a) in enumerate(items[c : c + turns]):
+                q = f"{q}\n{SHORT_ANSWER_PROMPT}" if answer_prompt else q
+                conv += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
+            records.append({"id": f"{scene.id}-{c // turns}", "image": f"images/{scene.id}.png", "conversations": conv})
+    path = out / "train_vqa_shuffled.json"
+    text = "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in records) + "\n]\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
 
 
 @register_task("moe_llava")
@@ -237,13 +283,16 @@ class MoELLaVATask(StageTask):
             if not d.shards:
                 raise ValueError(f"{where}: data.source=webdataset needs data.shards")
             return read_llava_webdataset([os.path.expandvars(s) for s in d.shards]), None
-        from data.formats import SHORT_ANSWER_PROMPT, export_llava
+        from data.formats import export_llava
         from data.shapes import ShapesWorld, WorldConfig
 
         out = Path(self.stage.out_dir) / "data"
-        prompt = SHORT_ANSWER_PROMPT if d.answer_prompt and d.kind == "vqa" else None
-        json_path = export_llava(ShapesWorld(WorldConfig(**d.world)), "train", d.num_scenes, out, d.kind,
-                                 answer_prompt=prompt)
+        world = ShapesWorld(WorldConfig(**d.world))
+        # The caption export also writes every scene's image (images/<id>.png), which the VQA records reuse.
+        json_path = export_llava(world, "train", d.num_scenes, out, "caption")
+        if d.kind == "vqa":
+            json_path = write_shapes_vqa(world, d.num_scenes, out, d.turns_per_conversation, d.pope_probes,
+                                         d.answer_prompt, seed=self.stage.seed)
         return read_llava_json(json_path), str(out)
 
     def train_dataset(self):
