@@ -145,7 +145,7 @@ def test_training_data_has_no_unknown_words(toy_runs):
     task = MoELLaVATask(stage.model, stage.data, stage.eval, stage)
     ds = task.train_dataset()
     unk = task.model.tokenizer.unk_token_id
-    assert len(ds) == 12 and all(unk not in e.input_ids for e in ds.encoded)
+    assert len(ds) >= 2 * 12 and all(unk not in e.input_ids for e in ds.encoded)
     batch = task.collate_fn([ds[0], ds[1]])
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     n_img = int((batch["input_ids"] == task.model.image_token_id).sum())
@@ -163,3 +163,26 @@ def test_summarise_eval_flattens_primary_metrics_and_group_means():
     out = summarise_eval(res)
     assert out["shapes_vqa/acc"] == 0.9 and out["shapes_pope/f1"] == pytest.approx(0.7)
     assert "shapes/acc" not in out  # a one-member group adds nothing
+
+
+def test_shapes_vqa_conversations_are_shuffled_and_complete(tmp_path):
+    from data.formats import export_llava
+    from data.shapes import ShapesWorld, WorldConfig
+    from zoo.tasks.moe_llava import write_shapes_vqa
+
+    world = ShapesWorld(WorldConfig(image_size=32))
+    export_llava(world, "train", 8, tmp_path, "caption")
+    records = json.loads(write_shapes_vqa(world, 8, tmp_path, 3, 2, True, seed=0).read_text())
+    first_kinds = set()
+    for scene in world.iter_scenes("train", 8):
+        mine = [r for r in records if r["image"] == f"images/{scene.id}.png"]
+        turns = [t for r in mine for t in r["conversations"]]
+        questions = [t["value"].replace("<image>\n", "").split("\n")[0] for t in turns[::2]]
+        # every VQA question once, plus two POPE probes that are not already VQA questions
+        assert sorted(questions) == sorted(set(questions)) and len(questions) == len(scene.vqa) + 2
+        assert {qa.question for qa in scene.vqa} <= set(questions)
+        assert all(len(r["conversations"]) <= 6 and r["conversations"][0]["value"].startswith("<image>\n")
+                   for r in mine)
+        kinds = {qa.question: qa.kind for qa in scene.vqa}
+        first_kinds |= {kinds.get(r["conversations"][0]["value"].split("\n")[1], "pope") for r in mine}
+    assert len(first_kinds) >= 4  # the first turn is not always the colour question
