@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from zoo.diffusion import GaussianDiffusion, RectifiedFlow, discretized_gaussian_log_likelihood, normal_kl
-from zoo.diffusion import space_timesteps
+from zoo.diffusion import (
+    GaussianDiffusion,
+    RectifiedFlow,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    space_timesteps,
+)
 
 
 def toy_denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.moe import MoE, MoEConfig, collect_aux_loss
-from zoo.registry import register_model
+from zoo.registry import WeightsCfg, register_model, register_weights
 
 __all__ = [
     "DiTConfig",
@@ -532,8 +532,37 @@ def _build(size: str, patch: int, **kwargs: Any) -> DiT:
     return DiT(replace(base, **kwargs))
 
 
-def config_dict(cfg: DiTConfig) -> dict[str, Any]:
-    return asdict(cfg)
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------
+
+# Official DiT-MoE releases on the HF hub (never downloaded: fetch them yourself, then
+# `zoo convert dit ARCH FILE.pt OUT`). DiT-XL/2's .pt files are at dl.fbaipublicfiles.com/DiT/models/.
+OFFICIAL_WEIGHTS: dict[str, tuple[str, str]] = {
+    "dit_moe_s_2_8e2a": ("feizhengcong/DiT-MoE", "dit_moe_s_8E2A.pt"),
+    "dit_moe_b_2_8e2a": ("feizhengcong/DiT-MoE", "dit_moe_b_8E2A.pt"),
+    "dit_moe_xl_2_8e2a": ("feizhengcong/DiT-MoE", "dit_moe_xl_8E2A.pt"),
+    "dit_moe_g_2_16e2a": ("feizhengcong/DiT-MoE", "dit_moe_g_16E2A.pt"),
+}
+
+# Shipped demo weights. Scores: EMA weights, 100 samples per class, 25 Euler steps, cfg 1.5, seed 0, 1 CPU thread;
+# FID-digits / KID / IS in the shipped digit classifier's feature space against all 1797 real digits.
+register_weights(
+    "dit_moe_tiny",
+    "digits",
+    WeightsCfg(
+        file="dit_moe_tiny.digits",
+        recipe="recipes/dit_moe/digits_tiny.yaml@fe911c5",
+        metrics={"fid_digits": 0.6539, "kid_digits": 0.0562, "is_digits": 9.0645, "class_acc": 0.978,
+                 "val_loss": 0.1454},
+        license="Apache-2.0 (weights); data: scikit-learn digits (BSD-3, UCI optdigits)",
+        notes="pixel-space 16x16 digits, rectified flow; 628K params, 333K activated",
+    ),
+)
+for _arch, (_hub, _file) in OFFICIAL_WEIGHTS.items():
+    register_weights(_arch, "official", WeightsCfg(hf_hub_id=_hub, filename=_file,
+                                                  license="Apache-2.0",
+                                                  notes="official release; convert with `zoo convert dit`"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
