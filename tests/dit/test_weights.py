@@ -10,8 +10,8 @@ import torch
 
 import zoo
 from zoo.models.dit import count_params
-from zoo.registry import get_weights_cfg
 from zoo.recipe import load_recipe
+from zoo.registry import get_weights_cfg
 from zoo.tasks.dit import evaluate_generator
 
 ROOT = Path(__file__).resolve().parents[2]
