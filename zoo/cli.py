@@ -11,6 +11,7 @@ with a misspelt key fails in about a second.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib
 import sys
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="list weights names (arch.tag) instead of architectures")
     p.add_argument("--tasks", action="store_true", help="list recipe task names instead of models")
 
-    for name, (module, text) in DISPATCH.items():
+    for name, (_module, text) in DISPATCH.items():
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -138,7 +139,7 @@ def _list(args: argparse.Namespace) -> int:
     if args.tasks:
         from zoo.tasks import list_tasks
 
-        names = [n for n in list_tasks() if __import__("fnmatch").fnmatch(n, args.pattern)]
+        names = [n for n in list_tasks() if fnmatch.fnmatch(n, args.pattern)]
     else:
         from zoo.registry import list_models, list_pretrained
 

@@ -268,6 +268,13 @@ def _lightning_parts():
             trainer = self.trainer
             return trainer.max_steps * trainer.accumulate_grad_batches
 
+        def init_train_tqdm(self) -> Any:
+            # Also reached when resuming mid-stream, where on_train_epoch_start is not called.
+            bar = super().init_train_tqdm()
+            bar.set_description(f"stage {self.stage_name}")
+            bar.total = self.total_train_batches
+            return bar
+
         def on_train_epoch_start(self, trainer, *args: Any) -> None:
             super().on_train_epoch_start(trainer, *args)
             self.train_progress_bar.set_description(f"stage {self.stage_name}")

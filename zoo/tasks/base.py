@@ -45,8 +45,8 @@ import model families inside ``__init__`` via ``zoo.registry.create_model`` so v
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
