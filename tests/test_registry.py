@@ -87,3 +87,22 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
 
+
+
+def test_atomic_write_gives_ordinary_file_mode(tmp_path):
+    import os
+
+    target = tmp_path / "weights.bin"
+    registry.atomic_write(target, lambda tmp: open(tmp, "wb").write(b"x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_import_zoo_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, zoo; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -29,6 +29,7 @@ __all__ = [
     "list_models",
     "list_pretrained",
     "get_weights_cfg",
+    "resolve_weights_dir",
     "load",
     "save_pretrained",
     "atomic_write",
@@ -118,7 +119,8 @@ def create_model(name: str, pretrained: bool = False, **model_args: Any) -> nn.M
     return _MODELS[name].builder(**model_args)
 
 
-def _resolve_weights_dir(cfg: WeightsCfg, name: str) -> Path:
+def resolve_weights_dir(cfg: WeightsCfg, name: str) -> Path:
+    """The local directory of a weights entry (shipped under zoo/weights/ or absolute); never downloads."""
     if cfg.file is None:
         raise FileNotFoundError(
             f"weights {name!r} live on the hub ({cfg.hf_hub_id}); mmzoo never downloads at run time. Download the "
@@ -134,7 +136,7 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
     path = Path(name_or_path)
     if not path.exists():
         cfg = get_weights_cfg(str(name_or_path))
-        path = _resolve_weights_dir(cfg, str(name_or_path))
+        path = resolve_weights_dir(cfg, str(name_or_path))
     if path.is_file():
         path = path.parent
     cfg_file = path / CONFIG_NAME
@@ -174,6 +176,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600; give the file the mode an ordinary open() would have (0666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
