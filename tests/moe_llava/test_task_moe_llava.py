@@ -178,11 +178,13 @@ def test_shapes_vqa_conversations_are_shuffled_and_complete(tmp_path):
         mine = [r for r in records if r["image"] == f"images/{scene.id}.png"]
         turns = [t for r in mine for t in r["conversations"]]
         questions = [t["value"].replace("<image>\n", "").split("\n")[0] for t in turns[::2]]
-        # every VQA question once, plus two POPE probes that are not already VQA questions
-        assert sorted(questions) == sorted(set(questions)) and len(questions) == len(scene.vqa) + 2
-        assert {qa.question for qa in scene.vqa} <= set(questions)
+        # every VQA question once, plus at most one "yes" and one "no" POPE probe not already asked
+        assert len(questions) == len(set(questions)) and {qa.question for qa in scene.vqa} <= set(questions)
         assert all(len(r["conversations"]) <= 6 and r["conversations"][0]["value"].startswith("<image>\n")
                    for r in mine)
+        vqa_q = {qa.question for qa in scene.vqa}
+        extra = [(q, a["value"]) for q, a in zip(questions, turns[1::2]) if q not in vqa_q]
+        assert sorted(a for _, a in extra) in (["no", "yes"], ["no"])  # balanced when a new "yes" exists
         kinds = {qa.question: qa.kind for qa in scene.vqa}
         first_kinds |= {kinds.get(r["conversations"][0]["value"].split("\n")[1], "pope") for r in mine}
     assert len(first_kinds) >= 4  # the first turn is not always the colour question

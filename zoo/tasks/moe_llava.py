@@ -128,9 +128,13 @@ def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_pr
     for scene in world.iter_scenes("train", num_scenes):
         rng = np.random.default_rng(mix_seed(seed, scene.index))
         qas = {qa.question: qa.answer for qa in scene.vqa}
-        probes = list({p.question: p.answer for p in scene.pope if p.question not in qas}.items())
-        for i in rng.permutation(len(probes))[:pope_probes]:
-            qas[probes[i][0]] = probes[i][1]
+        probes = {p.question: p.answer for p in scene.pope if p.question not in qas}
+        # As many "yes" as "no" probes: absent objects outnumber present ones, and a model fed the imbalance
+        # learns to answer "no" to every existence question.
+        for answer, share in (("yes", pope_probes // 2), ("no", pope_probes - pope_probes // 2)):
+            pool = sorted(q for q, a in probes.items() if a == answer)
+            for i in rng.permutation(len(pool))[:share]:
+                qas[pool[i]] = answer
         items = list(qas.items())
         items = [items[i] for i in rng.permutation(len(items))]
         for c in range(0, len(items), turns):
@@ -397,10 +401,12 @@ def summarise_eval(results: dict[str, Any]) -> dict[str, float]:
             group = results.get("configs", {}).get(task, {}).get("group")
             if group and group != task:
                 groups.setdefault(f"{group}/{primary}", []).append(float(value))
-        eff = results.get("efficiency", {}).get(task, {})
-        if isinstance(eff.get("tokens_per_second"), (int, float)):
-            out[f"{task}/gen_tokens_per_s"] = float(eff["tokens_per_second"])
     for key, values in groups.items():
         if len(values) > 1:  # a group of one task repeats that task's number
             out[key] = sum(values) / len(values)
+    eff = [e for e in results.get("efficiency", {}).values() if isinstance(e, dict)]
+    tokens = sum(e.get("generated_tokens", 0) for e in eff)
+    wall = sum(e.get("wall_seconds", 0.0) for e in eff)
+    if tokens and wall:
+        out["gen_tokens_per_s"] = tokens / wall
     return out
