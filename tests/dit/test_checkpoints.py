@@ -153,3 +153,22 @@ def test_checkpoint_with_missing_and_extra_keys_lists_them(tmp_path: Path) -> No
     good["blocks.0.attn.qkv.weight"] = torch.zeros(3 * 32, 16)
     with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight"):
         load_official_checkpoint(DiT(cfg), good)
+
+
+def test_zoo_convert_dit_writes_a_loadable_directory(tmp_path: Path) -> None:
+    from zoo.convert.dit import main as convert_main
+
+    args = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                num_experts=4, qk_norm=True)
+    state = random_state(official_dit_moe_shapes(2, 32, 2, 4, True, latent=8, classes=10), seed=3)
+    torch.save(state, tmp_path / "moe.pt")
+    from zoo.convert.dit import convert_dit
+
+    out = convert_dit("dit_tiny", tmp_path / "moe.pt", tmp_path / "out", **args)
+    model = zoo.load(out)
+    assert not model.pos_embed.requires_grad
+    torch.testing.assert_close(model.blocks[0].moe.router.weight, state["blocks.0.moe.gate.weight"])
+    torch.testing.assert_close(model.blocks[1].attn.proj.bias, state["blocks.1.attn.out_proj.bias"])
+    del state["blocks.1.attn.q_norm.bias"]
+    torch.save(state, tmp_path / "bad.pt")
+    assert convert_main(["dit_moe_xl_2_8e2a", str(tmp_path / "bad.pt"), str(tmp_path / "o2")]) == 2

@@ -74,9 +74,14 @@ class DiTModelConfig:
     time_scale: float | None = None
     ema_decay: float = field(default=0.9999, metadata={"min": 0.0, "max": 1.0, "help": "0 disables the EMA"})
     ema_warmup: bool = field(default=False, metadata={"help": "decay min(ema_decay, (1+s)/(10+s)) for short runs"})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"min": 1, "help": "torch intra-op threads when training on CPU (null: torch's default). Tiny models "
+                  "run several times faster with 1: thread synchronisation costs more than their small matmuls gain"},
+    )
 
     def model_args(self) -> dict[str, Any]:
-        skip = {"arch", "ema_decay", "ema_warmup"}
+        skip = {"arch", "ema_decay", "ema_warmup", "cpu_threads"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None}
 
 
@@ -126,7 +131,7 @@ class LatentShards(Dataset):
                 for m in tar.getmembers():
                     key, _, ext = m.name.partition(".")
                     members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-            for key, parts in members.items():
+            for parts in members.values():
                 if "latent.npy" in parts and "cls" in parts:
                     self.items.append((path, parts["latent.npy"], parts["cls"]))
                 else:
@@ -191,6 +196,10 @@ class DiTDiffusionTask(StageTask):
             from zoo.diffusion import RectifiedFlow
 
             self.diffusion = RectifiedFlow(time_scale=cfg.time_scale)
+
+    def on_fit_start(self) -> None:
+        if self.model_cfg.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.model_cfg.cpu_threads)
 
     def init_from(self, source: Path) -> None:
         super().init_from(source)
@@ -271,7 +280,7 @@ class DiTDiffusionTask(StageTask):
         saved, self.model = self.model, model
         try:
             total, n = 0.0, 0
-            for b in range(batches):
+            for _ in range(batches):
                 idx = torch.randint(0, len(ds), (64,), generator=gen)
                 x0, y = ds.images[idx].to(device), ds.labels[idx].to(device)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
