@@ -552,7 +552,7 @@ register_weights(
     "digits",
     WeightsCfg(
         file="dit_moe_tiny.digits",
-        recipe="recipes/dit_moe/digits_tiny.yaml@fe911c5",
+        recipe="recipes/dit_moe/digits_tiny.yaml@0a5bf7d",
         metrics={"fid_digits": 0.6539, "kid_digits": 0.0562, "is_digits": 9.0645, "class_acc": 0.978,
                  "val_loss": 0.1454},
         license="Apache-2.0 (weights); data: scikit-learn digits (BSD-3, UCI optdigits)",
