@@ -86,7 +86,7 @@ def run(argv: list[str]) -> None:
         t = torch.full((batch,), 500, device=device)
         y = torch.arange(batch, device=device) % 10
 
-        def step(m):
+        def step(m, x=x, t=t, y=y):
             return lambda: m.forward_with_cfg(x, t, y, 2.0)
 
         with torch.no_grad():
