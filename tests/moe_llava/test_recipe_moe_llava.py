@@ -125,3 +125,16 @@ def test_phi2_recipe_runs_at_toy_size(phi2_env: Path):
     assert moe.moe_layers == [0, 2] and moe.image_token_id == -200
     cfg = json.loads((runs / "moe" / "final" / "config.json").read_text())
     assert cfg["architecture"] == "moe_llava_phi2_4e" and cfg["model_args"]["moe"]["num_experts"] == 4
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end_meets_the_targets(tmp_path: Path):
+    """`make train`: CLIP + stages I-III + eval; dense and MoE models both >= 85% ShapesVQA and ShapesPOPE F1."""
+    from zoo.train import train
+
+    rows = {r["stage"]: r for r in train(TINY, runs_dir=tmp_path)}
+    for stage in ("sft", "moe"):
+        m = rows[stage]["metrics"]
+        assert m["shapes_vqa/accuracy"] >= 85, (stage, m)
+        assert m["shapes_pope/f1"] >= 85, (stage, m)
+    assert rows["moe"]["metrics"]["params_active_M"] < rows["moe"]["metrics"]["params_total_M"]
