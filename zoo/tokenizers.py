@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from zoo.conversation import IMAGE_PLACEHOLDER, list_templates, get_template
+from zoo.conversation import IMAGE_PLACEHOLDER, get_template, list_templates
 
 __all__ = [
     "SPECIAL_TOKENS",

@@ -7,7 +7,13 @@ import dataclasses
 import pytest
 
 from zoo.conversation import Turn, get_template, list_templates
-from zoo.tokenizers import SPECIAL_TOKENS, build_tokenizer, split_words, tokenizer_from_json, tokenizer_to_json
+from zoo.tokenizers import (
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    split_words,
+    tokenizer_from_json,
+    tokenizer_to_json,
+)
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import zoo
 from zoo.registry import get_weights_cfg
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -48,7 +48,7 @@ stages:
     optim: {lr: 1.0e-2}
     batch_size: 4
     trainer: {max_steps: 2, enable_progress_bar: false}
-""" % {"vision": json.dumps(VISION), "lm": json.dumps(LM)}
+""".replace("%(vision)s", json.dumps(VISION)).replace("%(lm)s", json.dumps(LM))
 
 
 @pytest.fixture(scope="module")
