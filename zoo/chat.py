@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import zoo
+    import zoo.weights_table  # noqa: F401  (the demo weights' name; zoo.models imports it too)
 
     image = _load_image(args)
     try:
