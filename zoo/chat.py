@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--short-answer",
+        action="store_true",
+        help=f"append LLaVA-1.5's short-answer instruction ({SHORT_ANSWER!r}), as VQA benchmarks prompt; the tiny "
+        "demo model was trained on such prompts and answers best with it",
+    )
     return p
 
 
@@ -63,6 +69,9 @@ def _load_image(args: argparse.Namespace) -> Any:
     if args.save_image is not None:
         scene.image.save(args.save_image)
     return scene.image
+
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
 def answer(model: Any, image: Any, question: str, **gen: Any) -> str:
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     questions = [" ".join(args.question)] if args.question else (q.strip() for q in sys.stdin)
     for q in questions:
         if q:
-            print(answer(model, image, q, **gen), flush=True)
+            prompt = f"{q}\n{SHORT_ANSWER}" if args.short_answer else q
+            print(answer(model, image, prompt, **gen), flush=True)
     return 0
 
 
