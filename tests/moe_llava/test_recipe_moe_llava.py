@@ -30,7 +30,7 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert names == ["clip", "align", "sft", "moe"]
     clip, align, sft, moe = r.stages
     assert clip.task == "clip_contrastive" and align.init_source == ("stage", "clip")
-    assert align.trainable == ["mm_projector.*"] and align.data.template == "plain" and align.data.kind == "caption"
+    assert align.trainable == ["mm_projector.*", "llm.*"] and align.data.template == "plain" and align.data.kind == "caption"
     assert sft.trainable == ["mm_projector.*", "llm.*"] and sft.model.moe is None
     assert moe.model.moe["num_experts"] == 4 and moe.model.moe["top_k"] == 2
     assert moe.model.moe["aux_loss_coef"] == 0.01 and moe.trainable == ["llm.lm.model.layers.*.mlp.*"]
