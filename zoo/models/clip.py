@@ -13,9 +13,9 @@ Sizes (``CLIP_SIZES``):
 =================  ==========================  =======================================================
 zoo name           open_clip config            towers
 =================  ==========================  =======================================================
-clip_vit_tiny      mmzoo-ViT-tiny-8-64         ViT 64 px / patch 8, width 128, 4 layers, 4 heads;
-                                               text ctx 24, width 128, 4 layers; embed 128 (~8.4 M params,
-                                               6.3 M of them the 49408-token embedding)
+clip_vit_tiny      mmzoo-ViT-tiny-8-64         ViT 64 px / patch 8, width 128, 3 layers, 4 heads (0.64 M);
+                                               text ctx 24, width 64, 2 layers, 2 heads; embed 128 (3.9 M
+                                               params in all, 3.2 M of them the 49408-token embedding)
 =================  ==========================  =======================================================
 """
 
