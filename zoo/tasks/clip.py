@@ -73,8 +73,8 @@ class ClipDataConfig:
     hard_negatives: int = field(default=0, metadata={"min": 0, "help": "shape-swapped captions per image"})
     patch_loss: float = field(
         default=0.0,
-        metadata={"min": 0.0, "help": "weight of the dense auxiliary loss (penultimate-block patch tokens classify "
-                                      "the shape and size of the object under them, or background)"},
+        metadata={"min": 0.0, "help": "weight of the dense auxiliary loss (penultimate-block patch tokens covered "
+                                      "by an object classify its shape and size)"},
     )
 
 
@@ -185,7 +185,7 @@ class ClipContrastiveTask(StageTask):
         self.transform = image_transform(self.model, is_train=False)
         self.world = make_world(data_cfg)
         self.loss_fn: Any = None
-        self._penultimate: list[Tensor] = []
+        self._penultimate: Tensor | None = None
         if data_cfg.patch_loss:
             visual = self.model.visual
             n_classes = 1 + len(self.world.config.shapes) * len(self.world.config.sizes)
@@ -194,7 +194,7 @@ class ClipContrastiveTask(StageTask):
             visual.transformer.resblocks[-2].register_forward_hook(self._keep_penultimate)
 
     def _keep_penultimate(self, module: Any, args: Any, output: Tensor) -> None:
-        self._penultimate[:] = [output]  # only the latest forward's, so evaluation does not pile them up
+        self._penultimate = output
 
     def train_dataset(self) -> Dataset:
         grid = self.model.visual.grid_size[0] if self.data_cfg.patch_loss else None
@@ -248,7 +248,7 @@ class ClipContrastiveTask(StageTask):
             per_image = scale * img @ torch.cat([txt, neg]).T
             loss = (F.cross_entropy(per_image, target) + F.cross_entropy(scale * txt @ img.T, target)) / 2
         if "patch_labels" in batch:
-            tokens = self._penultimate[-1][:, -batch["patch_labels"].shape[1]:]  # drop the class token
+            tokens = self._penultimate[:, -batch["patch_labels"].shape[1]:]  # drop the class token
             # Object patches only: four in five patches are background, which is easy and would drown the shapes.
             dense = F.cross_entropy(
                 self.patch_head(tokens).flatten(0, 1), batch["patch_labels"].flatten(), ignore_index=0
