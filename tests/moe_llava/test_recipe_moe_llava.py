@@ -37,11 +37,18 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert moe.model.moe["aux_loss_coef"] == 0.01 and moe.trainable == ["llm.lm.model.layers.*.mlp.*"]
     for s in (sft, moe):
         assert set(s.eval.tasks) == {"shapes_vqa", "shapes_pope"}
-    # Stage 0 is the CLIP recipe's stage, except that it sees the VQA world's 1-3 object scenes with the dense patch
-    # loss (so the penultimate patch tokens LLaVA reads carry shape) and scores zero-shot on single objects.
+    # Stage 0 is the CLIP recipe's stage, except that its tower has a fourth block and it trains longer on the VQA
+    # world's 1-3 object scenes with the dense patch loss (so the penultimate patch tokens LLaVA reads carry shape),
+    # and scores zero-shot on single objects.
     ref = load_recipe(ROOT / "recipes" / "clip" / "shapes_tiny.yaml").stages[0]
-    for key in ("task", "model", "optim", "schedule", "batch_size", "seed", "trainer", "trainable"):
+    for key in ("task", "optim", "schedule", "batch_size", "seed", "trainable"):
         assert getattr(clip, key) == getattr(ref, key), key
+    assert dataclasses.replace(clip.model, architecture=ref.model.architecture) == ref.model
+    assert (ref.model.architecture, clip.model.architecture) == ("clip_vit_tiny", "clip_vit_tiny4")
+    assert dataclasses.replace(clip.trainer, max_steps=ref.trainer.max_steps) == ref.trainer
+    assert (ref.trainer.max_steps, clip.trainer.max_steps) == (600, 1000)
+    # Stages I-III read the tower stage 0 trained.
+    assert all(s.model.vision["model_name"] == "clip_vit_tiny4" for s in (align, sft, moe))
     assert dataclasses.replace(clip.data, max_objects=1, num_train=4096, patch_loss=0.0) == ref.data
     assert (clip.data.max_objects, clip.data.patch_loss, clip.data.hard_negatives) == (3, 5.0, 0)
     assert dataclasses.replace(clip.eval, max_objects=None) == ref.eval and clip.eval.max_objects == 1

@@ -16,6 +16,9 @@ zoo name           open_clip config            towers
 clip_vit_tiny      mmzoo-ViT-tiny-8-64         ViT 64 px / patch 8, width 128, 3 layers, 4 heads (0.64 M);
                                                text ctx 24, width 64, 2 layers, 2 heads; embed 128 (3.9 M
                                                params in all, 3.2 M of them the 49408-token embedding)
+clip_vit_tiny4     mmzoo-ViT-tiny4-8-64        as clip_vit_tiny with a 4-block image tower (0.84 M; 4.1 M in all):
+                                               the tiny MoE-LLaVA's stage 0, whose penultimate block (what
+                                               LLaVA reads) then has three blocks of context behind it
 =================  ==========================  =======================================================
 """
 
@@ -37,6 +40,7 @@ CONFIG_DIR = Path(__file__).parent / "clip_configs"
 # zoo architecture name -> open_clip model-config name (a JSON file in CONFIG_DIR)
 CLIP_SIZES: dict[str, str] = {
     "clip_vit_tiny": "mmzoo-ViT-tiny-8-64",
+    "clip_vit_tiny4": "mmzoo-ViT-tiny4-8-64",
 }
 
 _configs_added = False
@@ -110,3 +114,9 @@ def _create(architecture: str, context_length: int | None = None, **open_clip_kw
 def clip_vit_tiny(context_length: int | None = None) -> nn.Module:
     """Tiny CLIP for 64 px synthetic scenes (see the size table in the module docstring)."""
     return _create("clip_vit_tiny", context_length=context_length)
+
+
+@register_model(family="clip")
+def clip_vit_tiny4(context_length: int | None = None) -> nn.Module:
+    """The tiny CLIP with a 4-block image tower (see the size table in the module docstring)."""
+    return _create("clip_vit_tiny4", context_length=context_length)

@@ -640,7 +640,7 @@ TINY_LM = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
-TINY_VISION = dict(kind="zoo", model_name="clip_vit_tiny")
+TINY_VISION = dict(kind="zoo", model_name="clip_vit_tiny4")  # the tower of recipes/moe_llava/shapes_tiny.yaml
 
 
 # ----------------------------------------------------------------------------------------------------------------
