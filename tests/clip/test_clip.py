@@ -35,6 +35,24 @@ def test_tiny_clip_is_an_open_clip_model_built_from_its_config():
     assert torch.equal(ids, open_clip.tokenize(["a large red circle."], context_length=ids.shape[1]))
 
 
+def test_tiny4_differs_from_tiny_only_by_one_image_block():
+    """clip_vit_tiny4 (the tiny MoE-LLaVA's stage 0) is clip_vit_tiny with a fourth image block, per the size table."""
+    import open_clip
+
+    from zoo.models.clip import CLIP_SIZES
+    from zoo.registry import create_model
+
+    small, deep = (open_clip.get_model_config(CLIP_SIZES[a]) for a in ("clip_vit_tiny", "clip_vit_tiny4"))
+    assert (small["vision_cfg"]["layers"], deep["vision_cfg"]["layers"]) == (3, 4)
+    deep["vision_cfg"]["layers"] = 3
+    assert deep == small
+    a, b = create_model("clip_vit_tiny"), create_model("clip_vit_tiny4")
+    assert len(b.visual.transformer.resblocks) == 4
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    block = count(b.visual.transformer.resblocks[0])
+    assert count(b) - count(a) == block and count(b.visual) == 843_008
+
+
 def test_image_transform_follows_model_config():
     from PIL import Image
 
