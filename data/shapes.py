@@ -527,6 +527,21 @@ class ShapesWorld:
             background=cfg.background,
         )
 
+    def resample_vqa(self, scene: Scene, draw: int) -> list[QA]:
+        """Another draw of ``scene``'s questions: the same generator as ``scene.vqa`` on language stream ``draw``.
+
+        ``draw`` >= 1 (draw 0 is ``scene.vqa`` itself). Each draw picks other objects and other referring phrases, so
+        a training set can hold more questions of a kind per image than the one per kind a scene lists.
+        """
+        if draw < 1:
+            raise ValueError(f"draw must be >= 1 (draw 0 is scene.vqa), got {draw}")
+        cfg = self.config
+        lang = np.random.default_rng([self._config_digest, cfg.seed, _SPLIT_ID[scene.split], scene.index, 1, draw])
+        objects = scene.objects
+        radii = [self._radius[o.size] for o in objects]
+        unique = [_unique_descs(objects, i) for i in range(len(objects))]
+        return self._vqa(lang, objects, radii, unique)
+
     def scenes(self, split: str, n: int, start: int = 0) -> list[Scene]:
         return [self.scene(i, split) for i in range(start, start + n)]
 

@@ -83,6 +83,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1.0e-8
     momentum: float = 0.9  # sgd only
+    # Learning-rate multipliers by parameter-name glob (names as in ``trainable``), e.g. {"vision_tower.*": 0.1}
+    # to tune a pretrained tower gently as LLaVA-NeXT does; the first matching glob wins, unmatched names get 1.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

@@ -250,3 +250,21 @@ def test_grid_cli(tmp_path):
     out = main(["--out", str(tmp_path / "g.png"), "-n", "3", "--image-size", "32", "--background", "noise"])
     with Image.open(out) as im:
         assert im.size[0] > 3 * 32
+
+
+def test_resample_vqa_is_a_seeded_redraw_of_the_same_generator():
+    from data.shapes import ShapesWorld, WorldConfig
+
+    world = ShapesWorld(WorldConfig(image_size=64))
+    scene = world.scene(3)
+    a, b = world.resample_vqa(scene, 1), world.resample_vqa(scene, 1)
+    assert [q.question for q in a] == [q.question for q in b]  # deterministic per draw
+    draws = [world.resample_vqa(scene, d) for d in range(1, 6)]
+    assert any([q.question for q in d] != [q.question for q in scene.vqa] for d in draws)
+    # same kinds and the same object facts; only the choice of objects and phrases moves
+    colors = {o.color for o in scene.objects}
+    for d in draws:
+        assert {q.kind for q in d} <= {q.kind for q in scene.vqa} | {"position"}
+        assert all(q.answer in colors for q in d if q.kind == "color")
+    with pytest.raises(ValueError, match="draw"):
+        world.resample_vqa(scene, 0)

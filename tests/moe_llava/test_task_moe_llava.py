@@ -188,3 +188,28 @@ def test_shapes_vqa_conversations_are_shuffled_and_complete(tmp_path):
         kinds = {qa.question: qa.kind for qa in scene.vqa}
         first_kinds |= {kinds.get(r["conversations"][0]["value"].split("\n")[1], "pope") for r in mine}
     assert len(first_kinds) >= 4  # the first turn is not always the colour question
+
+
+def test_questions_per_kind_draws_more_questions_of_each_kind(tmp_path):
+    from data.shapes import ShapesWorld, WorldConfig
+    from zoo.tasks.moe_llava import _scene_questions
+
+    world = ShapesWorld(WorldConfig(image_size=64))
+    want = {"color": 3, "shape": 2, "exist": 1}
+    totals = dict.fromkeys(want, 0)
+    for scene in world.iter_scenes("train", 20):
+        qas = _scene_questions(world, scene, want)
+        assert len({qa.question for qa in qas}) == len(qas)  # distinct questions
+        counts = {k: sum(qa.kind == k for qa in qas) for k in ("color", "shape", "count", "position", "exist")}
+        assert counts["count"] == counts["position"] == 0 and all(counts[k] <= n for k, n in want.items())
+        for k in want:
+            totals[k] += counts[k]
+        for qa in qas:  # every drawn question is still answered correctly from the scene's objects
+            if qa.kind == "color":
+                assert qa.answer in {o.color for o in scene.objects}
+            if qa.kind == "shape":
+                assert qa.answer in {o.shape for o in scene.objects}
+    # single-object scenes have fewer phrases to give; multi-object scenes fill the quota
+    assert totals["color"] > 2 * 20 and totals["shape"] > 1.5 * 20 and totals["exist"] == 20
+    with pytest.raises(ValueError, match="unknown kinds"):
+        _scene_questions(world, world.scene(0), {"colour": 1})

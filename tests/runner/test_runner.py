@@ -197,3 +197,24 @@ def test_checkpoint_write_is_atomic(tmp_path):
         io.save_checkpoint({"global_step": 6, "junk": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"global_step": 5}
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_lr_scale_groups_parameters_by_glob():
+    import torch
+
+    from zoo.tasks.base import param_groups
+
+    net = torch.nn.ModuleDict({"tower": torch.nn.Linear(3, 4), "head": torch.nn.Linear(4, 2)})
+    named = list(net.named_parameters())
+    groups = param_groups(named, lr=1e-3, weight_decay=0.1, lr_scale={"tower.*": 0.1})
+    # base-rate groups first (the logged lr), then the tower's; decay only on matrices
+    summary = [(g["lr"], g["weight_decay"], sorted(id(p) for p in g["params"])) for g in groups]
+    assert summary == [
+        (1e-3, 0.1, [id(net["head"].weight)]),
+        (1e-3, 0.0, [id(net["head"].bias)]),
+        (pytest.approx(1e-4), 0.1, [id(net["tower"].weight)]),
+        (pytest.approx(1e-4), 0.0, [id(net["tower"].bias)]),
+    ]
+    assert len(param_groups(named, 1e-3, 0.0, {})) == 2
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        param_groups(named, 1e-3, 0.0, {"vision.*": 0.1})

@@ -243,13 +243,9 @@ class StageTask(L.LightningModule, ABC):
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {self.stage.name!r}: no trainable parameters (check `trainable` / `frozen`)")
-        decay = [p for _, p in params if p.ndim >= 2]
-        no_decay = [p for _, p in params if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
+        groups = param_groups(
+            [(n.removeprefix("model."), p) for n, p in params], optim.lr, optim.weight_decay, optim.lr_scale
+        )
         if optim.name == "adamw":
             opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
         elif optim.name == "adam":
@@ -267,3 +263,27 @@ class StageTask(L.LightningModule, ABC):
             k: asdict(v) if is_dataclass(v) else v
             for k, v in (("model", self.model_cfg), ("data", self.data_cfg), ("eval", self.eval_cfg))
         }
+
+
+def param_groups(
+    named: list[tuple[str, Any]], lr: float, weight_decay: float, lr_scale: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Optimizer groups: weight decay on tensors with ndim >= 2 only; ``lr_scale`` globs multiply the lr.
+
+    The unscaled groups come first, so ``param_groups[0]`` (what the logs report as ``lr``) is the base rate.
+    """
+    import fnmatch
+
+    for glob, scale in lr_scale.items():
+        if scale < 0:
+            raise ValueError(f"optim.lr_scale[{glob!r}] = {scale} must be >= 0")
+        if not any(fnmatch.fnmatchcase(n, glob) for n, _ in named):
+            raise ValueError(f"optim.lr_scale glob {glob!r} matches no trainable parameter")
+    buckets: dict[tuple[float, bool], list[Any]] = {}
+    for name, p in named:
+        scale = next((s for g, s in lr_scale.items() if fnmatch.fnmatchcase(name, g)), 1.0)
+        buckets.setdefault((scale, p.ndim >= 2), []).append(p)
+    order = sorted(buckets, key=lambda k: (k[0] != 1.0, not k[1]))
+    return [
+        {"params": buckets[k], "lr": lr * k[0], "weight_decay": weight_decay if k[1] else 0.0} for k in order
+    ]

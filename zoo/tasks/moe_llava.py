@@ -74,6 +74,11 @@ class MoELLaVADataConfig:
     pope_probes: int = field(
         default=2, metadata={"min": 0, "help": "shapes vqa: POPE probes per scene added as questions"}
     )
+    questions_per_kind: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "shapes vqa: questions per scene of each kind (color, shape, count, position, exist), "
+                          "drawn from fresh draws of the scene's question generator; empty: the scene's own list"},
+    )
     json_paths: list[str] = field(default_factory=list, metadata={"help": "LLaVA JSON files ($VARS expanded)"})
     image_folder: str | None = field(default=None, metadata={"help": "image root (default: each JSON's folder)"})
     shards: list[str] = field(default_factory=list, metadata={"help": "webdataset .tar shards ($VARS expanded)"})
@@ -106,14 +111,17 @@ def shapes_tokenizer(world: dict[str, Any], num_scenes: int):
 
 
 def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_probes: int, answer_prompt: bool,
-                     seed: int) -> Path:
+                     seed: int, questions_per_kind: dict[str, int] | None = None) -> Path:
     """LLaVA JSON of the train scenes' questions, shuffled per scene and cut into conversations of ``turns``.
 
     The world lists a scene's questions in a fixed order (colour, shape, count, position, existence), and evaluation
     asks one question per conversation; trained on that order, a model learns "first question -> a colour" instead
     of reading the question. A seeded shuffle puts every kind in every position, short conversations make the
     first-turn case common, and ``pope_probes`` of the scene's POPE probes (present objects and random / popular /
-    adversarial absent ones) add the existence questions POPE asks. Images are ``images/<id>.png`` under ``out`` (written by the caption
+    adversarial absent ones) add the existence questions POPE asks. ``questions_per_kind`` (e.g. ``{"color": 3}``)
+    replaces the scene's one-per-kind list by that many distinct questions of each kind, gathered over fresh draws
+    of the world's question generator (fewer where the scene has fewer to give: one object has few colour
+    phrases); kinds not named get none. Images are ``images/<id>.png`` under ``out`` (written by the caption
     export).
     """
     import json
@@ -127,7 +135,7 @@ def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_pr
     records = []
     for scene in world.iter_scenes("train", num_scenes):
         rng = np.random.default_rng(mix_seed(seed, scene.index))
-        qas = {qa.question: qa.answer for qa in scene.vqa}
+        qas = {qa.question: qa.answer for qa in _scene_questions(world, scene, questions_per_kind)}
         probes = {p.question: p.answer for p in scene.pope if p.question not in qas}
         # As many "yes" as "no" probes: absent objects outnumber present ones, and a model fed the imbalance
         # learns to answer "no" to every existence question.
@@ -147,6 +155,28 @@ def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_pr
     text = "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in records) + "\n]\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+def _scene_questions(world: Any, scene: Any, per_kind: dict[str, int] | None) -> list[Any]:
+    if not per_kind:
+        return list(scene.vqa)
+    from data.shapes import QA_KINDS
+
+    unknown = sorted(set(per_kind) - set(QA_KINDS))
+    if unknown:
+        raise ValueError(f"questions_per_kind has unknown kinds {unknown}; the kinds are {list(QA_KINDS)}")
+    picked: dict[str, Any] = {}
+    counts = dict.fromkeys(per_kind, 0)
+    # 4 draws per wanted question is plenty for every kind a scene can answer; kinds it cannot (a position question
+    # for objects too close to the centre) simply stay short.
+    for draw in range(4 * max(per_kind.values(), default=0) + 1):
+        for qa in scene.vqa if draw == 0 else world.resample_vqa(scene, draw):
+            if qa.question not in picked and counts.get(qa.kind, 0) < per_kind.get(qa.kind, 0):
+                picked[qa.question] = qa
+                counts[qa.kind] += 1
+        if all(counts[k] >= n for k, n in per_kind.items()):
+            break
+    return list(picked.values())
 
 
 @register_task("moe_llava")
@@ -296,7 +326,8 @@ class MoELLaVATask(StageTask):
         json_path = export_llava(world, "train", d.num_scenes, out, "caption")
         if d.kind == "vqa":
             json_path = write_shapes_vqa(world, d.num_scenes, out, d.turns_per_conversation, d.pope_probes,
-                                         d.answer_prompt, seed=self.stage.seed)
+                                         d.answer_prompt, seed=self.stage.seed,
+                                         questions_per_kind=d.questions_per_kind)
         return read_llava_json(json_path), str(out)
 
     def train_dataset(self):
