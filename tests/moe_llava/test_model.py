@@ -248,3 +248,22 @@ def test_default_tiny_model_uses_the_tiny_clip_tower() -> None:
     assert model.llm.config.vocab_size == len(model.tokenizer)
     out = model.generate([_image(0)], ["what color is the circle ?"], max_new_tokens=2)
     assert len(out) == 1
+
+
+def test_image_pos_embed_adds_a_learned_vector_per_image_token(tmp_path) -> None:
+    plain, model = tiny(), tiny(image_pos_embed=True)
+    assert plain.image_pos_embed is None and model.image_pos_embed.shape == (model.num_image_tokens, 32)
+    ids, mask, px, labels = _batch(model)
+    with torch.no_grad():
+        # zero-initialised: the same model as without it, so it can be switched on for a trained checkpoint
+        torch.testing.assert_close(model(ids, mask, px)[1], plain(ids, mask, px)[1])
+        model.image_pos_embed.copy_(torch.randn_like(model.image_pos_embed))
+        feats = model.encode_images(px)
+        torch.testing.assert_close(feats, plain.encode_images(px) + model.image_pos_embed)
+    save_pretrained(model, tmp_path / "m", model.architecture, model.model_args)
+    loaded = load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, px)[1], model(ids, mask, px)[1])
+    loss, _, _ = model.train()(ids, mask, px, labels)
+    loss.backward()
+    assert model.image_pos_embed.grad is not None and model.image_pos_embed.grad.abs().sum() > 0

@@ -93,6 +93,9 @@ class MoELLaVAConfig:
         moe: ``MoESettings`` dict, or None for the dense (stage I/II) model.
         attn_implementation: transformers attention backend of the LM.
         pad_to_square: LLaVA's ``image_aspect_ratio="pad"`` in ``generate``'s image transform.
+        image_pos_embed: add a learned embedding per image-token position to the projected features (not in
+            MoE-LLaVA; off for every official layout). A small LM trained from scratch reads rows from the token
+            order but not columns; this gives every image token its own learned position vector in the LM's space.
     """
 
     vision: dict[str, Any]
@@ -104,6 +107,7 @@ class MoELLaVAConfig:
     moe: dict[str, Any] | None = None
     attn_implementation: str = "sdpa"
     pad_to_square: bool = True
+    image_pos_embed: bool = False
 
 
 def tokenizer_spec(tok: Any) -> dict[str, Any]:
@@ -165,6 +169,10 @@ class MoELLaVA(nn.Module):
         lm = build_causal_lm(lm_cfg, attn_implementation=cfg.attn_implementation)
         self.llm = CausalLMWrapper(lm)
         self.mm_projector = build_projector(cfg.projector, self.vision_tower.out_dim, self.llm.hidden_size)
+        # Zero-initialised, so switching it on leaves a trained model's outputs unchanged until it trains.
+        self.image_pos_embed = (
+            nn.Parameter(torch.zeros(self.num_image_tokens, self.llm.hidden_size)) if cfg.image_pos_embed else None
+        )
         self.template = get_template(cfg.template)
         self.moe_layers: list[int] = []
         if cfg.moe is not None:
@@ -257,7 +265,8 @@ class MoELLaVA(nn.Module):
         tower_trains = any(p.requires_grad for p in self.vision_tower.parameters()) and self.training
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             feats = self.vision_tower.forward_features(pixel_values.to(self._tower_dtype()))
-        return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
+        out = self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
+        return out if self.image_pos_embed is None else out + self.image_pos_embed.to(out.dtype)
 
     def _tower_dtype(self) -> torch.dtype:
         p = next(self.vision_tower.parameters(), None)

@@ -53,6 +53,9 @@ class MoELLaVAModelConfig:
         default=None, metadata={"help": "MoESettings (stage III); a dense init_from checkpoint is upcycled"}
     )
     image_token_id: int | None = field(default=None, metadata={"help": "None: the tokenizer's <image> (official: -200)"})
+    image_pos_embed: bool = field(
+        default=False, metadata={"help": "learned per-position embedding added to the image tokens (train it too)"}
+    )
     pretrained_lm: str | None = field(
         default=None, metadata={"help": "local Hugging Face causal-LM dir loaded into the LLM (stage I of real recipes)"}
     )
@@ -210,6 +213,8 @@ class MoELLaVATask(StageTask):
             args["tokenizer"] = tokenizer_spec(AutoTokenizer.from_pretrained(path, local_files_only=True))
         if model_cfg.image_token_id is not None:
             args["image_token_id"] = model_cfg.image_token_id
+        if model_cfg.image_pos_embed:
+            args["image_pos_embed"] = True
         # Stage III builds the MoE model directly, so a resumed run's checkpoint matches the module tree;
         # a fresh run fills it from the dense stage-II checkpoint in init_from.
         args["moe"] = model_cfg.moe
