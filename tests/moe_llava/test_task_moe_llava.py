@@ -213,3 +213,12 @@ def test_questions_per_kind_draws_more_questions_of_each_kind(tmp_path):
     assert totals["color"] > 2 * 20 and totals["shape"] > 1.5 * 20 and totals["exist"] == 20
     with pytest.raises(ValueError, match="unknown kinds"):
         _scene_questions(world, world.scene(0), {"colour": 1})
+
+
+def test_recipe_validation_rejects_a_misspelt_question_kind(monkeypatch):
+    from zoo.recipe import RecipeError
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    bad = "stages.sft.data.questions_per_kind={colour: 2}"
+    with pytest.raises(RecipeError, match=r"stages\[2\]\.data\.questions_per_kind.*did you mean 'color'"):
+        load_recipe("recipes/moe_llava/shapes_tiny.yaml", [bad])

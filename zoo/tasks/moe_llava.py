@@ -77,7 +77,7 @@ class MoELLaVADataConfig:
     pope_probes: int = field(
         default=2, metadata={"min": 0, "help": "shapes vqa: POPE probes per scene added as questions"}
     )
-    questions_per_kind: dict[str, int] = field(
+    questions_per_kind: dict[Literal["color", "shape", "count", "position", "exist"], int] = field(
         default_factory=dict,
         metadata={"help": "shapes vqa: questions per scene of each kind (color, shape, count, position, exist), "
                           "drawn from fresh draws of the scene's question generator; empty: the scene's own list"},
@@ -166,8 +166,9 @@ def _scene_questions(world: Any, scene: Any, per_kind: dict[str, int] | None) ->
     from data.shapes import QA_KINDS
 
     unknown = sorted(set(per_kind) - set(QA_KINDS))
-    if unknown:
-        raise ValueError(f"questions_per_kind has unknown kinds {unknown}; the kinds are {list(QA_KINDS)}")
+    if unknown or min(per_kind.values(), default=0) < 0:
+        raise ValueError(f"questions_per_kind={per_kind}: kinds must be among {list(QA_KINDS)} (unknown kinds "
+                         f"{unknown}) with counts >= 0")
     picked: dict[str, Any] = {}
     counts = dict.fromkeys(per_kind, 0)
     # 4 draws per wanted question is plenty for every kind a scene can answer; kinds it cannot (a position question
