@@ -222,3 +222,13 @@ def test_recipe_validation_rejects_a_misspelt_question_kind(monkeypatch):
     bad = "stages.sft.data.questions_per_kind={colour: 2}"
     with pytest.raises(RecipeError, match=r"stages\[2\]\.data\.questions_per_kind.*did you mean 'color'"):
         load_recipe("recipes/moe_llava/shapes_tiny.yaml", [bad])
+
+
+def test_questions_per_kind_literal_lists_the_worlds_kinds():
+    import typing
+
+    from data.shapes import QA_KINDS
+    from zoo.tasks.moe_llava import MoELLaVADataConfig
+
+    key_type = typing.get_args(typing.get_type_hints(MoELLaVADataConfig)["questions_per_kind"])[0]
+    assert typing.get_args(key_type) == QA_KINDS  # the config's copy (kept import-free) matches the world's
