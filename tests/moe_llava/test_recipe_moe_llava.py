@@ -47,8 +47,12 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert (ref.model.architecture, clip.model.architecture) == ("clip_vit_tiny", "clip_vit_tiny4")
     assert dataclasses.replace(clip.trainer, max_steps=ref.trainer.max_steps) == ref.trainer
     assert (ref.trainer.max_steps, clip.trainer.max_steps) == (600, 1000)
-    # Stages I-III read the tower stage 0 trained.
+    # Stages I-III read the tower stage 0 trained, with the LM that `moe_llava_tiny` builds by default.
+    from zoo.models.moe_llava import TINY_LM
+
     assert all(s.model.vision["model_name"] == "clip_vit_tiny4" for s in (align, sft, moe))
+    assert all(s.model.lm == TINY_LM for s in (align, sft, moe))
+    assert TINY_LM["rope_theta"] == 300.0 and moe.optim.lr == 5e-5
     assert dataclasses.replace(clip.data, max_objects=1, num_train=4096, patch_loss=0.0) == ref.data
     assert (clip.data.max_objects, clip.data.patch_loss, clip.data.hard_negatives) == (3, 5.0, 0)
     assert dataclasses.replace(clip.eval, max_objects=None) == ref.eval and clip.eval.max_objects == 1

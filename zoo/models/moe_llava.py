@@ -645,6 +645,7 @@ TINY_LM = dict(
     num_attention_heads=8,
     num_key_value_heads=8,
     partial_rotary_factor=0.5,
+    rope_theta=300.0,  # sequences of ~150 tokens with 8-token image rows, not 2048; see the recipe README
     hidden_act="gelu_pytorch_tanh",
     max_position_embeddings=512,
     tie_word_embeddings=False,
