@@ -276,6 +276,10 @@ class MoELLaVA(nn.Module):
         """``[B, T]`` bool: positions whose embeddings are image features."""
         return input_ids == self.image_token_id
 
+    def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool: positions whose embeddings are media features (of any modality)."""
+        return self.image_mask(input_ids)
+
     def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token positions filled by projected patch features (in order)."""
         has_id = self.cfg.image_token_id is not None or self.tokenizer is not None
