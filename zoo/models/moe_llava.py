@@ -26,6 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.components.lm import CausalLMWrapper, LayerHook, build_causal_lm
+from zoo.components.modality import (
+    Modality,
+    check_distinct,
+    count_placeholders,
+    expand_placeholders,
+    fill_media,
+)
+from zoo.components.modality import media_mask as modality_media_mask
 from zoo.components.projector import build_projector
 from zoo.components.vision import VisionTowerConfig, build_vision_tower, image_to_tensor
 from zoo.conversation import IMAGE_PLACEHOLDER, get_template
@@ -174,6 +182,22 @@ class MoELLaVA(nn.Module):
             nn.Parameter(torch.zeros(self.num_image_tokens, self.llm.hidden_size)) if cfg.image_pos_embed else None
         )
         self.template = get_template(cfg.template)
+        # The media this model reads, in the order their features are filled (see zoo.components.modality). A
+        # model with neither an image id nor a tokenizer to find one runs on text only.
+        self.modalities: dict[str, Modality] = {}
+        image_id = self._resolve_image_token_id()
+        if image_id is not None:
+            self.add_modality(
+                Modality(
+                    name="image",
+                    placeholder=IMAGE_PLACEHOLDER,
+                    token_id=image_id,
+                    tokens_per_item=self.num_image_tokens,
+                    input_key="pixel_values",
+                    prepare=self._image_to_tensor,
+                    encode=self.encode_images,
+                )
+            )
         self.moe_layers: list[int] = []
         if cfg.moe is not None:
             self._upcycle(MoESettings.from_dict(cfg.moe))
@@ -192,18 +216,33 @@ class MoELLaVA(nn.Module):
     def num_image_tokens(self) -> int:
         return self.vision_tower.num_patches
 
-    @property
-    def image_token_id(self) -> int:
+    def _resolve_image_token_id(self) -> int | None:
         if self.cfg.image_token_id is not None:
             return self.cfg.image_token_id
         if self.tokenizer is None:
-            raise ValueError("model has neither image_token_id nor a tokenizer with an <image> token")
+            return None
         tid = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-        if tid is None or tid == self.tokenizer.unk_token_id:
-            raise ValueError(
-                f"tokenizer has no {IMAGE_PLACEHOLDER} token; set image_token_id in the model config"
-            )
-        return tid
+        return None if tid is None or tid == self.tokenizer.unk_token_id else tid
+
+    @property
+    def image_token_id(self) -> int:
+        if "image" not in self.modalities:
+            raise self._no_image_modality()
+        return self.modalities["image"].token_id
+
+    def _no_image_modality(self) -> ValueError:
+        if self.tokenizer is None:
+            return ValueError("model has neither image_token_id nor a tokenizer with an <image> token")
+        return ValueError(f"tokenizer has no {IMAGE_PLACEHOLDER} token; set image_token_id in the model config")
+
+    def add_modality(self, modality: Modality) -> None:
+        """Declare a modality (a family adding video, audio or speech registers its encoder as a submodule first).
+
+        Its placeholder is expanded by ``build_generation_inputs``, its positions are filled by
+        ``embed_multimodal`` after those of the modalities declared before it, and ``media_mask`` covers it.
+        """
+        check_distinct([*self.modalities.values(), modality])
+        self.modalities[modality.name] = modality
 
     @property
     def data_cfg(self) -> dict[str, Any]:
@@ -272,35 +311,32 @@ class MoELLaVA(nn.Module):
         p = next(self.vision_tower.parameters(), None)
         return p.dtype if p is not None else torch.float32
 
+    def _image_to_tensor(self, image: Any) -> torch.Tensor:
+        if not hasattr(image, "convert"):
+            raise TypeError(f"image is a {type(image).__name__}, expected a PIL.Image")
+        dc = self.data_cfg
+        return image_to_tensor(image, dc["image_size"], dc["mean"], dc["std"], dc["pad_to_square"])
+
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` bool: positions whose embeddings are image features."""
         return input_ids == self.image_token_id
 
     def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` bool: positions whose embeddings are media features (of any modality)."""
-        return self.image_mask(input_ids)
+        """``[B, T]`` bool: positions whose embeddings are media features (of any declared modality)."""
+        return modality_media_mask(input_ids, self.modalities.values())
 
-    def embed_multimodal(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the image-token positions filled by projected patch features (in order)."""
-        has_id = self.cfg.image_token_id is not None or self.tokenizer is not None
-        image_id = self.image_token_id if (has_id or pixel_values is not None) else None
-        is_image = (
-            input_ids == image_id if image_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        )
-        n_tok = int(is_image.sum())
-        n_img = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_tok != n_img * self.num_image_tokens:
-            per_row = is_image.sum(1).tolist()
-            raise ValueError(
-                f"input_ids hold {n_tok} image tokens (id {image_id}; per sample {per_row}) but pixel_values has "
-                f"{n_img} image(s) x {self.num_image_tokens} tokens each; expand every <image> placeholder to "
-                f"num_image_tokens={self.num_image_tokens} ids and pass one image per placeholder"
-            )
-        embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
-        if n_img:
-            feats = self.encode_images(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
-        return embeds
+    def embed_multimodal(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **media: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token embeddings with every modality's positions filled by its encoded items, in order.
+
+        ``pixel_values`` are the stacked images; ``media`` the stacked items of the other declared modalities, by
+        their ``input_key`` (None or absent: none in this batch).
+        """
+        if pixel_values is not None and "image" not in self.modalities:
+            raise self._no_image_modality()
+        inputs = {"pixel_values": pixel_values, **media}
+        return fill_media(self.llm.embed, input_ids, list(self.modalities.values()), inputs)
 
     def forward(
         self,
@@ -311,13 +347,15 @@ class MoELLaVA(nn.Module):
         *,
         hooks: Sequence[LayerHook] = (),
         layer_kwargs: dict[str, Any] | None = None,
+        **media: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
         """Returns ``(loss, logits, aux)``; loss = next-token CE over labels != -100 + summed MoE aux loss.
 
         ``hooks`` run after every decoder layer and ``layer_kwargs`` reach every layer's attention function (see
-        ``zoo.components.CausalLMWrapper``); ``image_mask(input_ids)`` tells which positions hold image features.
+        ``zoo.components.CausalLMWrapper``); ``media_mask(input_ids)`` tells which positions hold media features.
+        ``media``: stacked items of declared modalities other than images, by ``input_key``.
         """
-        embeds = self.embed_multimodal(input_ids, pixel_values)
+        embeds = self.embed_multimodal(input_ids, pixel_values, **media)
         out = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, hooks=hooks, layer_kwargs=layer_kwargs
         )
@@ -344,12 +382,12 @@ class MoELLaVA(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------------------------
     def _encode_prompt(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k:
-                ids += [self.image_token_id] * self.num_image_tokens
-            if part:
-                ids += self.tokenizer(part, add_special_tokens=False).input_ids
+        """Token ids of ``text`` with every placeholder of a declared modality expanded to its token count."""
+        ids, _ = expand_placeholders(
+            text,
+            list(self.modalities.values()),
+            lambda piece: self.tokenizer(piece, add_special_tokens=False).input_ids,
+        )
         return ids
 
     def _stop_ids(self) -> set[int]:
@@ -363,42 +401,42 @@ class MoELLaVA(nn.Module):
         return stop
 
     def build_generation_inputs(
-        self, images: list[Any], prompts: list[str], apply_template: bool = True
+        self,
+        images: Sequence[Any] | None,
+        prompts: list[str],
+        apply_template: bool = True,
+        media: dict[str, Sequence[Any]] | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Left-padded ``input_ids`` / ``attention_mask`` and stacked ``pixel_values`` for ``generate``."""
+        """Left-padded ``input_ids`` / ``attention_mask`` and each modality's stacked items for ``generate``.
+
+        ``images`` and every list of ``media`` (keyed by modality name: ``{"audio": [...]}``) hold one entry per
+        prompt: an item, a list of items, or None. A prompt without placeholders of a modality gets one per item in
+        front of it (LLaVA puts the image before the question), in the order the modalities were declared. The
+        result has ``input_ids``, ``attention_mask`` and, per declared modality, its ``input_key`` (``pixel_values``)
+        holding ``[N_items, ...]`` or None when the batch has none of it.
+        """
         if self.tokenizer is None:
             raise ValueError(
                 "this model has no tokenizer (model_args.tokenizer is None); cannot generate from text"
             )
-        if len(images) != len(prompts):
-            raise ValueError(
-                f"generate got {len(images)} image entries for {len(prompts)} prompts; pass one "
-                "(PIL image, list of images, or None) per prompt"
-            )
+        per_prompt = self._media_per_prompt(images, prompts, media or {})
+        specs = list(self.modalities.values())
         rows: list[list[int]] = []
-        pixels: list[torch.Tensor] = []
-        dc = self.data_cfg
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            imgs = [] if img is None else list(img) if isinstance(img, (list, tuple)) else [img]
-            n_ph = prompt.count(IMAGE_PLACEHOLDER)
-            if n_ph == 0 and imgs:
-                prompt = (IMAGE_PLACEHOLDER + "\n") * len(
-                    imgs
-                ) + prompt  # LLaVA puts the image before the question
-                n_ph = len(imgs)
-            if n_ph != len(imgs):
-                raise ValueError(
-                    f"prompt {i} has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but {len(imgs)} image(s) "
-                    f"were given; pass one image per placeholder (prompt: {prompt[:80]!r})"
-                )
-            text = self.template.prompt(prompt) if apply_template else prompt
-            rows.append(self._encode_prompt(text))
-            for im in imgs:
-                if not hasattr(im, "convert"):
-                    raise TypeError(f"image for prompt {i} is a {type(im).__name__}, expected a PIL.Image")
-                pixels.append(
-                    image_to_tensor(im, dc["image_size"], dc["mean"], dc["std"], dc["pad_to_square"])
-                )
+        for i, (items, prompt) in enumerate(zip(per_prompt, prompts)):
+            counts = count_placeholders(prompt, specs)
+            lead = ""
+            for m in specs:
+                given = len(items[m.name])
+                if counts[m.name] == 0 and given:
+                    lead += (m.placeholder + "\n") * given
+                elif counts[m.name] != given:
+                    raise ValueError(
+                        f"prompt {i} has {counts[m.name]} {m.placeholder} placeholder(s) but {given} {m.name}(s) "
+                        f"were given; pass one {m.name} per placeholder (prompt: {prompt[:80]!r})"
+                    )
+            text = lead + prompt
+            rows.append(self._encode_prompt(self.template.prompt(text) if apply_template else text))
+        out: dict[str, torch.Tensor | None] = {}
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else 0
         n = max(len(r) for r in rows)
@@ -408,11 +446,49 @@ class MoELLaVA(nn.Module):
             if r:
                 ids[b, n - len(r) :] = torch.tensor(r)
                 mask[b, n - len(r) :] = 1
-        return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "pixel_values": torch.stack(pixels) if pixels else None,
-        }
+        out["input_ids"], out["attention_mask"] = ids, mask
+        for m in specs:
+            tensors = []
+            for i, items in enumerate(per_prompt):
+                for item in items[m.name]:
+                    try:
+                        tensors.append(m.prepare(item))
+                    except TypeError as e:
+                        raise TypeError(f"{m.name} for prompt {i}: {e}") from None
+            out[m.input_key] = torch.stack(tensors) if tensors else None
+        return out
+
+    def _media_per_prompt(
+        self, images: Sequence[Any] | None, prompts: list[str], media: dict[str, Sequence[Any]]
+    ) -> list[dict[str, list[Any]]]:
+        """Per prompt, the items of every declared modality (entries may be an item, a list of items, or None)."""
+        by_name: dict[str, Sequence[Any]] = dict(media)
+        if images is not None:
+            if "image" in by_name and any(x is not None for x in images):
+                raise ValueError("images given both as the images argument and as media['image']; pass them once")
+            if len(images) != len(prompts):
+                raise ValueError(
+                    f"generate got {len(images)} image entries for {len(prompts)} prompts; pass one "
+                    "(PIL image, list of images, or None) per prompt"
+                )
+            by_name.setdefault("image", images)
+        unknown = sorted(set(by_name) - set(self.modalities))
+        if unknown == ["image"] and any(x is not None for x in by_name["image"]):
+            raise self._no_image_modality()
+        if unknown and any(x is not None for name in unknown for x in by_name[name]):
+            raise ValueError(f"this model has no modality {unknown}; it reads {list(self.modalities)}")
+        per_prompt: list[dict[str, list[Any]]] = [{name: [] for name in self.modalities} for _ in prompts]
+        for name in self.modalities:
+            entries = by_name.get(name)
+            if entries is None:
+                continue
+            if len(entries) != len(prompts):
+                raise ValueError(
+                    f"generate got {len(entries)} {name} entries for {len(prompts)} prompts; pass one per prompt"
+                )
+            for row, entry in zip(per_prompt, entries):
+                row[name] = [] if entry is None else list(entry) if isinstance(entry, list | tuple) else [entry]
+        return per_prompt
 
     @torch.no_grad()
     def generate(
