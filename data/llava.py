@@ -32,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from zoo.components.modality import PlaceholderSpec, expand_placeholders
 from zoo.conversation import IMAGE_PLACEHOLDER, Template, Turn
 
 __all__ = [
@@ -196,17 +197,18 @@ def encode_conversation(
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) if image_token_id is None else image_token_id
     if image_id is None or (image_token_id is None and image_id == tokenizer.unk_token_id):
         raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token; pass image_token_id")
+    image = PlaceholderSpec(
+        name="image", placeholder=IMAGE_PLACEHOLDER, token_id=image_id, tokens_per_item=num_image_tokens
+    )
     ids: list[int] = []
     labels: list[int] = []
     for text, supervised in template.segments(record.conversations):
-        for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k:
-                ids += [image_id] * num_image_tokens
-                labels += [IGNORE_INDEX] * num_image_tokens
-            if part:
-                toks = tokenizer(part, add_special_tokens=False).input_ids
-                ids += toks
-                labels += toks if supervised else [IGNORE_INDEX] * len(toks)
+        toks, is_media = expand_placeholders(
+            text, [image], lambda piece: tokenizer(piece, add_special_tokens=False).input_ids
+        )
+        ids += toks
+        # Media positions are never supervised; text is on the answer pieces only.
+        labels += [t if supervised and not m else IGNORE_INDEX for t, m in zip(toks, is_media)]
     if not any(lab != IGNORE_INDEX for lab in labels):
         raise LlavaDataError(f"{record.where}: field 'conversations' has no gpt answer to supervise")
     if len(ids) <= max_length:
