@@ -3,32 +3,41 @@
 Any object with a ``generate`` method of this shape can be evaluated (a zoo model, a wrapper around another
 library, a test double)::
 
-    def generate(self, images: list[PIL.Image.Image | None], prompts: list[str], max_new_tokens: int = 16,
+    def generate(self, images: list[PIL.Image.Image | list[PIL.Image.Image] | None], prompts: list[str],
+                 max_new_tokens: int = 16, *, media: dict[str, list] | None = None, method: str | None = None,
                  **gen) -> list[str]
 
-``prompts[i]`` is the user-turn text for ``images[i]`` (no image placeholder, no conversation template: the model
+``prompts[i]`` is the user-turn text for ``images[i]`` (no media placeholder, no conversation template: the model
 applies its own). ``gen`` carries the task's other generation settings (``do_sample=False``, ``temperature``...).
 It returns one decoded answer per prompt, without the prompt.
+
+Media of other kinds (video, audio, speech) come in ``media``, keyed by modality name, one entry per prompt (an
+item, a list of items, or None), exactly like ``images``; the runner passes ``media=`` only for batches that hold
+such media, so an image-only model needs no ``media`` parameter. ``method`` (``zoo eval --method``) is a
+``zoo.methods`` spec string such as ``"none"`` or ``"var:p=0.6"``; it is passed only when a method was asked for,
+and a model whose ``generate`` takes no ``method`` is then refused before any document runs.
 
 Optional, for the efficiency columns:
 
 * ``num_parameters() -> {"total": int, "active": int}``: active = parameters used per token (for a top-k MoE:
   the non-expert parameters plus k experts per MoE layer). Without it the runner counts ``nn.Module`` parameters and
   reports ``active = total`` with ``"active_reported": false``.
-* ``last_generation_stats``: after each ``generate`` call, a :class:`GenerationStats` (or a dict with its fields)
-  for that call. Without it only wall-clock throughput is reported.
+* ``last_generation_stats``: after each ``generate`` call, a ``zoo.components.generation.GenerationStats`` for
+  that call. Without it only wall-clock throughput is reported; anything else there (a dict) is ignored with a
+  warning.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+from zoo.components.generation import GenerationStats
 
 log = logging.getLogger(__name__)
 
@@ -40,37 +49,8 @@ __all__ = [
     "NotGenerativeError",
     "count_parameters",
     "read_generation_stats",
+    "accepts_keyword",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerationStats:
-    """Timing of one batched ``generate`` call, as measured inside the model.
-
-    Attributes:
-        prefill_seconds: time to process the prompts (images + text) up to the first generated token.
-        decode_seconds: time spent in the token-by-token decode steps after that.
-        generated_tokens: new tokens over the batch (not counting padding after a sequence ended).
-        prompt_tokens: prompt tokens (image tokens included), as the model counts them.
-        decode_steps: decode forward passes; if None, decode latency per step is estimated as
-            ``decode_seconds * batch_size / generated_tokens`` (exact when all sequences have the same length).
-        batch_size: prompts in the call.
-    """
-
-    prefill_seconds: float
-    decode_seconds: float
-    generated_tokens: int
-    prompt_tokens: int | None = None
-    decode_steps: int | None = None
-    batch_size: int | None = None
-
-
-# Other spellings accepted in a ``last_generation_stats`` dict (the zoo MoE-LLaVA model reports these).
-_STATS_ALIASES = {
-    "prefill_s": "prefill_seconds",
-    "decode_s": "decode_seconds",
-    "new_tokens": "generated_tokens",
-}
 
 
 @runtime_checkable
@@ -131,24 +111,29 @@ def count_parameters(model: Any) -> dict[str, Any]:
     return {"total": None, "active": None, "active_reported": False}
 
 
+_warned_stats_types: set[tuple[str, str]] = set()
+
+
 def read_generation_stats(model: Any) -> GenerationStats | None:
-    """The model's ``last_generation_stats`` as a :class:`GenerationStats`, or None if it reports none (or an
-    unusable dict: efficiency columns are then left empty and a warning is logged, the evaluation goes on)."""
+    """The model's ``last_generation_stats`` if it is a :class:`GenerationStats`, else None (efficiency columns are
+    then left empty and, once per model class, a warning says why; the evaluation goes on)."""
     stats = getattr(model, "last_generation_stats", None)
-    if not stats or isinstance(stats, GenerationStats):
-        return stats or None
-    if not isinstance(stats, Mapping):
-        log.warning("%s.last_generation_stats is a %s; expected GenerationStats or a dict", type(model).__name__,
-                    type(stats).__name__)  # fmt: skip
-        return None
-    names = {f.name for f in dataclasses.fields(GenerationStats)}
-    values = {_STATS_ALIASES.get(k, k): v for k, v in stats.items()}
-    values = {k: v for k, v in values.items() if k in names}
-    missing = {"prefill_seconds", "decode_seconds", "generated_tokens"} - set(values)
-    if missing:
+    if stats is None or isinstance(stats, GenerationStats):
+        return stats
+    key = (type(model).__name__, type(stats).__name__)
+    if key not in _warned_stats_types:
+        _warned_stats_types.add(key)
         log.warning(
-            "%s.last_generation_stats lacks %s; no latency columns", type(model).__name__, sorted(missing)
+            "%s.last_generation_stats is a %s, not zoo.components.generation.GenerationStats; no latency columns",
+            *key,
         )
-        return None
-    ints = ("generated_tokens", "prompt_tokens", "decode_steps", "batch_size")
-    return GenerationStats(**{k: (int(v) if k in ints and v is not None else v) for k, v in values.items()})
+    return None
+
+
+def accepts_keyword(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` takes the keyword ``name`` (as a parameter or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

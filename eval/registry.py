@@ -48,7 +48,7 @@ import importlib
 import importlib.util
 import io
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,13 @@ class Doc:
         doc_id: unique within its task (the official question id where there is one).
         question: the question text as the dataset gives it (prompt builders add the rest).
         target: the gold answer in the form the task's scorer expects (JSON-serialisable).
-        image: a path, a PIL image, encoded image bytes, a zero-argument callable returning a PIL image, or None.
+        image: the common case of one image: a path, a PIL image, encoded image bytes, a zero-argument callable
+            returning a PIL image, or None.
+        media: items of any modality by name (``{"audio": [clip], "video": [frames]}``; ``"image"`` for several
+            images), one list per modality, in the order their placeholders appear. An item is the value the model's
+            modality prepares (a waveform, a frame stack...) or a zero-argument callable returning it, so that
+            readers stay lazy; ``"image"`` items take every form ``image`` takes. ``image`` and ``media["image"]``
+            are exclusive.
         fields: anything else the prompt or scorer needs (answer types, options, categories, group ids...).
         source: ``file:record`` for error messages.
     """
@@ -97,35 +103,63 @@ class Doc:
     question: str
     target: Any
     image: Any = None
+    media: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     fields: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
 
+    def __post_init__(self) -> None:
+        for kind, items in self.media.items():
+            if not isinstance(items, list | tuple):
+                raise ValueError(
+                    f"{self.source}: field 'media[{kind!r}]' must be a list of items, got {type(items).__name__}"
+                )
+        if self.image is not None and self.media.get("image"):
+            raise ValueError(f"{self.source}: both 'image' and 'media[\'image\']' are set; use one")
+
     def load_image(self) -> Image.Image | None:
-        img = self.image
-        if img is None:
-            return None
-        if callable(img):
-            img = img()
-        if isinstance(img, Image.Image):
-            return img.convert("RGB")
-        if isinstance(img, bytes | bytearray):
-            try:
-                return Image.open(io.BytesIO(img)).convert("RGB")
-            except Exception as e:
-                raise ValueError(f"{self.source}: field 'image' is not a decodable image ({e})") from e
-        path = Path(img)
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.source}: image file {path} does not exist (check the data root)")
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        """The ``image`` field, decoded (None when the document has no single image)."""
+        return None if self.image is None else _open_image(self.image, self.source, "image")
+
+    def load_media(self) -> dict[str, list[Any]]:
+        """Every media item of the document, loaded, by modality (``image`` included); no entry for absent kinds."""
+        out: dict[str, list[Any]] = {"image": [self.load_image()]} if self.image is not None else {}
+        for kind, items in self.media.items():
+            if kind == "image":
+                out[kind] = [_open_image(x, self.source, f"media['image'][{k}]") for k, x in enumerate(items)]
+            elif items:
+                out[kind] = [x() if callable(x) else x for x in items]
+        return {k: v for k, v in out.items() if v}
 
     def image_ref(self) -> str | None:
         """What the predictions file records for the image."""
-        if self.image is None:
-            return None
-        if isinstance(self.image, str | os.PathLike):
-            return str(self.image)
-        return f"<in-memory {type(self.image).__name__}>"
+        return None if self.image is None else _media_ref(self.image)
+
+    def media_refs(self) -> dict[str, list[str]]:
+        """What the predictions file records for ``media``: paths as given, in-memory items by type."""
+        return {kind: [_media_ref(x) for x in items] for kind, items in self.media.items() if items}
+
+
+def _media_ref(item: Any) -> str:
+    if isinstance(item, str | os.PathLike):
+        return str(item)
+    return f"<in-memory {type(item).__name__}>"
+
+
+def _open_image(img: Any, source: str, where: str) -> Image.Image:
+    if callable(img):
+        img = img()
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    if isinstance(img, bytes | bytearray):
+        try:
+            return Image.open(io.BytesIO(img)).convert("RGB")
+        except Exception as e:
+            raise ValueError(f"{source}: field {where!r} is not a decodable image ({e})") from e
+    path = Path(img)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: image file {path} does not exist (check the data root)")
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def decode_base64_image(data: str) -> bytes:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from eval.models import (
     GenerationStats,
+    accepts_keyword,
     check_generative,
     count_parameters,
     read_generation_stats,
@@ -60,17 +61,34 @@ log = logging.getLogger(__name__)
 
 
 @register_output_type("generate_until")
-def generate_until(model: Any, docs: Sequence[Doc], prompts: list[str], spec: TaskSpec) -> list[str]:
-    """Free-form generation: one answer string per prompt."""
-    images = [d.load_image() for d in docs]
+def generate_until(
+    model: Any, docs: Sequence[Doc], prompts: list[str], spec: TaskSpec, *, method: str | None = None
+) -> list[str]:
+    """Free-form generation: one answer string per prompt.
+
+    Images go in the ``images`` argument as always; media of other kinds go in ``media=`` (only for batches that
+    have some, see ``eval.models``), and ``method=`` only when a method was asked for.
+    """
+    loaded = [d.load_media() for d in docs]
+    images = [_one_or_list(m.get("image", [])) for m in loaded]
     gen = dict(spec.generation)
     max_new_tokens = int(gen.pop("max_new_tokens", 16))
+    other_kinds = sorted({kind for m in loaded for kind in m} - {"image"})
+    if other_kinds:
+        gen["media"] = {kind: [_one_or_list(m.get(kind, [])) for m in loaded] for kind in other_kinds}
+    if method is not None:
+        gen["method"] = method
     out = model.generate(images, prompts, max_new_tokens=max_new_tokens, **gen)
     if not isinstance(out, list | tuple) or len(out) != len(prompts):
         raise ValueError(f"{type(model).__name__}.generate returned {type(out).__name__} of length "
                          f"{len(out) if hasattr(out, '__len__') else '?'} for {len(prompts)} prompts")  # fmt: skip
     # LLaVA strips every decoded answer (``outputs.strip()``) before any scorer sees it.
     return [(o if isinstance(o, str) else str(o)).strip() for o in out]
+
+
+def _one_or_list(items: list[Any]) -> Any:
+    # The per-prompt entry of generate's image / media lists: None, one item, or a list of several.
+    return None if not items else items[0] if len(items) == 1 else items
 
 
 def _dist() -> tuple[int, int]:
@@ -201,6 +219,7 @@ def _evaluate_task(
     data_root: str | os.PathLike | None,
     data_roots: Mapping[str, str | os.PathLike] | None,
     progress: bool,
+    method: str | None,
 ) -> tuple[dict[str, float], list[dict], dict[str, Any], int | None, int, Any]:
     for table, key, kind in ((READERS, spec.reader, "reader"), (PROMPTS, spec.prompt, "prompt builder"),
                              (SCORERS, spec.scorer, "scorer"), (OUTPUT_TYPES, spec.output_type, "output type")):  # fmt: skip
@@ -222,6 +241,7 @@ def _evaluate_task(
     mine = docs[rank::world]
     build_prompt = PROMPTS[spec.prompt]
     call = OUTPUT_TYPES[spec.output_type]
+    call_kwargs = {} if method is None else {"method": method}
     eff = _Efficiency()
     records: list[dict] = []
     batches = range(0, len(mine), batch_size)
@@ -232,7 +252,7 @@ def _evaluate_task(
         before = getattr(model, "last_generation_stats", None)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            outputs = call(model, batch, prompts, spec)
+            outputs = call(model, batch, prompts, spec, **call_kwargs)
         seconds = time.perf_counter() - t0
         after = getattr(model, "last_generation_stats", None)
         # Stats left over from an earlier call (the model did not report this one) are not counted again.
@@ -242,7 +262,8 @@ def _evaluate_task(
         for doc, prompt, out, rec in zip(batch, prompts, outputs, scorer.score(outputs, batch), strict=True):
             records.append({
                 "doc_id": doc.doc_id,
-                "doc": {"question": doc.question, "image": doc.image_ref(), "fields": dict(doc.fields)},
+                "doc": {"question": doc.question, "image": doc.image_ref(), "fields": dict(doc.fields),
+                        **({"media": doc.media_refs()} if doc.media else {})},
                 "target": doc.target,
                 "arguments": {"prompt": prompt, "gen_kwargs": dict(spec.generation)},
                 "resps": [_describe(out)],
@@ -269,6 +290,7 @@ def run(
     log_samples: bool = True,
     progress: bool = True,
     print_table: bool = False,
+    method: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``tasks`` and return the results dict (also written to ``output_dir`` if given).
 
@@ -286,6 +308,9 @@ def run(
         log_samples: write the per-sample predictions JSONL.
         progress: show a tqdm bar per task.
         print_table: print the Markdown table at the end (the CLI does).
+        method: a ``zoo.methods`` spec (``"none"``, ``"var:p=0.6"``) the model runs every ``generate`` call with;
+            checked before the model loads, recorded as ``config.method`` and named in the table. None: the model's
+            own behaviour, and ``generate`` gets no ``method`` argument.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -304,10 +329,15 @@ def run(
         resolve_files(
             spec, data_root, data_roots
         )  # a missing data file fails now, not after the model loaded
+    if method is not None:
+        method = _check_method(method, specs)
     obj, resolved_name = resolve_model(model)
     name = model_name or resolved_name
     if any(s.output_type == "generate_until" for s in specs):
         check_generative(obj, name)
+    if method is not None and not accepts_keyword(getattr(obj, "generate", None), "method"):
+        raise ValueError(f"model {name!r} ({type(obj).__name__}): its generate takes no method=, so --method "
+                         f"{method} cannot run on it")  # fmt: skip
     was_training = getattr(obj, "training", None)
     if was_training:
         obj.eval()  # generation must not see dropout; restored below for recipes that keep training
@@ -322,7 +352,7 @@ def run(
         for spec in specs:
             metrics, records, eff, n_orig, n_eff, scorer = _evaluate_task(
                 obj, spec, limit=limit, batch_size=batch_size, data_root=data_root, data_roots=data_roots,
-                progress=progress,
+                progress=progress, method=method,
             )  # fmt: skip
             entry: dict[str, Any] = {"alias": spec.name}
             for key, value in metrics.items():
@@ -352,7 +382,7 @@ def run(
     end_time = time.time()
     results["config"] = {
         "model": name, "model_args": dict(model_args or {}), "batch_size": batch_size, "limit": limit,
-        "parameters": params, "device": _device(obj),
+        "parameters": params, "device": _device(obj), "method": method,
     }  # fmt: skip
     results |= {
         "model_name": name,
@@ -370,6 +400,20 @@ def run(
     if print_table and rank == 0:
         print(table, flush=True)
     return results
+
+
+def _check_method(method: str, specs: Sequence[TaskSpec]) -> str:
+    """The canonical spec of ``method`` (unknown names and options fail here, before any model loads)."""
+    from zoo.methods import build_method
+
+    canonical = build_method(method).spec()
+    for spec in specs:
+        call = OUTPUT_TYPES.get(spec.output_type)  # an unknown one is reported with the task's other pieces
+        if call is not None and not accepts_keyword(call, "method"):
+            raise ValueError(
+                f"task {spec.name!r}: output type {spec.output_type!r} does not run methods (--method {canonical})"
+            )
+    return canonical
 
 
 def _write(out: Path, results: dict, samples: Mapping[str, list[dict]], table: str) -> None:
@@ -397,6 +441,9 @@ def format_table(results: Mapping[str, Any]) -> str:
     params = results.get("config", {}).get("parameters", {})
     total, active = params.get("total"), params.get("active")
     head = f"**{results.get('model_name', results.get('config', {}).get('model', '?'))}**"
+    method = results.get("config", {}).get("method")
+    if method is not None:
+        head += f" - method: `{method}`"
     if total is not None:
         note = "" if params.get("active_reported") else " (not reported by the model: dense count)"
         head += f" - parameters: {total / 1e6:.3f}M total, {active / 1e6:.3f}M active{note}"

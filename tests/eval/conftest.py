@@ -61,7 +61,7 @@ class TimedModel(ConstantModel):
     """Reports stats the way a real model would, and parameter counts with fewer active than total."""
 
     def generate(self, images, prompts, max_new_tokens=16, **gen):
-        from eval.models import GenerationStats
+        from zoo.components.generation import GenerationStats
 
         self.last_generation_stats = GenerationStats(
             prefill_seconds=0.02, decode_seconds=0.03, generated_tokens=2 * len(prompts), decode_steps=3,
