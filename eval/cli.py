@@ -1,6 +1,7 @@
 """``zoo eval``: evaluate a model on benchmark tasks and print the results table.
 
 zoo eval --model moe_llava_tiny.shapes --tasks shapes_vqa,shapes_pope --limit 8
+zoo eval --model moe_llava_tiny.shapes --method none --limit 8     # any zoo.methods method, NAME[:k=v,...]
 zoo eval --list
 """
 
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None,
                    help="folder holding one sub-folder per benchmark (default: $MMZOO_DATA)")  # fmt: skip
     p.add_argument("--no-samples", action="store_true", help="do not write per-sample predictions")
+    p.add_argument("--method", default=None, metavar="NAME[:k=v,...]",
+                   help="run every generate call with this zoo.methods method, e.g. none or var:p=0.6 "
+                        "(see --list-methods)")  # fmt: skip
+    p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
     p.add_argument("--list", action="store_true", help="list the registered tasks and exit")
     return p
 
@@ -44,6 +49,19 @@ def main(argv: list[str] | None = None) -> int:
             spec = get_task(name)
             print(f"{name:28s} {spec.group or '-':12s} {spec.description}")
         return 0
+    if args.list_methods:
+        from zoo.methods import list_methods
+
+        print("\n".join(list_methods()))
+        return 0
+    if args.method is not None:
+        from zoo.methods import build_method
+
+        try:  # before the model loads: a misspelt method or option costs nothing
+            args.method = build_method(args.method).spec()
+        except (ValueError, TypeError) as e:
+            print(f"zoo eval: error: --method {args.method}: {e}")
+            return 2
     if not args.model:
         print("zoo eval: --model is required (a weights name from `zoo list` or a checkpoint directory)")
         return 2
@@ -62,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         run(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size, output_dir=out,
-            data_root=args.data_root, log_samples=not args.no_samples, print_table=True)  # fmt: skip
+            data_root=args.data_root, log_samples=not args.no_samples, print_table=True,
+            method=args.method)  # fmt: skip
     except (FileNotFoundError, KeyError, ValueError, NotGenerativeError) as e:
         # Bad input (unknown task or model, missing data, malformed record): one clear line, not a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

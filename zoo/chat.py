@@ -4,6 +4,7 @@
     zoo chat --model runs/moe_llava_shapes_tiny/moe/final --image scene.png "How many objects are there?"
     zoo chat --scene test:3 "Is there a red star in the image?"    # a synthetic scene (saved with --save-image)
     zoo chat --image scene.png                                      # one question per line on stdin
+    zoo chat --scene test:3 --method none "What shape is red?"      # through a zoo.methods method
 
 The model is a weights name (``zoo list --pretrained``) or a checkpoint directory; its conversation template and
 tokenizer come from its config. Greedy decoding unless ``--temperature`` > 0.
@@ -12,6 +13,7 @@ tokenizer come from its config. Greedy decoding unless ``--temperature`` > 0.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--method",
+        metavar="NAME[:k=v,...]",
+        help="answer through this zoo.methods method, e.g. none or var:p=0.6 (default: the plain model)",
+    )
     p.add_argument(
         "--short-answer",
         action="store_true",
@@ -85,7 +92,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import zoo
     import zoo.weights_table  # noqa: F401  (the demo weights' name; zoo.models imports it too)
+    from zoo.methods import build_method
 
+    gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.method is not None:
+        try:  # before the model loads: a misspelt method or option costs nothing
+            gen["method"] = build_method(args.method).spec()
+        except (ValueError, TypeError) as e:
+            print(f"zoo chat: --method {args.method}: {e}", file=sys.stderr)
+            return 2
     image = _load_image(args)
     try:
         model = zoo.load(args.model)
@@ -95,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(model, "generate"):
         print(f"zoo chat: {args.model!r} ({type(model).__name__}) cannot generate text", file=sys.stderr)
         return 2
-    gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if "method" in gen and "method" not in inspect.signature(model.generate).parameters:
+        print(f"zoo chat: {args.model!r} ({type(model).__name__}) takes no --method", file=sys.stderr)
+        return 2
     if args.temperature > 0:
         gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(args.seed))
