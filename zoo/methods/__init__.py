@@ -131,7 +131,8 @@ def build_method(spec: str | Method | None) -> Method:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
     cls = _METHODS[name]
-    params = inspect.signature(cls.__init__).parameters
+    # object.__init__'s signature is (*args, **kwargs), but a method without its own __init__ takes no options.
+    params = {} if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     unknown = sorted(set(options) - set(params) - {"self"})
     if unknown and not accepts_any:
