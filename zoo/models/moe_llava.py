@@ -3,7 +3,8 @@ every other decoder layer are upcycled into top-2 mixtures of experts.
 
 Image placeholders in ``input_ids`` (the data pipeline expands each ``<image>`` to ``num_image_tokens`` copies of
 ``image_token_id``, as transformers' Llava does) are replaced by the projected penultimate-layer patch features of
-the vision tower. The LM is any transformers causal LM, run layer by layer by ``zoo.components.CausalLMWrapper``.
+the vision tower. Images are the model's one declared ``zoo.components.modality.Modality``; a family built on it
+declares more (``add_modality``) and they go through the same prompt encoding, embedding and masks. The LM is any transformers causal LM, run layer by layer by ``zoo.components.CausalLMWrapper``.
 MoE layers come from ``zoo.moe`` (DeepSpeed-style top-2 gating with capacity 1.5 train / 2.0 eval and the top-1
 balance loss summed over layers with coefficient 0.01), replacing the ``mlp`` of the chosen decoder layers.
 
