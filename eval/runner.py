@@ -150,6 +150,14 @@ class _Efficiency:
                 "generated_tokens": gen_tokens,
                 "decode_steps_estimated": any(s.decode_steps is None for s in self.stats),
             }
+            # What a method measured (GenerationStats.extra, "<method>/<name>"): the mean over the batches.
+            keys = sorted({k for s in self.stats for k in s.extra})
+            if keys:
+                out["method_metrics"] = {
+                    k: round(sum(vals) / len(vals), 6)
+                    for k in keys
+                    for vals in [[s.extra[k] for s in self.stats if k in s.extra]]
+                }
         return out
 
 

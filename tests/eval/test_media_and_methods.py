@@ -215,3 +215,21 @@ def test_zoo_chat_method_flag(monkeypatch, capsys):
     monkeypatch.setattr(zoo.registry, "load", lambda name: _NoMethod())
     assert main(["--scene", "test:0", "--method", "none", "what colour ?"]) == 2
     assert "takes no --method" in capsys.readouterr().err
+
+
+def test_numbers_a_method_reports_are_averaged_over_batches():
+    from zoo.components.generation import GenerationStats
+
+    class Reports:
+        calls = 0
+
+        def generate(self, images, prompts, max_new_tokens=16, **gen):
+            Reports.calls += 1
+            self.last_generation_stats = GenerationStats(
+                prefill_seconds=0.1, decode_seconds=0.1, generated_tokens=2, method="x",
+                extra={"x/exit_layer": float(Reports.calls)} | ({"x/kept": 0.5} if Reports.calls == 1 else {}),
+            )  # fmt: skip
+            return ["yes"] * len(prompts)
+
+    eff = run(Reports(), "shapes_pope_random", limit=6, batch_size=2, progress=False)["efficiency"]
+    assert eff["shapes_pope_random"]["method_metrics"] == {"x/exit_layer": 2.0, "x/kept": 0.5}  # (1+2+3)/3
