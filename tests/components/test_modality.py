@@ -204,3 +204,14 @@ def test_media_errors_name_the_modality(model):
     a = model.build_generation_inputs(None, ["q"], media={"image": [_image(2)]})
     b = model.build_generation_inputs([_image(2)], ["q"])
     assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "attention_mask", "pixel_values"))
+
+
+def test_a_model_without_an_image_id_runs_on_text_only():
+    torch.manual_seed(0)
+    model = create_model("moe_llava_tiny", vision=dict(kind="hf", config=CLIP_VISION), lm=LM, tokenizer=None)
+    ids = torch.tensor([[5, 6, 7]])
+    assert model.modalities == {} and not model.media_mask(ids).any()
+    with torch.no_grad():
+        assert torch.equal(model.embed_multimodal(ids), model.llm.embed(ids))
+    with pytest.raises(ValueError, match="neither image_token_id nor a tokenizer"):
+        model.embed_multimodal(ids, torch.zeros(1, 3, 16, 16))

@@ -160,11 +160,14 @@ def fill_media(
     """Token embeddings of ``input_ids`` with every modality's positions filled by its encoded items, in order.
 
     ``embed`` is the LM's embedding lookup; media positions are set to id 0 before it (their ids may be out of
-    vocabulary) and then overwritten. ``inputs`` maps each modality's ``input_key`` to its stacked items or None.
+    vocabulary) and then overwritten. ``inputs`` maps each modality's ``input_key`` to its stacked items or None (an
+    input no modality takes is an error unless it is None).
     The number of positions of each modality must be ``items x tokens_per_item``; otherwise the error says how many
     of each were found, per sample.
     """
-    unknown = sorted(set(inputs) - {m.input_key for m in modalities})
+    unknown = sorted(
+        k for k, v in inputs.items() if v is not None and k not in {m.input_key for m in modalities}
+    )
     if unknown:
         raise TypeError(
             f"unexpected media input(s) {unknown}; this model takes {[m.input_key for m in modalities]}"
