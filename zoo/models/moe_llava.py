@@ -4,7 +4,8 @@ every other decoder layer are upcycled into top-2 mixtures of experts.
 Image placeholders in ``input_ids`` (the data pipeline expands each ``<image>`` to ``num_image_tokens`` copies of
 ``image_token_id``, as transformers' Llava does) are replaced by the projected penultimate-layer patch features of
 the vision tower. Images are the model's one declared ``zoo.components.modality.Modality``; a family built on it
-declares more (``add_modality``) and they go through the same prompt encoding, embedding and masks. The LM is any transformers causal LM, run layer by layer by ``zoo.components.CausalLMWrapper``.
+declares more (``add_modality``) and they go through the same prompt encoding, embedding and masks. The LM is any
+transformers causal LM, run layer by layer by ``zoo.components.CausalLMWrapper``.
 MoE layers come from ``zoo.moe`` (DeepSpeed-style top-2 gating with capacity 1.5 train / 2.0 eval and the top-1
 balance loss summed over layers with coefficient 0.01), replacing the ``mlp`` of the chosen decoder layers.
 
@@ -437,7 +438,6 @@ class MoELLaVA(nn.Module):
                     )
             text = lead + prompt
             rows.append(self._encode_prompt(self.template.prompt(text) if apply_template else text))
-        out: dict[str, torch.Tensor | None] = {}
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else 0
         n = max(len(r) for r in rows)
@@ -447,7 +447,7 @@ class MoELLaVA(nn.Module):
             if r:
                 ids[b, n - len(r) :] = torch.tensor(r)
                 mask[b, n - len(r) :] = 1
-        out["input_ids"], out["attention_mask"] = ids, mask
+        out: dict[str, torch.Tensor | None] = {"input_ids": ids, "attention_mask": mask}
         for m in specs:
             tensors = []
             for i, items in enumerate(per_prompt):
