@@ -137,6 +137,8 @@ def read_generation_stats(model: Any) -> GenerationStats | None:
     stats = getattr(model, "last_generation_stats", None)
     if not stats or isinstance(stats, GenerationStats):
         return stats or None
+    if dataclasses.is_dataclass(stats):  # zoo.components.generation.GenerationStats (its fields are a superset)
+        stats = dataclasses.asdict(stats)
     if not isinstance(stats, Mapping):
         log.warning("%s.last_generation_stats is a %s; expected GenerationStats or a dict", type(model).__name__,
                     type(stats).__name__)  # fmt: skip
