@@ -74,7 +74,14 @@ def _reference_row(wrap, ids_row, keep_row, tokens_row):
     def run(hidden, pos, drop):
         for i, layer in enumerate(wrap.layers):
             emb = base.rotary_emb(hidden, pos)
-            out = layer(hidden, attention_mask=None, position_ids=pos, cache=kv, use_cache=True, position_embeddings=emb)
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=pos,
+                cache=kv,
+                use_cache=True,
+                position_embeddings=emb,
+            )
             hidden = out[0] if isinstance(out, tuple) else out
             if drop is not None and i == DROP_AFTER:
                 hidden, pos = hidden[:, drop], pos[:, drop]
@@ -82,7 +89,10 @@ def _reference_row(wrap, ids_row, keep_row, tokens_row):
 
     n = ids_row.shape[0]
     prompt = run(wrap.embed(ids_row[None]), torch.arange(n)[None], keep_row)
-    steps = [run(wrap.embed(tok.view(1, 1)), torch.tensor([[n + s]]), None)[0, -1] for s, tok in enumerate(tokens_row)]
+    steps = [
+        run(wrap.embed(tok.view(1, 1)), torch.tensor([[n + s]]), None)[0, -1]
+        for s, tok in enumerate(tokens_row)
+    ]
     return prompt[0], torch.stack(steps)
 
 
@@ -101,7 +111,9 @@ def test_dropping_nothing_is_bit_identical_to_the_plain_path(name: str) -> None:
     ids, mask = _batch()
     with torch.no_grad():
         plain_prefill, plain_steps, plain_tokens = _decode(wrap, ids, mask, ())
-        hooked_prefill, hooked_steps, hooked_tokens = _decode(wrap, ids, mask, [_drop_hook(wrap, mask.bool())])
+        hooked_prefill, hooked_steps, hooked_tokens = _decode(
+            wrap, ids, mask, [_drop_hook(wrap, mask.bool())]
+        )
     real = mask.bool()
     assert torch.equal(hooked_prefill.logits[real], plain_prefill.logits[real])
     assert torch.equal(hooked_tokens, plain_tokens)
@@ -110,7 +122,9 @@ def test_dropping_nothing_is_bit_identical_to_the_plain_path(name: str) -> None:
 
 @pytest.mark.parametrize("same_count", [False, True], ids=["different_counts", "same_count"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_dropping_tokens_matches_running_later_layers_on_the_short_sequence(name: str, same_count: bool) -> None:
+def test_dropping_tokens_matches_running_later_layers_on_the_short_sequence(
+    name: str, same_count: bool
+) -> None:
     wrap = _wrapper(name)
     ids, mask = _batch()
     keep = _keep(mask, same_count)
@@ -145,7 +159,9 @@ def test_explicit_mask_is_refused_once_layers_cache_different_lengths() -> None:
 
 def test_drop_tokens_refuses_sliding_window_layers() -> None:
     torch.manual_seed(0)
-    cfg = dict(CONFIGS["llama"], model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    cfg = dict(
+        CONFIGS["llama"], model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1
+    )
     wrap = CausalLMWrapper(build_causal_lm(cfg).eval())
     ids, mask = _batch()
     with torch.no_grad(), pytest.raises(ValueError, match="full-attention layers only"):

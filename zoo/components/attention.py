@@ -66,7 +66,9 @@ def media_key_positions(media_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool media mask -> ``[B, K]`` column indices of each row's media tokens (same count per row)."""
     counts = media_mask.sum(1)
     if counts.numel() and bool((counts != counts[0]).any()):
-        raise ValueError(f"rows hold different numbers of media tokens {counts.tolist()}; capture them separately")
+        raise ValueError(
+            f"rows hold different numbers of media tokens {counts.tolist()}; capture them separately"
+        )
     return media_mask.nonzero(as_tuple=True)[1].view(media_mask.shape[0], -1)
 
 
@@ -80,8 +82,8 @@ class AttentionCapture:
             layer's keys: cached tokens first, so prompt columns stay valid in later decode calls (as long as no
             token before them was dropped at that layer).
         queries: ``"last"`` (each call's last query: the next-token position, also in decode steps), ``"all"``, or
-            a ``[Q]`` index tensor of query positions within a call (prompt positions: only calls that long, i.e.
-            the prefill, are captured).
+            a ``[Q]`` index tensor of prompt positions (captured in the prefill call; decode steps, one query
+            each, are skipped).
         maps: filled per layer, one ``[B, H, Q, K]`` float tensor per forward call through that layer.
     """
 
@@ -98,7 +100,11 @@ class AttentionCapture:
                 return torch.arange(q_len, device=device)
             raise ValueError(f"queries must be 'last', 'all' or an index tensor, got {self.queries!r}")
         idx = self.queries.to(device)
-        return idx if int(idx.max()) < q_len else None
+        if q_len == 1:  # a decode step: prompt positions are not among its queries
+            return None
+        if int(idx.max()) >= q_len:
+            raise IndexError(f"capture queries {idx.tolist()} reach past the {q_len} positions of this call")
+        return idx
 
 
 def _selected_probs(

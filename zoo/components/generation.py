@@ -113,10 +113,16 @@ def _mlp_macs_per_token(mlp: nn.Module) -> int:
     if not isinstance(mlp, MoE):
         return sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
     experts = mlp.experts
-    if not hasattr(experts, "num_experts") or any(p.ndim != 3 for n, p in experts.named_parameters() if "bias" not in n):
-        raise TypeError(f"cannot count FLOPs of {type(experts).__name__} experts (stacked [E, out, in] weights only)")
+    if not hasattr(experts, "num_experts") or any(
+        p.ndim != 3 for n, p in experts.named_parameters() if "bias" not in n
+    ):
+        raise TypeError(
+            f"cannot count FLOPs of {type(experts).__name__} experts (stacked [E, out, in] weights only)"
+        )
     per_expert = sum(p[0].numel() for n, p in experts.named_parameters() if "bias" not in n)
-    dense = sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))  # shared expert and its gate
+    dense = sum(
+        m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear)
+    )  # shared expert and its gate
     return mlp.router.weight.numel() + mlp.cfg.routed_top_k * per_expert + dense
 
 
@@ -241,9 +247,15 @@ class MultimodalGenerationMixin:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         chosen = build_method(method)
         plan = chosen.plan(
-            MethodContext(model=self, input_ids=input_ids, attention_mask=mask, media_mask=self.media_mask(input_ids))
+            MethodContext(
+                model=self, input_ids=input_ids, attention_mask=mask, media_mask=self.media_mask(input_ids)
+            )
         )
-        if attn_implementation and plan.attn_implementation and attn_implementation != plan.attn_implementation:
+        if (
+            attn_implementation
+            and plan.attn_implementation
+            and attn_implementation != plan.attn_implementation
+        ):
             raise ValueError(
                 f"method {chosen.spec()!r} runs attention {plan.attn_implementation!r}; "
                 f"attn_implementation={attn_implementation!r} conflicts with it"
