@@ -302,7 +302,7 @@ class MultimodalGenerationMixin:
             decode_steps=decode_steps,
             batch_size=bsz,
             method=chosen.spec(),
-            prefill_layer_tokens=tuple(int(n.sum()) for n in prefill_state.layer_lengths),
+            prefill_layer_tokens=tuple(torch.stack(prefill_state.layer_lengths).sum(1).tolist()),
             extra={f"{chosen.name}/{k}": float(v) for k, v in finish.items()},
         )
         if not generated:

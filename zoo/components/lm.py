@@ -6,6 +6,11 @@ embeddings and attention masks through the public ``masking_utils`` functions, c
 a method act between layers (drop visual tokens, read the residual stream, capture attention) without patching
 transformers.
 
+Per-layer lengths: a hook may shorten the sequence after any layer (``CausalLMWrapper.drop_tokens``). The layers
+after it then run on, and cache, only the kept tokens; the ``LMCache`` remembers each layer's padding and each row's
+next RoPE position, so decode steps (``llm(input_ids=next_ids[:, None], cache=cache)``, no attention mask) build
+every layer's mask from that layer's own cache.
+
 Written against transformers 5.x, where decoder layers take ``cache=`` and return a tensor.
 """
 
@@ -67,8 +72,8 @@ class LMCache:
     After a hook dropped tokens, the layers after it cache fewer tokens than the layers before it. To decode from
     such a cache each layer needs the padding of the tokens *it* holds, and every row needs its next RoPE position
     (the original positions continue, whatever was dropped). Layers that hold the same tokens share one padding
-    tensor (the same object), so the decode loop rebuilds masks only where the object changes: once per call on
-    the plain path.
+    tensor (the same object), so the layer loop rebuilds masks only where the object changes between consecutive
+    layers: never on the plain path, once more per call after a drop.
 
     Attributes:
         kv: the transformers cache the decoder layers write to.
