@@ -119,6 +119,6 @@ def test_greedy_generation_matches_hf_llava_generate(tmp_path) -> None:
             pad_token_id=0,
             eos_token_id=None,
         )
-    new = ours.generate_ids(ids, mask, px, max_new_tokens=8)
+    new = ours.generate_ids(ids, mask, max_new_tokens=8, pixel_values=px)
     assert torch.equal(new, ref[:, ids.shape[1] :])
-    assert ours.last_generation_stats["new_tokens"] == 16
+    assert ours.last_generation_stats.generated_tokens == 16

@@ -139,7 +139,8 @@ def test_generate_batched_left_padded_matches_single_and_uncached() -> None:
     single = [model.generate([im], [p], max_new_tokens=6)[0] for im, p in zip(imgs, prompts)]
     assert batched == single
     stats = model.last_generation_stats
-    assert stats["batch_size"] == 1 and stats["tokens_per_s"] > 0 and stats["prefill_s"] > 0
+    assert stats.batch_size == 1 and stats.prefill_seconds > 0 and stats.method == "none"
+    assert 0 < stats.generated_tokens <= 6 and stats.decode_steps == stats.generated_tokens - 1
 
     # greedy without a cache, recomputing the whole sequence each step, gives the same tokens
     batch = model.build_generation_inputs(imgs[:1], prompts[:1])
@@ -152,7 +153,7 @@ def test_generate_batched_left_padded_matches_single_and_uncached() -> None:
             out.append(int(nxt))
             ids = torch.cat([ids, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
-    stop = model._stop_ids()
+    stop = model.stop_ids()
     keep = []
     for t in out:
         if t in stop:
@@ -163,9 +164,9 @@ def test_generate_batched_left_padded_matches_single_and_uncached() -> None:
 
 def test_stop_ids_follow_the_template() -> None:
     tok = tiny().tokenizer
-    assert tiny()._stop_ids() == {tok.eos_token_id}  # phi: <|endoftext|> is both eos and sep2
-    assert tiny(template="plain")._stop_ids() == {tok.eos_token_id, tok.convert_tokens_to_ids("\n")}
-    assert tiny(template="vicuna_v1")._stop_ids() == {tok.eos_token_id, tok.convert_tokens_to_ids("</s>")}
+    assert tiny().stop_ids() == {tok.eos_token_id}  # phi: <|endoftext|> is both eos and sep2
+    assert tiny(template="plain").stop_ids() == {tok.eos_token_id, tok.convert_tokens_to_ids("\n")}
+    assert tiny(template="vicuna_v1").stop_ids() == {tok.eos_token_id, tok.convert_tokens_to_ids("</s>")}
 
 
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:

@@ -6,6 +6,11 @@ embeddings and attention masks through the public ``masking_utils`` functions, c
 a method act between layers (drop visual tokens, read the residual stream, capture attention) without patching
 transformers.
 
+Per-layer lengths: a hook may shorten the sequence after any layer (``CausalLMWrapper.drop_tokens``). The layers
+after it then run on, and cache, only the kept tokens; the ``LMCache`` remembers each layer's padding and each row's
+next RoPE position, so decode steps (``llm(input_ids=next_ids[:, None], cache=cache)``, no attention mask) build
+every layer's mask from that layer's own cache.
+
 Written against transformers 5.x, where decoder layers take ``cache=`` and return a tensor.
 """
 
@@ -20,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-__all__ = ["LMState", "LMOutput", "CausalLMWrapper", "LayerHook", "build_causal_lm", "positions_from_mask"]
+__all__ = ["LMState", "LMCache", "LMOutput", "CausalLMWrapper", "LayerHook", "build_causal_lm", "positions_from_mask"]
 
 # Where each architecture keeps the parts our loop needs, keyed by ``config.model_type`` (the config says what the
 # model is). Everything not listed uses the common layout: ``<base>.norm`` and no embedding dropout.
@@ -35,27 +40,77 @@ _MASK_BUILDERS = {
 
 @dataclass
 class LMState:
-    """What flows from one decoder layer to the next. Hooks may replace fields (e.g. drop tokens)."""
+    """What flows from one decoder layer to the next.
+
+    A hook (run after layer ``state.layer``) may read every field. To drop tokens it calls
+    ``CausalLMWrapper.drop_tokens(state, keep)``, which replaces ``hidden``, ``position_ids``, ``padding_mask``,
+    ``attention_mask``, ``masks`` and ``position_embeddings`` together; it must not edit those fields one by one.
+    """
 
     hidden: torch.Tensor  # [B, T, D]
-    position_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor | None  # [B, past + T] padding mask (1 = keep), or None
-    cache: DynamicCache | None
+    position_ids: torch.Tensor  # [B, T] RoPE positions (the original ones, also after tokens were dropped)
+    padding_mask: torch.Tensor  # [B, T] 1 = real token, 0 = left padding, for the tokens in ``hidden``
+    attention_mask: torch.Tensor  # [B, past + T] padding over the keys of the next layer (its cache + ``hidden``)
+    cache: LMCache | None
     masks: dict[str, Any] = field(default_factory=dict)  # layer type -> mask in the backend's format
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    extras: dict[str, Any] = field(
-        default_factory=dict
-    )  # free slot for methods (captured maps, router inputs)
+    layer: int = -1  # the decoder layer that ran last (-1: none yet)
+    # Per decoder layer that ran, the real (non-padding) tokens each row held: ``[B]`` long tensors. FLOPs are counted
+    # from these, so a method that shortens sequences is credited exactly.
+    layer_lengths: list[torch.Tensor] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)  # free slot for methods (captured maps, router inputs)
     # Extra keyword arguments for every decoder layer; transformers passes them on to the attention function, so a
     # registered attention implementation (AttentionInterface) can receive e.g. image-token spans.
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The cached-key padding ``masks`` were built for; the loop rebuilds them when the next layer's differs.
+    mask_past: torch.Tensor | None = field(default=None, repr=False)
+
+
+class LMCache:
+    """The wrapper's KV cache: a transformers ``DynamicCache`` plus what per-layer lengths need.
+
+    After a hook dropped tokens, the layers after it cache fewer tokens than the layers before it. To decode from
+    such a cache each layer needs the padding of the tokens *it* holds, and every row needs its next RoPE position
+    (the original positions continue, whatever was dropped). Layers that hold the same tokens share one padding
+    tensor (the same object), so the layer loop rebuilds masks only where the object changes between consecutive
+    layers: never on the plain path, once more per call after a drop.
+
+    Attributes:
+        kv: the transformers cache the decoder layers write to.
+        padding: per layer, ``[B, L_i]`` (1 = real token) over the ``L_i`` tokens that layer caches, or None before
+            the first forward.
+        next_position: ``[B]`` the RoPE position of each row's next token, or None before the first forward.
+    """
+
+    def __init__(self, kv: DynamicCache, num_layers: int) -> None:
+        self.kv = kv
+        self.padding: list[torch.Tensor | None] = [None] * num_layers
+        self.next_position: torch.Tensor | None = None
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.kv.get_seq_length(layer)
+
+    def uniform(self) -> bool:
+        """True when every layer caches the same tokens (nothing was dropped)."""
+        return len({self.kv.get_seq_length(i) for i in range(len(self.padding))}) == 1
+
+    def past_padding(self, layer: int, batch_size: int, device: torch.device) -> torch.Tensor:
+        """``[B, L_layer]`` padding of the tokens ``layer`` caches (all real if the cache came without a record)."""
+        pad = self.padding[layer]
+        if pad is None:
+            # A cache filled outside the wrapper (or empty): assume no padding, and share the tensor among layers.
+            pad = torch.ones(batch_size, self.kv.get_seq_length(layer), dtype=torch.long, device=device)
+            for i in range(len(self.padding)):
+                if self.padding[i] is None and self.kv.get_seq_length(i) == pad.shape[1]:
+                    self.padding[i] = pad
+        return pad
 
 
 @dataclass
 class LMOutput:
     logits: torch.Tensor
     hidden: torch.Tensor  # final hidden states after the final norm
-    cache: DynamicCache | None
+    cache: LMCache | None
     state: LMState
 
 
@@ -127,16 +182,20 @@ class CausalLMWrapper(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.lm.config)
+    def new_cache(self) -> LMCache:
+        return LMCache(DynamicCache(config=self.lm.config), len(self.layers))
 
     def layer_types(self) -> list[str]:
         types = getattr(self.lm.config, "layer_types", None)
         return list(types) if types is not None else ["full_attention"] * len(self.layers)
 
-    # -- the loop ----------------------------------------------------------------------------------------------
-    def build_masks(self, state: LMState) -> dict[str, Any]:
-        """(Re)build the attention masks for ``state`` (call after changing its length or padding)."""
+    # -- masks and positions -----------------------------------------------------------------------------------
+    def build_masks(self, state: LMState, layer: int | None = None) -> dict[str, Any]:
+        """(Re)build the attention masks for ``state``: its ``attention_mask`` over the keys of decoder ``layer``.
+
+        ``layer`` sizes the mask against that layer's cache (transformers' ``layer_idx``); None uses the first layer
+        of each type, which is right whenever all layers cache the same tokens.
+        """
         masks = {}
         for kind in sorted(set(self.layer_types())):
             if kind not in _MASK_BUILDERS:
@@ -147,8 +206,9 @@ class CausalLMWrapper(nn.Module):
                 config=self.lm.config,
                 inputs_embeds=state.hidden,
                 attention_mask=state.attention_mask,
-                cache=state.cache,
+                cache=state.cache.kv if state.cache is not None else None,
                 position_ids=state.position_ids,
+                layer_idx=layer if kind == "full_attention" else None,
             )
         return masks
 
@@ -157,43 +217,141 @@ class CausalLMWrapper(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: LMCache | None = None,
     ) -> LMState:
-        """Positions, masks and rotary embeddings for a forward over ``inputs_embeds`` (after ``cache``'s tokens)."""
+        """Positions, masks and rotary embeddings for a forward over ``inputs_embeds`` (after ``cache``'s tokens).
+
+        ``attention_mask`` covers cached + new tokens, as in transformers; it may be left out when decoding from an
+        ``LMCache``, which keeps each layer's padding and each row's next position (required once tokens were
+        dropped, because the layers then cache different lengths).
+        """
         bsz, q_len = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and attention_mask.shape != (bsz, past + q_len):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = "
-                f"({bsz}, {past + q_len})"
-            )
+        dev = inputs_embeds.device
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if attention_mask is not None:
+            if cache is not None and not cache.uniform():
+                raise ValueError(
+                    "the cache holds different lengths per layer (a hook dropped tokens); decode without "
+                    "attention_mask: the cache keeps each layer's padding"
+                )
+            if attention_mask.shape != (bsz, past + q_len):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = "
+                    f"({bsz}, {past + q_len})"
+                )
+            padding = attention_mask[:, past:]
+            if cache is not None:
+                # The caller's mask states the padding of the cached tokens; every layer caches the same ones.
+                cache.padding = [attention_mask[:, :past]] * len(self.layers)
+        else:
+            padding = torch.ones(bsz, q_len, dtype=torch.long, device=dev)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask, q_len)
             else:
-                position_ids = (
-                    (torch.arange(q_len, device=inputs_embeds.device) + past).unsqueeze(0).expand(bsz, -1)
+                start = (
+                    cache.next_position[:, None]
+                    if cache is not None and cache.next_position is not None
+                    else torch.full((bsz, 1), past, dtype=torch.long, device=dev)
                 )
+                position_ids = start + torch.arange(q_len, device=dev)
         hidden = inputs_embeds
         if self._embed_dropout_name is not None:
             hidden = getattr(self.lm.base_model, self._embed_dropout_name)(hidden)
-        state = LMState(hidden=hidden, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
+        mask_past = cache.past_padding(0, bsz, dev) if cache is not None else None
+        state = LMState(
+            hidden=hidden,
+            position_ids=position_ids,
+            padding_mask=padding,
+            attention_mask=padding if mask_past is None else torch.cat([mask_past, padding], dim=1),
+            cache=cache,
+            mask_past=mask_past,
+        )
         state.masks = self.build_masks(state)
         state.position_embeddings = self.lm.base_model.rotary_emb(hidden, position_ids)
         return state
 
+    def _sync_masks(self, state: LMState, layer: int) -> None:
+        """Rebuild the masks when ``layer`` caches other tokens than the layer the masks were built for."""
+        if state.cache is None:
+            return
+        past = state.cache.past_padding(layer, state.hidden.shape[0], state.hidden.device)
+        if past is not state.mask_past:
+            state.attention_mask = torch.cat([past, state.padding_mask], dim=1)
+            state.masks = self.build_masks(state, layer)
+            state.mask_past = past
+
+    def drop_tokens(self, state: LMState, keep: torch.Tensor) -> LMState:
+        """Keep only the tokens where ``keep`` (``[B, T]`` bool) is True, for the layers after ``state.layer``.
+
+        Rows may keep different numbers of tokens. The result is left-padded to the longest kept row, the layout of
+        the prompt batch: every row's newest token stays in the last column, so ``logits[:, -1]`` and the decode
+        steps that append on the right need no per-row bookkeeping. Kept tokens keep their original RoPE positions;
+        the padding mask, the attention masks (sized against the next layer's cache) and the rotary embeddings are
+        rebuilt for the shortened sequence. The next layers then cache only the kept tokens, while the layers that
+        already ran keep the full sequence; ``LMCache`` records both for decoding.
+        """
+        if any(kind != "full_attention" for kind in self.layer_types()):
+            raise ValueError(
+                f"dropping tokens needs full-attention layers only; {self.lm.config.model_type} has "
+                f"{sorted(set(self.layer_types()))} (a sliding window counts cache slots, not positions)"
+            )
+        if keep.shape != state.padding_mask.shape:
+            raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {tuple(state.padding_mask.shape)}")
+        keep = keep.bool() & state.padding_mask.bool()
+        kept = keep.sum(1)
+        new_len = int(kept.max()) if kept.numel() else 0
+        rows, cols = keep.nonzero(as_tuple=True)
+        dest = (keep.long().cumsum(1) - 1 + (new_len - kept)[:, None])[rows, cols]
+        bsz, dim = state.hidden.shape[0], state.hidden.shape[-1]
+        hidden = state.hidden.new_zeros(bsz, new_len, dim)
+        hidden[rows, dest] = state.hidden[rows, cols]
+        positions = state.position_ids.new_zeros(bsz, new_len)
+        positions[rows, dest] = state.position_ids.expand(bsz, -1)[rows, cols]
+        padding = state.padding_mask.new_zeros(bsz, new_len)
+        padding[rows, dest] = 1
+        state.hidden, state.position_ids, state.padding_mask = hidden, positions, padding
+        state.position_embeddings = self.lm.base_model.rotary_emb(hidden, positions)
+        nxt = state.layer + 1
+        if state.cache is not None and nxt < len(self.layers):
+            state.mask_past = state.cache.past_padding(nxt, bsz, hidden.device)
+            state.attention_mask = torch.cat([state.mask_past, padding], dim=1)
+            state.masks = self.build_masks(state, nxt)
+        else:
+            state.mask_past = None
+            state.attention_mask = padding
+            state.masks = self.build_masks(state)
+        return state
+
+    @staticmethod
+    def _commit(
+        cache: LMCache, used: list[torch.Tensor], positions: torch.Tensor, padding: torch.Tensor
+    ) -> None:
+        """After a forward: append to each layer's padding record the tokens it cached; advance next positions."""
+        grown: dict[tuple[int, int], torch.Tensor] = {}
+        for i, new in enumerate(used):
+            old = cache.padding[i]
+            key = (id(old), id(new))
+            if key not in grown:  # layers that held the same tokens keep sharing one tensor
+                grown[key] = new if old is None else torch.cat([old, new], dim=1)
+            cache.padding[i] = grown[key]
+        nxt = positions.expand(padding.shape[0], -1).masked_fill(~padding.bool(), -1).amax(1) + 1
+        cache.next_position = nxt if cache.next_position is None else torch.maximum(nxt, cache.next_position)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
     def run_layer(self, i: int, state: LMState) -> LMState:
         layer = self.layers[i]
         out = layer(
             state.hidden,
             attention_mask=state.masks[self.layer_types()[i]],
             position_ids=state.position_ids,
-            cache=state.cache,
+            cache=state.cache.kv if state.cache is not None else None,
             use_cache=state.cache is not None,
             position_embeddings=state.position_embeddings,
             **state.layer_kwargs,
         )
         state.hidden = out[0] if isinstance(out, tuple) else out
+        state.layer = i
         return state
 
     def head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,30 +365,45 @@ class CausalLMWrapper(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: LMCache | DynamicCache | None = None,
         use_cache: bool = False,
         hooks: Sequence[LayerHook] = (),
         logits_to_keep: int = 0,
         layer_kwargs: dict[str, Any] | None = None,
     ) -> LMOutput:
-        """Logits for ``input_ids`` or ``inputs_embeds``; ``attention_mask`` covers cached + new tokens.
+        """Logits for ``input_ids`` or ``inputs_embeds``.
 
-        ``logits_to_keep=k`` > 0 computes logits only for the last ``k`` positions (as transformers does).
+        ``attention_mask`` covers cached + new tokens; when decoding from an ``LMCache`` it may be left out (see
+        ``prepare``). ``hooks`` run after every decoder layer (a hook may drop tokens with ``drop_tokens``);
+        ``layer_kwargs`` reach every layer's attention function. ``logits_to_keep=k`` > 0 computes logits only
+        for the last ``k`` positions (as transformers does).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
+        if isinstance(cache, DynamicCache):
+            cache = LMCache(cache, len(self.layers))
         if use_cache and cache is None:
             cache = self.new_cache()
         state = self.prepare(inputs_embeds, attention_mask, position_ids, cache)
         state.layer_kwargs = dict(layer_kwargs or {})
+        first_positions, first_padding = state.position_ids, state.padding_mask
+        used: list[torch.Tensor] = []
+        lengths_of: tuple[torch.Tensor, torch.Tensor] | None = None
         for i in range(len(self.layers)):
+            self._sync_masks(state, i)
+            used.append(state.padding_mask)
+            if lengths_of is None or lengths_of[0] is not state.padding_mask:
+                lengths_of = (state.padding_mask, state.padding_mask.sum(1))
+            state.layer_lengths.append(lengths_of[1])
             state = self.run_layer(i, state)
             for hook in hooks:
                 new = hook(i, state)
                 if new is not None:
                     state = new
+        if cache is not None:
+            self._commit(cache, used, first_positions, first_padding)
         hidden = state.hidden if logits_to_keep <= 0 else state.hidden[:, -logits_to_keep:]
         hidden, logits = self.head(hidden)
-        return LMOutput(logits=logits, hidden=hidden, cache=state.cache, state=state)
+        return LMOutput(logits=logits, hidden=hidden, cache=cache, state=state)

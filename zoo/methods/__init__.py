@@ -1,29 +1,38 @@
 """Methods that act on a LLaVA-like model inside one call: token exit, attention redistribution, grounding heads.
 
 A method is a small object that, for one ``generate`` (or forward) call, contributes three things to the
-decoder-layer loop that ``zoo.components.CausalLMWrapper`` owns (``MethodPlan``):
+decoder-layer loop that ``zoo.components.CausalLMWrapper`` owns (``MethodPlan``); the generation engine
+(``zoo.components.generation.MultimodalGenerationMixin``) builds the plan from a ``MethodContext`` and applies it to
+the prefill *and* every decode step:
 
 * ``hooks``: ``LayerHook`` callables ``hook(i, state) -> LMState | None`` run after decoder layer ``i``. A hook may
-  read every field of ``LMState`` and may replace ``hidden``, ``position_ids`` and ``attention_mask`` *together* to
-  drop tokens (then it calls ``CausalLMWrapper.drop_tokens``, which rebuilds masks and rotary embeddings for the
-  shortened sequence and keeps the original RoPE positions); it may write to ``state.extras`` (its own key) to
-  collect what it measured. It must not touch the cache of layers ``<= i`` nor the weights.
+  read every field of ``LMState`` (hidden states, RoPE positions, the padding mask of the current tokens, the
+  ``LMCache``, which layer ran, the per-layer token counts so far). It may change ``hidden`` (same shape), and it
+  drops tokens only through ``model.llm.drop_tokens(state, keep)``, which replaces the hidden states, positions
+  (the original RoPE positions are kept), padding, masks and rotary embeddings together; the later layers then cache
+  only the kept tokens and decoding continues from that per-layer cache without further help. It may write to
+  ``state.extras`` under its own key. It must not touch the cache of layers ``<= i`` nor the weights. A hook tells
+  prefill from a decode step by the length of ``state.hidden`` (one token per row when decoding).
 * ``layer_kwargs``: keyword arguments handed to every decoder layer; transformers passes them on to the attention
-  function, so a registered attention implementation receives e.g. the image-token spans.
-* ``attn_implementation``: the name of an attention function registered with transformers'
-  ``AttentionInterface``; the engine switches the LM to it for the call with
+  function (e.g. ``{"attention_capture": AttentionCapture(...)}`` for ``zoo_capture``).
+* ``attn_implementation``: the name of an attention function. A method registers it once, at import, with
+  transformers' public registries: ``AttentionInterface.register(name, fn)`` and a mask builder under the same name
+  (``AttentionMaskInterface.register(name, sdpa_mask)``), as ``zoo.components.attention`` does for
+  ``zoo_capture``. The engine switches the language model to it for the call with
   ``zoo.components.attention.use_attention`` (a context manager that sets it and restores the previous one, also on
   error), so the model is unchanged after the call.
 
-Cost is counted from what actually ran: the LM wrapper records, per layer, how many non-padding tokens each row held
-(``LMState.layer_lengths``); the generation engine puts them in ``GenerationStats.prefill_layer_tokens`` and
-``zoo.components.generation`` turns them into prefill FLOPs, so a method that shortens sequences is credited
-exactly. Anything else a method measures (a mean exit layer, a share of attention moved) goes in
-``GenerationStats.extra`` under ``"<method>/<name>"`` through ``Method.finish``.
+Cost is counted from what actually ran: the LM wrapper records, per layer, how many real (non-padding) tokens each
+row held (``LMState.layer_lengths``); the engine puts their batch sums in ``GenerationStats.prefill_layer_tokens``
+and ``zoo.components.generation.decoder_prefill_flops(llm, state.layer_lengths)`` turns them into prefill FLOPs
+(projections, FFN with MoE layers at ``top_k`` experts, attention scores per row), so a method that shortens
+sequences is credited exactly. Anything else a method measures (a mean exit layer, a share of attention moved) it
+returns from ``Method.finish(prefill_state)`` as ``{name: value}``; the engine stores it in
+``GenerationStats.extra`` as ``"<method>/<name>"``, and ``GenerationStats.method`` holds ``Method.spec()``.
 
 Methods are registered by name (``@register_method("name")``) and built from a spec string, the form the command
 line takes (``zoo eval --method var:p=0.6,rho=0.5``): ``build_method("var:p=0.6,rho=0.5")``. Option values are parsed
-as YAML scalars and checked against the constructor's signature.
+as YAML scalars and checked against the constructor's signature; ``"none"`` is the method that changes nothing.
 """
 
 from __future__ import annotations
@@ -79,7 +88,7 @@ class Method:
         return MethodPlan()
 
     def finish(self, state: Any) -> dict[str, float]:
-        """Called with the final prefill ``LMState``; returns numbers for ``GenerationStats.extra``."""
+        """Called with the final prefill ``LMState``; returns ``{name: value}`` for ``GenerationStats.extra``."""
         return {}
 
     def spec(self) -> str:

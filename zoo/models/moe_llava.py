@@ -18,7 +18,6 @@ Differences from the official code (see ``zoo.convert.moe_llava`` for loading it
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.components.generation import MultimodalGenerationMixin
 from zoo.components.lm import CausalLMWrapper, LayerHook, build_causal_lm
 from zoo.components.modality import (
     Modality,
@@ -158,11 +158,12 @@ def build_tokenizer_from_spec(spec: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class MoELLaVA(nn.Module):
+class MoELLaVA(MultimodalGenerationMixin, nn.Module):
     """Vision tower -> projector -> causal LM (dense or with MoE layers).
 
     Submodules: ``vision_tower`` (a ``zoo.components.VisionTower``), ``mm_projector`` (nn.Sequential),
-    ``llm`` (``CausalLMWrapper``; the transformers model is ``llm.lm``).
+    ``llm`` (``CausalLMWrapper``; the transformers model is ``llm.lm``). ``generate`` / ``generate_ids`` and
+    ``last_generation_stats`` come from ``zoo.components.generation.MultimodalGenerationMixin``.
     """
 
     architecture = "moe_llava"
@@ -203,7 +204,6 @@ class MoELLaVA(nn.Module):
         self.moe_layers: list[int] = []
         if cfg.moe is not None:
             self._upcycle(MoESettings.from_dict(cfg.moe))
-        self.last_generation_stats: dict[str, float] = {}
 
     # -- config / bookkeeping ------------------------------------------------------------------------------------
     @property
@@ -392,16 +392,6 @@ class MoELLaVA(nn.Module):
         )
         return ids
 
-    def _stop_ids(self) -> set[int]:
-        stop = set()
-        if self.tokenizer.eos_token_id is not None:
-            stop.add(self.tokenizer.eos_token_id)
-        # The template's end-of-answer string (sep2, or "\n" for the plain captioning template) when it is one token.
-        tid = self.tokenizer.convert_tokens_to_ids(self.template.stop_str) if self.template.stop_str else None
-        if tid is not None and tid != self.tokenizer.unk_token_id:
-            stop.add(tid)
-        return stop
-
     def build_generation_inputs(
         self,
         images: Sequence[Any] | None,
@@ -490,134 +480,6 @@ class MoELLaVA(nn.Module):
             for row, entry in zip(per_prompt, entries):
                 row[name] = [] if entry is None else list(entry) if isinstance(entry, list | tuple) else [entry]
         return per_prompt
-
-    @torch.no_grad()
-    def generate(
-        self,
-        images: list[Any],
-        prompts: list[str],
-        max_new_tokens: int = 16,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        apply_template: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> list[str]:
-        """Answer ``prompts`` about ``images`` (one PIL image, a list, or None per prompt), batched.
-
-        Prompts are user questions; each is wrapped in the model's conversation template (``apply_template``) and,
-        when it has no ``<image>`` placeholder, gets one in front per image. Greedy by default; ``do_sample`` with
-        ``temperature`` and nucleus ``top_p``. Left padding and a KV cache. Timing goes to ``last_generation_stats``.
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            return self._generate(
-                images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template, generator
-            )
-        finally:
-            self.train(was_training)
-
-    def _generate(
-        self, images, prompts, max_new_tokens, do_sample, temperature, top_p, apply_template, generator
-    ):
-        dev = next(self.parameters()).device
-        batch = self.build_generation_inputs(images, prompts, apply_template)
-        stop = sorted(self._stop_ids())
-        px = batch["pixel_values"].to(dev) if batch["pixel_values"] is not None else None
-        toks = self.generate_ids(
-            batch["input_ids"].to(dev),
-            batch["attention_mask"].to(dev),
-            px,
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_p,
-            stop,
-            generator,
-        )
-        texts = []
-        for row in toks.tolist():
-            keep = []
-            for t in row:
-                if t in stop:
-                    break
-                keep.append(t)
-            texts.append(self.tokenizer.decode(keep, skip_special_tokens=True).strip())
-        return texts
-
-    @torch.no_grad()
-    def generate_ids(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        max_new_tokens: int = 16,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop_ids: list[int] | tuple[int, ...] = (),
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Token-level generation from left-padded ids: returns ``[B, n <= max_new_tokens]`` new ids.
-
-        A row that emitted a stop id keeps it; later positions of that row hold 0 (ignore everything after a stop).
-        Prefill runs once with a KV cache; each step feeds one token per row.
-        """
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        dev = input_ids.device
-        bsz = input_ids.shape[0]
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        stop = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)
-        t0 = time.perf_counter()
-        embeds = self.embed_multimodal(input_ids, pixel_values)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        t1 = time.perf_counter()
-        generated: list[torch.Tensor] = []
-        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        n_new = torch.zeros(bsz, dtype=torch.long, device=dev)
-        logits = out.logits[:, -1]
-        for step in range(max_new_tokens):
-            nxt = self._next_token(logits, do_sample, temperature, top_p, generator)
-            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
-            generated.append(nxt)
-            n_new += (~done).long()
-            done = done | torch.isin(nxt, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones(bsz, 1, dtype=mask.dtype, device=dev)], dim=1)
-            out = self.llm(input_ids=nxt[:, None], attention_mask=mask, cache=cache)
-            logits = out.logits[:, -1]
-        t2 = time.perf_counter()
-        total_new = int(n_new.sum())
-        self.last_generation_stats = {
-            "batch_size": float(bsz),
-            "prompt_tokens": float(input_ids.shape[1]),
-            "new_tokens": float(total_new),
-            "prefill_s": t1 - t0,
-            "decode_s": t2 - t1,
-            "tokens_per_s": total_new / max(t2 - t0, 1e-9),
-            "decode_tokens_per_s": total_new / max(t2 - t1, 1e-9),
-        }
-        if not generated:
-            return torch.zeros(bsz, 0, dtype=torch.long, device=dev)
-        return torch.stack(generated, 1)
-
-    @staticmethod
-    def _next_token(logits, do_sample, temperature, top_p, generator) -> torch.Tensor:
-        logits = logits.float()
-        if not do_sample:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = probs.sort(-1, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop = sorted_p.cumsum(-1) - sorted_p > top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

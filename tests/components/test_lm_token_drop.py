@@ -1,0 +1,168 @@
+"""Per-layer lengths: a hook that drops tokens after layer k leaves a correct model, in prefill and decoding.
+
+The reference runs each row on its own (batch of one, no padding) through the decoder-layer modules by hand: layers
+<= k on the full prompt, layers > k on the kept tokens only with their original positions, each layer with its own
+transformers ``DynamicCache`` layer. It shares no mask, padding or position code with the wrapper.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from zoo.components.lm import CausalLMWrapper, build_causal_lm
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
+CONFIGS = {
+    "phi": dict(model_type="phi", partial_rotary_factor=0.5, **TINY),
+    "llama": dict(model_type="llama", num_key_value_heads=2, **TINY),
+}
+DROP_AFTER = 1
+DECODE_STEPS = 16
+
+
+def _wrapper(name: str) -> CausalLMWrapper:
+    torch.manual_seed(0)
+    return CausalLMWrapper(build_causal_lm(dict(CONFIGS[name])).eval())
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :2] = 0  # left padding, rows of 10, 8 and 6 real tokens
+    mask[2, :4] = 0
+    return ids, mask
+
+
+def _keep(mask: torch.Tensor, same_count: bool) -> torch.Tensor:
+    """Drop a middle span of each row's real tokens: 3 / 1 / 4 tokens, or 2 in every row."""
+    keep = mask.bool().clone()
+    spans = [(3, 5)] * 3 if same_count else [(2, 5), (4, 5), (5, 9)]
+    for b, (lo, hi) in enumerate(spans):
+        keep[b, lo:hi] = False
+    return keep
+
+
+def _decode(wrap, ids, mask, hooks, tokens=None):
+    """Prefill with ``hooks`` then greedy (or forced ``tokens``) decode steps without an attention mask."""
+    out = wrap(input_ids=ids, attention_mask=mask, use_cache=True, hooks=hooks)
+    prefill, cache = out, out.cache
+    steps, chosen = [], []
+    logits = out.logits[:, -1]
+    for s in range(DECODE_STEPS):
+        nxt = logits.argmax(-1) if tokens is None else tokens[:, s]
+        chosen.append(nxt)
+        logits = wrap(input_ids=nxt[:, None], cache=cache, hooks=hooks).logits[:, -1]
+        steps.append(logits)
+    return prefill, torch.stack(steps, 1), torch.stack(chosen, 1)
+
+
+def _reference_row(wrap, ids_row, keep_row, tokens_row):
+    """One row by hand: (logits of the kept prompt tokens, logits after each forced decode token)."""
+    base = wrap.lm.base_model
+    kv = DynamicCache(config=wrap.lm.config)
+
+    def run(hidden, pos, drop):
+        for i, layer in enumerate(wrap.layers):
+            emb = base.rotary_emb(hidden, pos)
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=pos,
+                cache=kv,
+                use_cache=True,
+                position_embeddings=emb,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+            if drop is not None and i == DROP_AFTER:
+                hidden, pos = hidden[:, drop], pos[:, drop]
+        return wrap.head(hidden)[1]
+
+    n = ids_row.shape[0]
+    prompt = run(wrap.embed(ids_row[None]), torch.arange(n)[None], keep_row)
+    steps = [
+        run(wrap.embed(tok.view(1, 1)), torch.tensor([[n + s]]), None)[0, -1]
+        for s, tok in enumerate(tokens_row)
+    ]
+    return prompt[0], torch.stack(steps)
+
+
+def _drop_hook(wrap, keep):
+    def hook(i, state):
+        if i == DROP_AFTER and state.hidden.shape[1] == keep.shape[1]:  # prefill only
+            return wrap.drop_tokens(state, keep)
+        return None
+
+    return hook
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dropping_nothing_is_bit_identical_to_the_plain_path(name: str) -> None:
+    wrap = _wrapper(name)
+    ids, mask = _batch()
+    with torch.no_grad():
+        plain_prefill, plain_steps, plain_tokens = _decode(wrap, ids, mask, ())
+        hooked_prefill, hooked_steps, hooked_tokens = _decode(
+            wrap, ids, mask, [_drop_hook(wrap, mask.bool())]
+        )
+    real = mask.bool()
+    assert torch.equal(hooked_prefill.logits[real], plain_prefill.logits[real])
+    assert torch.equal(hooked_tokens, plain_tokens)
+    assert torch.equal(hooked_steps, plain_steps)
+
+
+@pytest.mark.parametrize("same_count", [False, True], ids=["different_counts", "same_count"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dropping_tokens_matches_running_later_layers_on_the_short_sequence(
+    name: str, same_count: bool
+) -> None:
+    wrap = _wrapper(name)
+    ids, mask = _batch()
+    keep = _keep(mask, same_count)
+    with torch.no_grad():
+        prefill, steps, tokens = _decode(wrap, ids, mask, [_drop_hook(wrap, keep)])
+        kept = keep.sum(1)
+        # left-padded to the longest kept row; per-layer real-token counts recorded for FLOPs
+        assert prefill.logits.shape[1] == int(kept.max())
+        lengths = [t.tolist() for t in prefill.state.layer_lengths]
+        assert lengths == [mask.sum(1).tolist()] * (DROP_AFTER + 1) + [kept.tolist()] * (4 - DROP_AFTER - 1)
+        cache = prefill.cache  # after the decode steps: every layer grew by one token per step
+        short = int(kept.max()) + DECODE_STEPS
+        assert [cache.get_seq_length(i) for i in range(4)] == [10 + DECODE_STEPS] * 2 + [short] * 2
+        for b in range(3):
+            real = mask[b].bool()
+            ref_prompt, ref_steps = _reference_row(wrap, ids[b, real], keep[b, real], tokens[b])
+            ours_prompt = prefill.logits[b, prefill.logits.shape[1] - int(kept[b]) :]
+            torch.testing.assert_close(ours_prompt, ref_prompt, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(steps[b], ref_steps, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_mask_is_refused_once_layers_cache_different_lengths() -> None:
+    wrap = _wrapper("llama")
+    ids, mask = _batch()
+    keep = _keep(mask, same_count=True)
+    with torch.no_grad():
+        out = wrap(input_ids=ids, attention_mask=mask, use_cache=True, hooks=[_drop_hook(wrap, keep)])
+        full = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+        with pytest.raises(ValueError, match="different lengths per layer"):
+            wrap(input_ids=ids[:, :1], attention_mask=full, cache=out.cache)
+
+
+def test_drop_tokens_refuses_sliding_window_layers() -> None:
+    torch.manual_seed(0)
+    cfg = dict(
+        CONFIGS["llama"], model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1
+    )
+    wrap = CausalLMWrapper(build_causal_lm(cfg).eval())
+    ids, mask = _batch()
+    with torch.no_grad(), pytest.raises(ValueError, match="full-attention layers only"):
+        wrap(input_ids=ids, attention_mask=mask, hooks=[_drop_hook(wrap, mask.bool())])
