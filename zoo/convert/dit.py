@@ -20,6 +20,7 @@ architecture is recorded under that name (``dit_xl_2``, ``dit_moe_s_2_8e2a``, ..
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,8 +59,8 @@ def is_dit_checkpoint(src: Path) -> bool:
         return False
     try:
         state = _read(src)
-    except (RuntimeError, OSError, EOFError, ValueError):
-        return False  # not a checkpoint torch can read safely: some other converter's, or none
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+        return False  # not a checkpoint torch reads with weights_only: some other converter's, or none
     if not isinstance(state, Mapping):
         return False
     state = unwrap_training_state(state)
@@ -103,12 +104,13 @@ def infer_dit_architecture(state: Mapping[str, Any], source: str = "checkpoint")
     else:
         fields["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
     fields = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
-    arch = _registered_name(fields)
-    if arch is None:
-        return "dit_tiny", fields
+    arch = _registered_name(fields) or "dit_tiny"  # dit_tiny takes every DiTConfig field as an override
     with torch.device("meta"):
         registered = _builder_config(arch)
-    return arch, {k: v for k, v in fields.items() if getattr(registered, k) != v and not _same_width(k, v, registered)}
+    overrides = {
+        k: v for k, v in fields.items() if getattr(registered, k) != v and not _default_width(k, v, fields, registered)
+    }
+    return arch, overrides
 
 
 def _registered_name(fields: dict[str, Any]) -> str | None:
@@ -129,12 +131,13 @@ def _builder_config(arch: str) -> DiTConfig:
     return create_model(arch).cfg
 
 
-def _same_width(key: str, value: Any, cfg: DiTConfig) -> bool:
-    # None in the config means "the official default width"; a checkpoint of that width needs no override.
+def _default_width(key: str, value: Any, fields: dict[str, Any], cfg: DiTConfig) -> bool:
+    # None in the builder's config means "the official width for this hidden size"; no override needed then.
+    hidden = fields["hidden_size"]
     if key == "expert_hidden":
-        return cfg.expert_hidden is None and value == int(cfg.mlp_ratio * cfg.hidden_size)
+        return cfg.expert_hidden is None and value == int(fields.get("mlp_ratio", cfg.mlp_ratio) * hidden)
     if key == "shared_hidden":
-        return cfg.shared_hidden is None and value == cfg.num_shared_experts * cfg.hidden_size
+        return cfg.shared_hidden is None and value == cfg.num_shared_experts * hidden
     return False
 
 
