@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.models.dit import DiT, count_params
 from zoo import registry
+from zoo.models.dit import DiT, count_params
 from zoo.registry import SHIPPED_WEIGHTS_DIR, list_models, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]

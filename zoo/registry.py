@@ -137,7 +137,7 @@ def resolve_weights_dir(cfg: WeightsCfg, name: str) -> Path:
     if cfg.file is None:
         raise FileNotFoundError(
             f"weights {name!r} live on the hub ({cfg.hf_hub_id}); mmzoo never downloads at run time. Download the "
-            "release yourself, then zoo.load(<its directory>) or `zoo convert <its directory> <out>`."
+            "release yourself, then zoo.load(<its directory or file>) or `zoo convert auto <it> <out>`."
         )
     path = Path(cfg.file)
     return path if path.is_absolute() else SHIPPED_WEIGHTS_DIR / path
@@ -167,7 +167,11 @@ def _check_sha256(weights_file: Path, expected: str) -> None:
 
 
 def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Build a model and load its weights strictly, from a weights name, an mmzoo directory or a released layout."""
+    """Build a model and load its weights strictly, from a weights name, an mmzoo directory or a released layout.
+
+    For an mmzoo directory ``overrides`` replace entries of its ``model_args``; for a released layout they are the
+    converter's options (e.g. ``vision_weights=`` for an official MoE-LLaVA release without its tower).
+    """
     _ensure_registered()
     path = Path(name_or_path)
     expected_sha256 = None
@@ -186,9 +190,9 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
         except ValueError as e:
             raise FileNotFoundError(
                 f"{path}: not an mmzoo checkpoint (a directory whose {CONFIG_NAME} names an 'architecture', written "
-                f"by save_pretrained) and {e}"
+                f"by save_pretrained), and the converter table says: {e}"
             ) from None
-        return load_released(path, fmt).eval()
+        return load_released(path, fmt, **overrides)
     cfg_file = path / CONFIG_NAME
     config = json.loads(cfg_file.read_text())
     if "model_args" not in config:
