@@ -1,20 +1,25 @@
-"""Model registry, weights tables and the one loading path.
+"""Model registry, weights table and the one loading path.
 
 Names follow timm: ``family_size`` names an architecture (a registered builder) and ``family_size.tag`` names
-weights for it. ``create_model`` builds an architecture; ``load`` builds and fills it from weights, either a
-registered ``name.tag`` or a local directory holding ``config.json`` + ``model.safetensors`` written by
-``save_pretrained``.
+weights for it (every one of them is in ``zoo/weights_table.py``). ``create_model`` builds an architecture; ``load``
+builds and fills it from weights:
+
+* a registered ``name.tag`` -> its directory (shipped under ``zoo/weights/``; the recorded sha256 of
+  ``model.safetensors`` is checked before anything is read);
+* a directory written by ``save_pretrained`` (``config.json`` with ``architecture`` + ``model_args``, and
+  ``model.safetensors``) -> the registered builder -> a strict load (``zoo.checkpoint``);
+* anything else (an official release directory, a DiT ``.pt``) -> the converter table (``zoo.convert``), which asks
+  each registered converter whether it recognises the layout. This module names no family and no converter.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,8 @@ __all__ = [
     "load",
     "save_pretrained",
     "atomic_write",
+    "is_zoo_checkpoint",
+    "WeightsHashMismatchError",
     "SHIPPED_WEIGHTS_DIR",
 ]
 
@@ -48,7 +55,7 @@ class WeightsCfg:
     file: str | None = None  # a directory under zoo/weights/ (shipped) or an absolute path
     hf_hub_id: str | None = None  # for officially released weights; never fetched in tests
     filename: str | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # of the shipped model.safetensors; zoo.load refuses a file that differs
     recipe: str | None = None  # "recipes/...yaml@<commit>" that produced shipped weights
     metrics: dict[str, float] = field(default_factory=dict)
     license: str | None = None
@@ -85,9 +92,15 @@ def register_weights(model_name: str, tag: str, cfg: WeightsCfg) -> None:
     _WEIGHTS[key] = cfg
 
 
+class WeightsHashMismatchError(ValueError):
+    """A weights file whose sha256 differs from the one recorded in the weights table."""
+
+
 def _ensure_registered() -> None:
-    # Families register themselves on import; importing here keeps `import zoo.registry` light.
+    # Lazy registration imports (both import this module, so importing them at the top would be a cycle):
+    # zoo.models registers every family's architectures on import, zoo.weights_table every weights name.
     import zoo.models  # noqa: F401
+    import zoo.weights_table  # noqa: F401
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -124,46 +137,75 @@ def resolve_weights_dir(cfg: WeightsCfg, name: str) -> Path:
     if cfg.file is None:
         raise FileNotFoundError(
             f"weights {name!r} live on the hub ({cfg.hf_hub_id}); mmzoo never downloads at run time. Download the "
-            "release yourself, then zoo.load(<its directory>) or `zoo convert <its directory> <out>`."
+            "release yourself, then zoo.load(<its directory or file>) or `zoo convert auto <it> <out>`."
         )
     path = Path(cfg.file)
     return path if path.is_absolute() else SHIPPED_WEIGHTS_DIR / path
 
 
+def is_zoo_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``save_pretrained`` (its config.json names an architecture)."""
+    cfg_file = Path(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        return False
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    return isinstance(config, dict) and "architecture" in config
+
+
+def _check_sha256(weights_file: Path, expected: str) -> None:
+    from zoo.checkpoint import sha256_file
+
+    actual = sha256_file(weights_file)
+    if actual != expected:
+        raise WeightsHashMismatchError(
+            f"{weights_file}: sha256 {actual} differs from the {expected} recorded in zoo/weights_table.py; the "
+            "file is damaged or was replaced (re-shipped weights need their new hash recorded there)"
+        )
+
+
 def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Build a model and load its weights strictly, from a weights name or a local directory."""
+    """Build a model and load its weights strictly, from a weights name, an mmzoo directory or a released layout.
+
+    For an mmzoo directory ``overrides`` replace entries of its ``model_args``; for a released layout they are the
+    converter's options (e.g. ``vision_weights=`` for an official MoE-LLaVA release without its tower).
+    """
     _ensure_registered()
     path = Path(name_or_path)
+    expected_sha256 = None
     if not path.exists():
         cfg = get_weights_cfg(str(name_or_path))
         path = resolve_weights_dir(cfg, str(name_or_path))
-    if path.is_file():
-        path = path.parent
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; mmzoo checkpoints are a directory written by save_pretrained")
-    config = json.loads(cfg_file.read_text())
-    if "architecture" not in config:
-        # Not ours: an officially released directory (MoE-LLaVA, transformers Llava). The converters read those
-        # layouts and map their keys; `zoo convert` writes the same model as an mmzoo directory once and for all.
-        from zoo.convert import load_released
+        expected_sha256 = cfg.sha256
+    if path.is_file() and is_zoo_checkpoint(path.parent):
+        path = path.parent  # the model.safetensors (or config.json) of one of our directories
+    if not is_zoo_checkpoint(path):
+        # Lazy import: the converter table registers converters that import model families, which import this module.
+        from zoo.convert import detect_format, load_released
 
-        return load_released(path).eval()
+        try:
+            fmt = detect_format(path)
+        except ValueError as e:
+            raise FileNotFoundError(
+                f"{path}: not an mmzoo checkpoint (a directory whose {CONFIG_NAME} names an 'architecture', written "
+                f"by save_pretrained), and the converter table says: {e}"
+            ) from None
+        return load_released(path, fmt, **overrides)
+    cfg_file = path / CONFIG_NAME
+    config = json.loads(cfg_file.read_text())
     if "model_args" not in config:
         raise ValueError(f"{cfg_file}: missing field 'model_args'")
-    model_args = {**config["model_args"], **overrides}
-    model = create_model(config["architecture"], **model_args)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.exists():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
-    from safetensors.torch import load_model
+    if expected_sha256 is not None:
+        _check_sha256(weights_file, expected_sha256)
+    model = create_model(config["architecture"], **{**config["model_args"], **overrides})
+    from zoo.checkpoint import load_file_strict
 
-    missing, unexpected = load_model(model, str(weights_file), strict=False, device=str(map_location))
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{weights_file}: checkpoint does not match {config['architecture']}: "
-            f"missing keys {sorted(missing)[:20]}, unexpected keys {sorted(unexpected)[:20]}"
-        )
+    load_file_strict(model, weights_file, config["architecture"], device=map_location)
     model.eval()
     return model
 
@@ -204,15 +246,3 @@ def save_pretrained(
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_model(model, tmp))
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
     return out
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_cfg_dict(cfg: WeightsCfg) -> dict[str, Any]:
-    return asdict(cfg)

@@ -1,19 +1,33 @@
-"""Shipped demo weights of the MoE-LLaVA family (imported by ``zoo.models`` so the names resolve in ``zoo.load``).
+"""Every registered weight, in one table: the demo weights shipped under ``zoo/weights/`` and the official releases.
 
-``moe_llava_tiny.shapes``: the tiny recipe's stage-III (MoE) model, float16 in ``zoo/weights/moe_llava_tiny.shapes/``
-(``zoo.load`` rebuilds it in float32). ``metrics`` holds the run's own evaluation (first 1000 documents per task,
-in percent) and, under ``demo64/``, what the shipped file scores on the first 64 documents per task, which
-``tests/moe_llava/test_demo_weights.py`` checks. Made with ``recipes/moe_llava/ship_demo.py``.
+``zoo.registry`` imports this module on first use (``zoo list --pretrained``, ``zoo.load(name)``), so each name
+below resolves in a fresh interpreter without importing ``eval`` or a family module first. A shipped entry records
+the sha256 of its ``model.safetensors``; ``zoo.load`` refuses a file whose hash differs (re-shipping weights means
+updating the hash here). Official releases carry a hub id and are never downloaded: fetch one yourself, then
+``zoo.load(<its directory or .pt>)`` or ``zoo convert auto SRC OUT``.
+
+``moe_llava_tiny.shapes``: the tiny recipe's stage-III (MoE) model, float16 (``zoo.load`` rebuilds it in float32).
+``metrics`` holds the run's own evaluation (first 1000 documents per task, in percent) and, under ``demo64/``, what
+the shipped file scores on the first 64 documents per task, which ``tests/moe_llava/test_demo_weights.py`` checks.
+Made with ``recipes/moe_llava/ship_demo.py``.
+
+``dit_moe_tiny.digits``: EMA weights; scores from 100 samples per class, 25 Euler steps, cfg 1.5, seed 0, 1 CPU
+thread; FID-digits / KID / IS in the shipped digit classifier's feature space against all 1797 real digits
+(re-checked by ``tests/dit/test_weights.py``).
+
+``digit_cnn.digits``: the FID-digits feature network and class-accuracy judge; its held-out accuracy is re-checked
+by ``tests/generation/test_digit_classifier.py``.
 """
 
 from __future__ import annotations
 
 from zoo.registry import WeightsCfg, register_weights
 
-__all__ = ["MOE_LLAVA_TINY_SHAPES"]
+__all__ = ["MOE_LLAVA_TINY_SHAPES", "DIT_MOE_TINY_DIGITS", "DIGIT_CNN_DIGITS", "SHIPPED", "OFFICIAL"]
 
 MOE_LLAVA_TINY_SHAPES = WeightsCfg(
     file="moe_llava_tiny.shapes",
+    sha256="9a1e0867837d561eadc5249e8bba2635da1cc7cdc14a9c2198707b6eadc733fb",
     recipe="recipes/moe_llava/shapes_tiny.yaml@a2e415963aa7511be28cefc816f1792a3cabe34c",
     metrics={
         'params_total_M': 2.5013,
@@ -37,5 +51,65 @@ MOE_LLAVA_TINY_SHAPES = WeightsCfg(
     ),
 )
 
+DIT_MOE_TINY_DIGITS = WeightsCfg(
+    file="dit_moe_tiny.digits",
+    sha256="cef5747bdf89294776f4d44d511993ae73882154a49edf2ab57629f569367c03",
+    recipe="recipes/dit_moe/digits_tiny.yaml@0a5bf7d",
+    metrics={"fid_digits": 0.6539, "kid_digits": 0.0562, "is_digits": 9.0645, "class_acc": 0.978, "val_loss": 0.1454},
+    license="Apache-2.0 (weights); data: scikit-learn digits (BSD-3, UCI optdigits)",
+    notes="pixel-space 16x16 digits, rectified flow; 628K params, 333K activated",
+)
 
-register_weights("moe_llava_tiny", "shapes", MOE_LLAVA_TINY_SHAPES)
+DIGIT_CNN_DIGITS = WeightsCfg(
+    file="digit_cnn.digits",
+    sha256="b4ff269d2c8814a4b8c057f276a6be6d7377ba1a6225c0f1b774623634a23bc6",
+    recipe="eval/generation/train_digit_classifier.py",
+    # the same numbers as the metrics block of its config.json, written by the training script
+    metrics={"heldout_acc": 0.9916434540389972, "train_acc": 1.0, "n_train": 1438.0, "n_heldout": 359.0},
+    license="Apache-2.0 (weights); data: scikit-learn digits (BSD-3, UCI optdigits)",
+    notes="feature network for FID-digits and the class-accuracy judge of the digits generators",
+)
+
+# "arch.tag" -> shipped weights under zoo/weights/<file>/
+SHIPPED: dict[str, WeightsCfg] = {
+    "moe_llava_tiny.shapes": MOE_LLAVA_TINY_SHAPES,
+    "dit_moe_tiny.digits": DIT_MOE_TINY_DIGITS,
+    "digit_cnn.digits": DIGIT_CNN_DIGITS,
+}
+
+_MOE_LLAVA_NOTES = "official release (DeepSpeed MoE layout); convert with `zoo convert moe-llava DIR OUT`"
+_DIT_MOE_NOTES = "official release; convert with `zoo convert dit ARCH FILE.pt OUT` (or `zoo convert auto`)"
+
+# "arch.official" -> hub releases. DiT-XL/2's own .pt files are at dl.fbaipublicfiles.com/DiT/models/.
+OFFICIAL: dict[str, WeightsCfg] = {
+    "moe_llava_stablelm_4e.official": WeightsCfg(
+        hf_hub_id="LanguageBind/MoE-LLaVA-StableLM-1.6B-4e", license="apache-2.0", notes=_MOE_LLAVA_NOTES
+    ),
+    "moe_llava_qwen_4e.official": WeightsCfg(
+        hf_hub_id="LanguageBind/MoE-LLaVA-Qwen-1.8B-4e", license="apache-2.0", notes=_MOE_LLAVA_NOTES
+    ),
+    "moe_llava_phi2_4e.official": WeightsCfg(
+        hf_hub_id="LanguageBind/MoE-LLaVA-Phi2-2.7B-4e", license="apache-2.0", notes=_MOE_LLAVA_NOTES
+    ),
+    "moe_llava_stablelm_4e_384.official": WeightsCfg(
+        hf_hub_id="LanguageBind/MoE-LLaVA-StableLM-1.6B-4e-384", license="apache-2.0", notes=_MOE_LLAVA_NOTES
+    ),
+    "moe_llava_phi2_4e_384.official": WeightsCfg(
+        hf_hub_id="LanguageBind/MoE-LLaVA-Phi2-2.7B-4e-384", license="apache-2.0", notes=_MOE_LLAVA_NOTES
+    ),
+    "dit_moe_s_2_8e2a.official": WeightsCfg(
+        hf_hub_id="feizhengcong/DiT-MoE", filename="dit_moe_s_8E2A.pt", license="Apache-2.0", notes=_DIT_MOE_NOTES
+    ),
+    "dit_moe_b_2_8e2a.official": WeightsCfg(
+        hf_hub_id="feizhengcong/DiT-MoE", filename="dit_moe_b_8E2A.pt", license="Apache-2.0", notes=_DIT_MOE_NOTES
+    ),
+    "dit_moe_xl_2_8e2a.official": WeightsCfg(
+        hf_hub_id="feizhengcong/DiT-MoE", filename="dit_moe_xl_8E2A.pt", license="Apache-2.0", notes=_DIT_MOE_NOTES
+    ),
+    "dit_moe_g_2_16e2a.official": WeightsCfg(
+        hf_hub_id="feizhengcong/DiT-MoE", filename="dit_moe_g_16E2A.pt", license="Apache-2.0", notes=_DIT_MOE_NOTES
+    ),
+}
+
+for _name, _cfg in {**SHIPPED, **OFFICIAL}.items():
+    register_weights(*_name.split("."), _cfg)

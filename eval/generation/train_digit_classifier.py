@@ -1,4 +1,4 @@
-"""Train the digit classifier behind FID-digits and write it to ``zoo/weights/digit_classifier/``.
+"""Train the digit classifier behind FID-digits and write it to ``zoo/weights/digit_cnn.digits/``.
 
     .venv/bin/python -m eval.generation.train_digit_classifier [--out DIR] [--epochs N] [--seed S]
 
@@ -6,6 +6,7 @@ Data: scikit-learn's bundled digits (1797 real 8x8 scans, UCI optdigits), throug
 normalisation as the DiT digits recipes (:func:`eval.generation.digits_data.load_real_digits`). A stratified 20%
 held-out split (fixed seed) is never trained on; its accuracy is written into ``config.json`` and re-checked by
 ``tests/generation/test_digit_classifier.py``. Deterministic on CPU (seeded, single thread); well under a minute.
+Re-shipping the weights means recording the new file's sha256 in ``zoo/weights_table.py`` (``zoo.load`` checks it).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from eval.generation.digit_classifier import SHIPPED_DIR, DigitCNN, DigitCNNConfig, config_dict
+from eval.generation.digit_classifier import SHIPPED_DIR
 from eval.generation.digits_data import HELDOUT_FRACTION, SPLIT_SEED, heldout_split, load_real_digits
+from zoo.models.digit_cnn import DigitCNN, DigitCNNConfig
 from zoo.registry import save_pretrained
 
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         model,
         args.out,
         "digit_cnn",
-        config_dict(model.cfg),
+        asdict(model.cfg),
         metrics=metrics,
         data={
             "source": "sklearn.datasets.load_digits",

@@ -1,4 +1,5 @@
-"""Shared helpers for checkpoint converters: reading released weight files and strict key checks."""
+"""Shared helpers for checkpoint converters: reading released configs and weight files (strict loading is
+``zoo.checkpoint.load_state_dict_strict``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["read_config", "read_state_dict", "check_keys", "read_tokenizer_spec", "fit_vision_keys"]
+__all__ = ["read_config", "config_model_type", "read_state_dict", "read_tokenizer_spec", "fit_vision_keys"]
 
 
 def read_config(src: str | os.PathLike) -> dict[str, Any]:
@@ -21,6 +22,18 @@ def read_config(src: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_model_type(src: str | os.PathLike) -> str | None:
+    """``model_type`` of ``src/config.json``, or None when ``src`` has no readable config (for ``detect``)."""
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
@@ -53,24 +66,6 @@ def read_state_dict(src: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(
         f"{src}: no weights (looked for model.safetensors[.index.json] and pytorch_model.bin[.index.json])"
     )
-
-
-def check_keys(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Raise if the converted keys or shapes differ from the model's (strict loading with a readable message)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state_dict))
-        if tuple(own[k].shape) != tuple(state_dict[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{source}: converted checkpoint does not match the model: "
-            f"{len(missing)} missing {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}, "
-            f"{len(shapes)} shape mismatches {shapes[:4]}"
-        )
 
 
 def read_tokenizer_spec(src: str | os.PathLike) -> dict[str, Any] | None:

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from zoo.convert.common import check_keys, fit_vision_keys, read_config, read_state_dict, read_tokenizer_spec
+from zoo.checkpoint import load_state_dict_strict
+from zoo.convert import register_converter
+from zoo.convert.common import (
+    config_model_type,
+    fit_vision_keys,
+    read_config,
+    read_state_dict,
+    read_tokenizer_spec,
+)
 from zoo.models.moe_llava import MoELLaVA, MoELLaVAConfig
 
 __all__ = ["llava_config_to_model_args", "llava_to_zoo_state_dict", "load_llava_hf", "convert_llava_hf"]
@@ -88,7 +96,7 @@ def llava_to_zoo_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
                 out[new + key[len(old) :]] = value
                 break
         else:
-            out[key] = value  # reported as unexpected by check_keys
+            out[key] = value  # reported as unexpected by the strict load
     return out
 
 
@@ -106,8 +114,7 @@ def load_llava_hf(src: str | os.PathLike, template: str = "vicuna_v1") -> MoELLa
     ):
         out["llm.lm.lm_head.weight"] = out["llm.lm.model.embed_tokens.weight"]  # tied weights are saved once
     fit_vision_keys(out, model)
-    check_keys(out, model, str(src))
-    model.load_state_dict(out, strict=True)
+    load_state_dict_strict(model, out, src, "moe_llava_custom")
     return model.eval()
 
 
@@ -123,3 +130,18 @@ def convert_llava_hf(src: str | os.PathLike, out_dir: str | os.PathLike, templat
         converted_from=str(src),
         source_format="llava_hf",
     )
+
+
+def is_llava_hf(src: Path) -> bool:
+    """A transformers ``LlavaForConditionalGeneration`` directory (config.json ``model_type`` = ``llava``)."""
+    return src.is_dir() and config_model_type(src) == "llava"
+
+
+register_converter(
+    "llava-hf",
+    detect=is_llava_hf,
+    load=load_llava_hf,
+    convert=convert_llava_hf,
+    options={"template": "conversation template for generate (default vicuna_v1)"},
+    summary="transformers LlavaForConditionalGeneration directory",
+)

@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from zoo.convert.common import check_keys, fit_vision_keys, read_config, read_state_dict, read_tokenizer_spec
+from zoo.checkpoint import load_state_dict_strict
+from zoo.convert import register_converter
+from zoo.convert.common import (
+    config_model_type,
+    fit_vision_keys,
+    read_config,
+    read_state_dict,
+    read_tokenizer_spec,
+)
 from zoo.models.moe_llava import CLIP_L_336, SIGLIP_SO400M_384, MoELLaVA, MoELLaVAConfig
 
 __all__ = [
@@ -293,7 +301,7 @@ def official_to_zoo_state_dict(
         if not qwen and key.startswith("model."):
             out[f"llm.lm.{key}"] = value
             continue
-        out[key] = value  # left as is: check_keys reports it as unexpected
+        out[key] = value  # left as is: the strict load reports it as unexpected
     swiglu: dict[str, dict[str, torch.Tensor]] = {}
     for (layer, proj, wb), per_e in experts.items():
         n = max(per_e) + 1
@@ -364,8 +372,7 @@ def load_official(
         )
     out = official_to_zoo_state_dict(sd, model, vision_sd)
     fit_vision_keys(out, model)
-    check_keys(out, model, str(src))
-    model.load_state_dict(out, strict=True)
+    load_state_dict_strict(model, out, src, "moe_llava_custom")
     return model.to(dtype).eval()
 
 
@@ -387,3 +394,18 @@ def convert_moe_llava(
         converted_from=str(src),
         source_format="moe_llava_official",
     )
+
+
+def is_official_moe_llava(src: Path) -> bool:
+    """An official MoE-LLaVA (or its dense LLaVA stage) release: config.json's ``model_type`` names the backbone."""
+    return src.is_dir() and config_model_type(src) in BACKBONES
+
+
+register_converter(
+    "moe-llava",
+    detect=is_official_moe_llava,
+    load=load_official,
+    convert=convert_moe_llava,
+    options={"vision_weights": "local transformers CLIP/SigLIP directory when the release lacks tower weights"},
+    summary="official MoE-LLaVA release directory (DeepSpeed MoE keys)",
+)

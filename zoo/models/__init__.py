@@ -1,4 +1,4 @@
-"""Model families. Importing this package registers every family's names (and shipped weights) with zoo.registry."""
+"""Model families. Importing this package registers every family's architectures with zoo.registry (the weights
+names are registered by zoo.weights_table)."""
 
-from zoo import weights_table  # noqa: F401  (shipped MoE-LLaVA demo weights)
-from zoo.models import clip, dit, moe_llava  # noqa: F401
+from zoo.models import clip, digit_cnn, dit, moe_llava  # noqa: F401

@@ -22,14 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.checkpoint import load_state_dict_strict
 from zoo.moe import MoE, MoEConfig, collect_aux_loss
-from zoo.registry import WeightsCfg, register_model, register_weights
+from zoo.registry import register_model
 
 __all__ = [
     "DiTConfig",
     "DiT",
     "checkpoint_filter_fn",
     "load_official_checkpoint",
+    "unwrap_training_state",
     "count_params",
     "DIT_SIZES",
     "DIT_MOE_VARIANTS",
@@ -414,7 +416,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _unwrap(state: Mapping[str, Any]) -> dict[str, Tensor]:
+def unwrap_training_state(state: Mapping[str, Any]) -> dict[str, Tensor]:
     """Accept a raw state dict or the training wrappers {"ema"|"model"|"module": ...}; strip "module." prefixes."""
     for key in ("ema", "model", "module", "state_dict"):
         if key in state and isinstance(state[key], Mapping):
@@ -430,7 +432,7 @@ def checkpoint_filter_fn(state: Mapping[str, Any], model: DiT) -> dict[str, Tens
     and ``moe.gate.weight``, ``moe.experts.i.{gate,up,down}_proj.weight``, ``moe.shared_experts.*`` -> the MoE
     core's ``router.weight``, stacked ``experts.*`` and ``shared_expert.*``.
     """
-    state = _unwrap(state)
+    state = unwrap_training_state(state)
     out: dict[str, Tensor] = {}
     moe_groups: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
@@ -472,33 +474,23 @@ def _convert_moe_keys(group: dict[str, Tensor], model: DiT) -> dict[str, Tensor]
     return out
 
 
-def load_official_checkpoint(model: DiT, source: Mapping[str, Any] | str | os.PathLike) -> DiT:
+def load_official_checkpoint(
+    model: DiT, source: Mapping[str, Any] | str | os.PathLike, where: str = "checkpoint"
+) -> DiT:
     """Strictly load an official DiT / DiT-MoE checkpoint into ``model``: a ``.pt`` path (read with
-    ``torch.load(weights_only=True)``) or an already loaded dict; raw state dicts and {"ema"|"model"|"module": ...}
-    wrappers are accepted. Missing and unexpected keys are listed in the error."""
-    where = ""
+    ``torch.load(weights_only=True)``) or an already loaded dict (``where`` names it in errors); raw state dicts and
+    {"ema"|"model"|"module": ...} wrappers are accepted. Missing, unexpected and shape-mismatched keys are listed in
+    the error."""
     if isinstance(source, (str, os.PathLike)):
-        where = f"{source}: "
+        where = str(source)
         source = torch.load(source, map_location="cpu", weights_only=True)
     try:
         mapped = checkpoint_filter_fn(source, model)
     except KeyError as e:
-        raise KeyError(f"{where}{e.args[0]}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(mapped))
-    unexpected = sorted(set(mapped) - set(own))
-    if missing or unexpected:
-        raise KeyError(
-            f"{where}checkpoint does not match {type(model).__name__}(depth={model.cfg.depth}, "
-            f"hidden={model.cfg.hidden_size}, experts={model.cfg.num_experts}, qk_norm={model.cfg.qk_norm}): "
-            f"{len(missing)} missing keys {missing[:12]}{' ...' if len(missing) > 12 else ''}; "
-            f"{len(unexpected)} unexpected keys {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}"
-        )
-    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if wrong:
-        raise ValueError(f"{where}checkpoint shapes do not match the model (key, checkpoint, model): {wrong[:12]}")
-    model.load_state_dict(mapped, strict=True, assign=any(p.is_meta for p in model.parameters()))
-    return model
+        raise KeyError(f"{where}: {e.args[0]}") from None
+    cfg = model.cfg
+    arch = f"DiT(depth={cfg.depth}, hidden={cfg.hidden_size}, experts={cfg.num_experts}, qk_norm={cfg.qk_norm})"
+    return load_state_dict_strict(model, mapped, where, arch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,39 +522,6 @@ def _build(size: str, patch: int, **kwargs: Any) -> DiT:
     depth, hidden, heads = DIT_SIZES[size]
     base = DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
     return DiT(replace(base, **kwargs))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights
-# ----------------------------------------------------------------------------------------------------------------
-
-# Official DiT-MoE releases on the HF hub (never downloaded: fetch them yourself, then
-# `zoo convert dit ARCH FILE.pt OUT`). DiT-XL/2's .pt files are at dl.fbaipublicfiles.com/DiT/models/.
-OFFICIAL_WEIGHTS: dict[str, tuple[str, str]] = {
-    "dit_moe_s_2_8e2a": ("feizhengcong/DiT-MoE", "dit_moe_s_8E2A.pt"),
-    "dit_moe_b_2_8e2a": ("feizhengcong/DiT-MoE", "dit_moe_b_8E2A.pt"),
-    "dit_moe_xl_2_8e2a": ("feizhengcong/DiT-MoE", "dit_moe_xl_8E2A.pt"),
-    "dit_moe_g_2_16e2a": ("feizhengcong/DiT-MoE", "dit_moe_g_16E2A.pt"),
-}
-
-# Shipped demo weights. Scores: EMA weights, 100 samples per class, 25 Euler steps, cfg 1.5, seed 0, 1 CPU thread;
-# FID-digits / KID / IS in the shipped digit classifier's feature space against all 1797 real digits.
-register_weights(
-    "dit_moe_tiny",
-    "digits",
-    WeightsCfg(
-        file="dit_moe_tiny.digits",
-        recipe="recipes/dit_moe/digits_tiny.yaml@0a5bf7d",
-        metrics={"fid_digits": 0.6539, "kid_digits": 0.0562, "is_digits": 9.0645, "class_acc": 0.978,
-                 "val_loss": 0.1454},
-        license="Apache-2.0 (weights); data: scikit-learn digits (BSD-3, UCI optdigits)",
-        notes="pixel-space 16x16 digits, rectified flow; 628K params, 333K activated",
-    ),
-)
-for _arch, (_hub, _file) in OFFICIAL_WEIGHTS.items():
-    register_weights(_arch, "official", WeightsCfg(hf_hub_id=_hub, filename=_file,
-                                                  license="Apache-2.0",
-                                                  notes="official release; convert with `zoo convert dit`"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

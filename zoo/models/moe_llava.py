@@ -40,7 +40,7 @@ from zoo.components.projector import build_projector
 from zoo.components.vision import VisionTowerConfig, build_vision_tower, image_to_tensor
 from zoo.conversation import IMAGE_PLACEHOLDER, get_template
 from zoo.moe import MoE, collect_aux_loss, upcycle_causal_lm
-from zoo.registry import WeightsCfg, register_model, register_weights
+from zoo.registry import register_model
 
 __all__ = [
     "MoESettings",
@@ -595,30 +595,6 @@ TINY_LM = dict(
     initializer_range=0.1,  # 0.02 is sized for widths in the thousands; at 128 it trains slower (recipe README)
 )
 TINY_VISION = dict(kind="zoo", model_name="clip_vit_tiny4")  # the tower of recipes/moe_llava/shapes_tiny.yaml
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights table: the official releases (hub ids; never downloaded by mmzoo). Download one yourself, then
-# `zoo convert moe-llava DIR OUT [--vision-weights CLIP_DIR]` (or zoo.convert.load_released(DIR)).
-# ----------------------------------------------------------------------------------------------------------------
-
-_OFFICIAL = {
-    "moe_llava_stablelm_4e": "LanguageBind/MoE-LLaVA-StableLM-1.6B-4e",
-    "moe_llava_qwen_4e": "LanguageBind/MoE-LLaVA-Qwen-1.8B-4e",
-    "moe_llava_phi2_4e": "LanguageBind/MoE-LLaVA-Phi2-2.7B-4e",
-    "moe_llava_stablelm_4e_384": "LanguageBind/MoE-LLaVA-StableLM-1.6B-4e-384",
-    "moe_llava_phi2_4e_384": "LanguageBind/MoE-LLaVA-Phi2-2.7B-4e-384",
-}
-for _arch, _hub in _OFFICIAL.items():
-    register_weights(
-        _arch,
-        "official",
-        WeightsCfg(
-            hf_hub_id=_hub,
-            license="apache-2.0",
-            notes="official release (DeepSpeed MoE layout); convert with `zoo convert moe-llava DIR OUT`",
-        ),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class StageTask(L.LightningModule, ABC):
         """Load an exported directory (``config.json`` + ``model.safetensors``) into ``self.model``, strictly."""
         import json
 
-        from safetensors.torch import load_model
+        from zoo.checkpoint import load_file_strict
 
         source = Path(source)
         config = json.loads((source / CONFIG_NAME).read_text())
@@ -174,12 +174,7 @@ class StageTask(L.LightningModule, ABC):
                 f"{source}: holds a {config.get('architecture')!r} model but task {self.task_name!r} builds "
                 f"{self.architecture!r}; override {type(self).__name__}.init_from to convert between them"
             )
-        missing, unexpected = load_model(self.model, str(source / WEIGHTS_NAME), strict=False)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"{source / WEIGHTS_NAME}: does not match {self.architecture}: missing {sorted(missing)[:10]}, "
-                f"unexpected {sorted(unexpected)[:10]}"
-            )
+        load_file_strict(self.model, source / WEIGHTS_NAME, self.architecture)
 
     def export(self, out_dir: Path) -> Path:
         """Write the trained model as a ``zoo.load``-able directory."""

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from zoo.checkpoint import load_state_dict_strict
 from zoo.tasks import register_task
 from zoo.tasks.base import StageTask
 
@@ -250,7 +251,8 @@ class MoELLaVATask(StageTask):
         if src_moe is None and own_moe is not None:
             dense = load(source)
             dense.enable_moe(own_moe)  # experts = copies of the dense FFN, routers freshly initialised
-            self._load_strict(dense.state_dict(), f"{source} (upcycled to {len(dense.moe_layers)} MoE layers)")
+            where = f"{source} (upcycled to {len(dense.moe_layers)} MoE layers)"
+            load_state_dict_strict(self.model, dense.state_dict(), where, self.architecture)
             return
         if src_moe is not None and own_moe is None:
             raise ValueError(f"{source}: holds an MoE model but this stage builds a dense one (set model.moe)")
@@ -267,13 +269,8 @@ class MoELLaVATask(StageTask):
                 f"{source}: a {arch!r} checkpoint can initialise only the vision tower of an open_clip-style tower "
                 "(kind 'zoo' or 'open_clip'); this model's tower has no `.visual`"
             )
-        try:
-            tower.load_state_dict(visual.state_dict(), strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"{source}: the {arch!r} image tower does not match model.vision of this stage (make model.vision "
-                f"describe the same CLIP as that stage): {e}"
-            ) from None
+        expected = f"model.vision of this stage (it must describe the same CLIP as the {arch!r} checkpoint)"
+        load_state_dict_strict(tower, visual.state_dict(), source, expected)
 
     def _load_pretrained_lm(self, path: Path) -> None:
         """Weights of a local transformers checkpoint of the same LM architecture (e.g. microsoft/phi-2)."""
@@ -281,10 +278,7 @@ class MoELLaVATask(StageTask):
 
         lm = self.model.llm.lm
         hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=lm.dtype)
-        try:
-            lm.load_state_dict(hf.state_dict(), strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"{path}: the pretrained LM does not match model.lm of this stage: {e}") from None
+        load_state_dict_strict(lm, hf.state_dict(), path, "model.lm of this stage")
 
     def _load_pretrained_vision(self, path: Path) -> None:
         """Weights of a local transformers CLIP / SigLIP checkpoint into an ``hf`` vision tower."""
@@ -293,15 +287,7 @@ class MoELLaVATask(StageTask):
             raise ValueError("model.pretrained_vision needs an hf vision tower (model.vision.kind: hf)")
         # The tower's own class (e.g. CLIPVisionModel) reads the vision half of a full CLIP checkpoint too.
         hf = type(inner).from_pretrained(path, local_files_only=True)
-        try:
-            inner.load_state_dict(hf.state_dict(), strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"{path}: the pretrained vision model does not match model.vision: {e}") from None
-
-    def _load_strict(self, state: dict[str, Tensor], where: str) -> None:
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{where}: missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
+        load_state_dict_strict(inner, hf.state_dict(), path, "model.vision of this stage")
 
     # ---- data ------------------------------------------------------------------------------------------------------
 
