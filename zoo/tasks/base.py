@@ -48,7 +48,6 @@ import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -256,13 +255,6 @@ class StageTask(L.LightningModule, ABC):
         lr_lambda = build_lr_lambda(sched.name, sched.warmup_steps, total, sched.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    def config_dict(self) -> dict[str, Any]:
-        """The task's three configs as plain dicts (for logs and exported metadata)."""
-        return {
-            k: asdict(v) if is_dataclass(v) else v
-            for k, v in (("model", self.model_cfg), ("data", self.data_cfg), ("eval", self.eval_cfg))
-        }
 
 
 def param_groups(
