@@ -110,6 +110,21 @@ class MoELLaVAConfig:
     image_pos_embed: bool = False
 
 
+def _registered_visual(vision: dict[str, Any]) -> nn.Module | None:
+    """For a ``kind: zoo`` tower, the open_clip ``.visual`` of the registered mmzoo model it names (else None)."""
+    cfg = VisionTowerConfig.from_dict(vision)
+    if cfg.kind != "zoo":
+        return None
+    if not cfg.model_name:
+        raise ValueError("zoo vision tower needs model_name (a registered mmzoo CLIP architecture)")
+    from zoo.registry import create_model
+
+    visual = getattr(create_model(cfg.model_name, **cfg.config), "visual", None)
+    if visual is None:
+        raise TypeError(f"mmzoo model {cfg.model_name!r} has no open_clip `.visual` image tower")
+    return visual
+
+
 def tokenizer_spec(tok: Any) -> dict[str, Any]:
     """A JSON-able description of a fast tokenizer that ``build_tokenizer_from_spec`` turns back into it."""
     specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
@@ -161,7 +176,7 @@ class MoELLaVA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.architecture = architecture
-        self.vision_tower = build_vision_tower(cfg.vision)
+        self.vision_tower = build_vision_tower(cfg.vision, visual=_registered_visual(cfg.vision))
         self.tokenizer = build_tokenizer_from_spec(cfg.tokenizer) if cfg.tokenizer is not None else None
         lm_cfg = dict(cfg.lm)
         if "vocab_size" not in lm_cfg and self.tokenizer is not None:
