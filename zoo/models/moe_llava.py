@@ -29,7 +29,7 @@ from zoo.components.lm import CausalLMWrapper, LayerHook, build_causal_lm
 from zoo.components.projector import build_projector
 from zoo.components.vision import VisionTowerConfig, build_vision_tower, image_to_tensor
 from zoo.conversation import IMAGE_PLACEHOLDER, get_template
-from zoo.moe import MoE, collect_aux_loss, upcycle_causal_lm
+from zoo.moe import MoE, MoESettings, collect_aux_loss, upcycle_causal_lm
 from zoo.registry import WeightsCfg, register_model, register_weights
 
 __all__ = [
@@ -48,35 +48,6 @@ IGNORE_INDEX = -100
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoESettings:
-    """MoE-tuning settings (MoE-LLaVA's ``config.moe``; defaults are its stage-III scripts)."""
-
-    num_experts: int = 4
-    top_k: int = 2
-    layers: str | tuple[int, ...] = "sparse"  # "sparse" = 0, 2, 4, ...; "dense", "first_half", "second_half"
-    capacity_factor: float = 1.5
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 0
-    aux_loss_coef: float = 0.01
-    second_choice_noise: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | MoESettings) -> MoESettings:
-        if isinstance(d, MoESettings):
-            return d
-        d = dict(d)
-        if not isinstance(d.get("layers", "sparse"), str):
-            d["layers"] = tuple(int(i) for i in d["layers"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not isinstance(d["layers"], str):
-            d["layers"] = list(d["layers"])
-        return d
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -62,12 +62,13 @@ ours jitters only the router input; DeepSpeed's Gumbel second choice is opt-in (
 
 from zoo.moe.grouped import grouped_linear
 from zoo.moe.layer import ACTIVATIONS, MoE, MoEConfig, MoEStats, capacity_for, collect_aux_loss, moe_layers
-from zoo.moe.upcycle import from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
+from zoo.moe.upcycle import MoESettings, from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
 
 __all__ = [
     "ACTIVATIONS",
     "MoE",
     "MoEConfig",
+    "MoESettings",
     "MoEStats",
     "capacity_for",
     "collect_aux_loss",

@@ -57,21 +57,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data.seeding import mix_seed
 from zoo.registry import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
 if TYPE_CHECKING:
     from zoo.recipe import StageSpec
 
 __all__ = ["StageTask", "StepBatchSampler", "build_lr_lambda", "mix_seed"]
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; distinct tuples give unrelated streams (splitmix64 finaliser)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class StepBatchSampler(Sampler[list[int]]):
