@@ -87,7 +87,7 @@ def register_weights(model_name: str, tag: str, cfg: WeightsCfg) -> None:
 
 def _ensure_registered() -> None:
     # Families register themselves on import; importing here keeps `import zoo.registry` light.
-    import zoo.models  # noqa: F401
+    import zoo.models  # noqa: F401  (lazy: breaks the cycle zoo.registry <-> zoo.models, which registers into it)
 
 
 def list_models(pattern: str = "*") -> list[str]:

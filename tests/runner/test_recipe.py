@@ -232,3 +232,63 @@ def test_model_packages_import_without_lightning():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
+
+
+TINY_LLAVA = """\
+recipe: nested_typo
+stages:
+  - name: sft
+    task: moe_llava
+    model: &model
+      vision: {kind: zoo, model_name: clip_vit_tiny}
+      vocab_world: &world {image_size: 32}
+    data: &data {source: shapes, kind: vqa, world: *world, num_scenes: 4}
+    batch_size: 2
+    trainer: {max_steps: 1}
+  - name: moe
+    task: moe_llava
+    init_from: sft
+    model:
+      <<: *model
+      moe: {num_experts: 4, top_k: 2, layers: sparse, capacity_factr: 1.5}
+    data: *data
+    batch_size: 2
+    trainer: {max_steps: 1}
+"""
+
+
+def test_typo_deep_in_the_last_stage_fails_before_stage_0(tmp_path):
+    """model.moe / data.world / model.vision are typed by MoESettings / WorldConfig / VisionTowerConfig, so
+    `zoo train` rejects a misspelt key inside the last stage with file, key path and suggestion, and runs nothing."""
+    from zoo.cli import main
+
+    path = tmp_path / "nested.yaml"
+    path.write_text(TINY_LLAVA)
+    runs = tmp_path / "runs"
+    overrides = ["--set", "stages.moe.data.world.max_objets=2", "--set", "stages.moe.model.vision.selct_layer=-1"]
+    rc = main(["train", str(path), "--runs-dir", str(runs), *overrides])
+    assert rc == 2 and not runs.exists()
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides[1::2])
+    assert err.value.problems == [
+        f"{path}: stages[1].model.vision.selct_layer: unknown key. Did you mean 'select_layer'? Allowed keys: kind, "
+        "model_name, config, select_layer, select_feature, drop_first_token, mean, std",
+        f"{path}: stages[1].model.moe.capacity_factr: unknown key. Did you mean 'capacity_factor'? Allowed keys: "
+        "num_experts, top_k, layers, capacity_factor, eval_capacity_factor, min_capacity, aux_loss_coef, "
+        "second_choice_noise",
+        f"{path}: stages[1].data.world.max_objets: unknown key. Did you mean 'max_objects'? Allowed keys: "
+        "image_size, seed, min_objects, max_objects, background, clutter, colors, shapes, sizes, skew",
+    ]
+    # The --set edits reached only the stage they name, although both stages share the YAML anchors.
+    fixed = TINY_LLAVA.replace("capacity_factr", "capacity_factor")
+    path.write_text(fixed)
+    recipe = load_recipe(path, ["stages.moe.data.world.max_objects=2", "stages.moe.model.moe.layers=[0, 2]"])
+    sft, moe = recipe.stages
+    assert (sft.data.world.max_objects, moe.data.world.max_objects) == (3, 2)
+    assert moe.model.moe.layers == (0, 2) and moe.model.moe.capacity_factor == 1.5
+    assert sft.model.vision.model_name == "clip_vit_tiny" and sft.model.vocab_world.image_size == 32
+    # The dataclasses' own checks (__post_init__) are reported as problems of the block.
+    (msg,) = problems(path, ["stages.sft.data.world.background=nois"])
+    assert msg.startswith(f"{path}: stages[0].data.world: WorldConfig.background must be one of")
+    (msg,) = problems(path, ["stages.moe.model.moe.layers=[0, x]"])
+    assert msg == f"{path}: stages[1].model.moe.layers[1]: expected an integer, got str 'x'"

@@ -536,6 +536,7 @@ class MoELLaVA(nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoELLaVA) -> dict[str, torch.Tensor]:
     """Map an official MoE-LLaVA state dict to this model's keys (see ``zoo.convert.moe_llava``)."""
+    # lazy: breaks the import cycle zoo.models.moe_llava <-> zoo.convert.moe_llava
     from zoo.convert.moe_llava import official_to_zoo_state_dict
 
     return official_to_zoo_state_dict(state_dict, model)
