@@ -220,9 +220,9 @@ class _Checker:
             if value is None and type(None) in args:
                 return None
             same_kind = [a for a in args if _same_kind(value, a)]
-            if len(same_kind) == 1 and _is_container(same_kind[0]):
-                # One arm can hold a mapping / list like this one: report its problems key by key
-                # (``model.moe.num_expertz: unknown key``) instead of "expected X or null".
+            if len(same_kind) == 1:
+                # One arm can hold a mapping / list / name like this one: report its problems key by key
+                # (``model.moe.num_expertz: unknown key``, did-you-mean for names) instead of "expected X or null".
                 return self._convert(value, same_kind[0], path)
             for arm in args:
                 if arm is type(None):
@@ -343,14 +343,10 @@ class _Checker:
             return None
 
 
-def _is_container(tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    return dataclasses.is_dataclass(tp) or tp in (dict, list, tuple) or origin in (dict, list, tuple)
-
-
 def _same_kind(value: Any, tp: Any) -> bool:
-    """Whether ``value`` has the container kind ``tp`` takes (a mapping for dataclasses and dicts, a list for
-    lists and tuples); used to pick the one Union arm whose detailed problems are worth reporting."""
+    """Whether ``value`` has the kind ``tp`` takes (a mapping for dataclasses and dicts, a list for lists and
+    tuples, a string for strings and string Literals); used to pick the one Union arm whose detailed problems are
+    worth reporting."""
     if typing.get_origin(tp) is Annotated:
         tp = typing.get_args(tp)[0]
     origin = typing.get_origin(tp)
@@ -358,6 +354,8 @@ def _same_kind(value: Any, tp: Any) -> bool:
         return dataclasses.is_dataclass(tp) or tp is dict or origin is dict
     if isinstance(value, list):
         return tp in (list, tuple) or origin in (list, tuple)
+    if isinstance(value, str):
+        return tp in (str, Path) or (origin is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
     return False
 
 

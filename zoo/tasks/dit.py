@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from zoo.models.dit import DiTConfig
 from zoo.registry import save_pretrained
 from zoo.tasks import register_task
 from zoo.tasks.base import StageTask
@@ -41,31 +43,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+# Every DiTConfig field, optional: null keeps the registered architecture's value. Derived, so a field added to
+# DiTConfig is a recipe key at once (with DiTConfig's type checked by the recipe validator).
+_ArchitectureOverrides = make_dataclass(
+    "_ArchitectureOverrides",
+    [(f.name, typing.get_type_hints(DiTConfig)[f.name] | None, field(default=None)) for f in fields(DiTConfig)],
+    kw_only=True,
+)
+
+
 @dataclass(kw_only=True)
-class DiTModelConfig:
-    """``arch`` (a registered DiT / DiT-MoE name) and overrides of its ``DiTConfig`` fields (null = keep)."""
+class DiTModelConfig(_ArchitectureOverrides):
+    """``arch`` (a registered DiT / DiT-MoE name), overrides of its ``DiTConfig`` fields (null = keep) and the
+    training-only settings (EMA, CPU threads)."""
 
     arch: str = field(default="dit_tiny", metadata={"help": "registered architecture, e.g. dit_moe_s_2_8e2a"})
-    input_size: int | None = None
-    patch_size: int | None = None
-    in_channels: int | None = None
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    class_dropout_prob: float | None = None
-    num_classes: int | None = None
-    learn_sigma: bool | None = None
-    qk_norm: bool | None = None
-    num_experts: int | None = None
-    top_k: int | None = None
-    expert_hidden: int | None = None
-    shared_hidden: int | None = None
-    num_shared_experts: int | None = None
-    aux_loss_alpha: float | None = None
-    moe_every: int | None = None
-    objective: Literal["ddpm", "rectified_flow"] | None = None
-    time_scale: float | None = None
     ema_decay: float = field(default=0.9999, metadata={"min": 0.0, "max": 1.0, "help": "0 disables the EMA"})
     ema_warmup: bool = field(default=False, metadata={"help": "decay min(ema_decay, (1+s)/(10+s)) for short runs"})
     cpu_threads: int | None = field(
@@ -75,8 +67,8 @@ class DiTModelConfig:
     )
 
     def model_args(self) -> dict[str, Any]:
-        skip = {"arch", "ema_decay", "ema_warmup", "cpu_threads"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None}
+        """The ``DiTConfig`` overrides that are set (the registered architecture's kwargs)."""
+        return {f.name: getattr(self, f.name) for f in fields(DiTConfig) if getattr(self, f.name) is not None}
 
 
 @dataclass(kw_only=True)
