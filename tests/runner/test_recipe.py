@@ -292,3 +292,15 @@ def test_typo_deep_in_the_last_stage_fails_before_stage_0(tmp_path):
     assert msg.startswith(f"{path}: stages[0].data.world: WorldConfig.background must be one of")
     (msg,) = problems(path, ["stages.moe.model.moe.layers=[0, x]"])
     assert msg == f"{path}: stages[1].model.moe.layers[1]: expected an integer, got str 'x'"
+
+
+@pytest.mark.parametrize(
+    "recipe_file", sorted(REPO.glob("recipes/**/*.yaml")), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_recipe_comments_are_one_line_each(recipe_file):
+    """A recipe comment says why in one line; measurements and history live in the recipe folder's README.md."""
+    lines = recipe_file.read_text(encoding="utf-8").splitlines()
+    runs = [i + 1 for i in range(1, len(lines)) if lines[i].lstrip().startswith("#")
+            and lines[i - 1].lstrip().startswith("#")]
+    assert not runs, f"{recipe_file.relative_to(REPO)}: comment blocks longer than one line at lines {runs}"
+    assert (recipe_file.parent / "README.md").is_file()
