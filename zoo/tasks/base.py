@@ -39,7 +39,10 @@ What the base class supplies:
 The runner (``zoo/train.py``) constructs the task, calls ``init_from`` (fresh stages only: a resumed stage gets its
 weights from the checkpoint), applies the recipe's ``trainable``/``frozen`` globs to ``self.model``, fits, then calls
 ``evaluate`` and ``export``. Keep the task module's top-level imports light (torch, lightning, config dataclasses):
-import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast.
+import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast. A task holds
+model + loss + which parameters train + evaluation glue; datasets, world construction and sample builders live in
+``data/`` (e.g. ``data.shapes_llava``, ``data.shapes_clip``, ``data.latents``). Nested config blocks are typed by
+the dataclass their code takes (``moe: MoESettings | None``), so the recipe validator checks inside them too.
 """
 
 from __future__ import annotations
