@@ -21,7 +21,8 @@ multi-turn conversation of every question of the scene (``<image>\\n`` before th
 
 Reading::
 
-    reader = read_llava_json("out/train_vqa.json", image_root=None, skip_bad=False)
+    reader = LlavaJsonReader("out/train_vqa.json", image_root=None, skip_bad=False)   # decoded samples
+    records = data.llava.read_llava_json("out/train_vqa.json")   # records (image paths) for training
     for sample in reader: ...
     reader = read_webdataset("out/wds/train-caption-{000000..000001}.tar")  # or a list of paths, or a directory
 
@@ -304,8 +305,13 @@ class _Reader(ABC):
 
 
 class LlavaJsonReader(_Reader):
+    """Samples (images decoded) from a LLaVA JSON file; images resolve against ``image_root`` (default: its folder).
+
+    Training reads the same files as records (image paths, images loaded lazily) with ``data.llava.read_llava_json``.
+    """
+
     def __init__(
-        self, json_path: str | os.PathLike, image_root: str | os.PathLike | None, skip_bad: bool
+        self, json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, skip_bad: bool = False
     ) -> None:
         self.path = Path(json_path)
         if not self.path.is_file():
@@ -421,13 +427,6 @@ def _expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     if missing:
         raise FileNotFoundError(f"webdataset shard(s) not found: {', '.join(missing)}")
     return expanded
-
-
-def read_llava_json(
-    json_path: str | os.PathLike, image_root: str | os.PathLike | None = None, skip_bad: bool = False
-) -> LlavaJsonReader:
-    """Iterable of samples from a LLaVA JSON file; images resolve against ``image_root`` (default: its folder)."""
-    return LlavaJsonReader(json_path, image_root, skip_bad)
 
 
 def read_webdataset(

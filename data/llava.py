@@ -125,7 +125,7 @@ def read_llava_json(path: str | os.PathLike) -> list[Record]:
     try:
         items = json.loads(path.read_text())
     except FileNotFoundError:
-        raise LlavaDataError(f"{path}: file not found (data.json_path)") from None
+        raise LlavaDataError(f"{path}: no such LLaVA JSON file (relative paths start at {Path.cwd()})") from None
     except json.JSONDecodeError as e:
         raise LlavaDataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(items, list):

@@ -153,16 +153,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _dispatch(command: str, argv: list[str]) -> int:
     module_name, _ = DISPATCH[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        # Only "the command's own module is absent" gets the friendly message; a missing dependency inside it
-        # is a real error and keeps its traceback.
-        if e.name is None or not module_name.startswith(e.name):
-            raise
-        print(f"zoo {command}: not available in this build ({module_name} does not exist yet)", file=sys.stderr)
-        return 2
-    return int(module.main(argv) or 0)
+    return int(importlib.import_module(module_name).main(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,11 @@ expected type). Validation runs in two phases so that the common mistakes fail f
    the recipe names and validates ``model`` / ``data`` / ``eval`` against their ``ModelConfig`` / ``DataConfig`` /
    ``EvalConfig`` dataclasses, plus ``init_from`` weights names against ``zoo.registry``.
 
+Nested blocks are typed by the dataclasses their code uses (``model.vision`` by ``VisionTowerConfig``, ``model.moe``
+by ``MoESettings``, ``data.world`` by the shapes ``WorldConfig``, ...), so a misspelt key deep inside the last stage
+fails here, before the first stage runs, with the same file / key path / did-you-mean report; the dataclass's own
+``__post_init__`` checks become problems too.
+
 Task config dataclasses may annotate input files as :data:`InputPath` (``Annotated[Path, MustExist()]``): such paths
 must exist at validation time (relative paths are taken from the working directory). Field metadata
 ``{"min": x}`` / ``{"max": x}`` bound numbers, ``{"help": "..."}`` documents a key.
@@ -214,6 +219,11 @@ class _Checker:
         if origin in (Union, types.UnionType):
             if value is None and type(None) in args:
                 return None
+            same_kind = [a for a in args if _same_kind(value, a)]
+            if len(same_kind) == 1:
+                # One arm can hold a mapping / list / name like this one: report its problems key by key
+                # (``model.moe.num_expertz: unknown key``, did-you-mean for names) instead of "expected X or null".
+                return self._convert(value, same_kind[0], path)
             for arm in args:
                 if arm is type(None):
                     continue
@@ -325,7 +335,38 @@ class _Checker:
                 self.fail(key_path, f"missing required key (expected {describe_type(hints[name])})")
         if len(self.problems) != before:
             return None
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            # The dataclass's own checks (__post_init__): combinations of values, names from a fixed set.
+            self.fail(path, str(e))
+            return None
+
+
+def _same_kind(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the kind ``tp`` takes (a mapping for dataclasses and dicts, a list for lists and
+    tuples, a string for strings and string Literals); used to pick the one Union arm whose detailed problems are
+    worth reporting."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or tp is dict or origin is dict
+    if isinstance(value, list):
+        return tp in (list, tuple) or origin in (list, tuple)
+    if isinstance(value, str):
+        return tp in (str, Path) or (origin is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
+    return False
+
+
+def _unshared(value: Any) -> Any:
+    """A copy of parsed YAML in which no two places share a mapping or list: YAML anchors (``model: *model``) alias
+    one object, and a ``--set`` on one stage must not edit the others."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
 
 
 def _show(value: Any) -> str:
@@ -436,7 +477,7 @@ def load_recipe(
         raise RecipeError([f"{file}: not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
         raise RecipeError([f"{file}: expected a mapping with keys recipe, description, stages"])
-    apply_overrides(raw, list(overrides or []))
+    raw = apply_overrides(_unshared(raw), list(overrides or []))
     checker = _Checker(file)
     top = checker.dataclass(raw, Recipe, "", skip=("stages",))
     stages_raw = raw.get("stages")

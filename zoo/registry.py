@@ -97,10 +97,9 @@ class WeightsHashMismatchError(ValueError):
 
 
 def _ensure_registered() -> None:
-    # Lazy registration imports (both import this module, so importing them at the top would be a cycle):
-    # zoo.models registers every family's architectures on import, zoo.weights_table every weights name.
-    import zoo.models  # noqa: F401
-    import zoo.weights_table  # noqa: F401
+    # Lazy registration imports: both modules import this one, so importing them at the top would be a cycle.
+    import zoo.models  # noqa: F401  (registers every family's architectures; cycle zoo.registry <-> zoo.models)
+    import zoo.weights_table  # noqa: F401  (registers every weights name; cycle zoo.registry <-> zoo.weights_table)
 
 
 def list_models(pattern: str = "*") -> list[str]:

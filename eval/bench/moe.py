@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from zoo.moe import MoE
+from zoo.moe import MoE, from_dense, from_hf
 
 __all__ = ["run"]
 
@@ -147,8 +147,8 @@ def run(argv: list[str]) -> None:
     hf = {} if args.no_hf else _mixtral_blocks(d, h, E, k, T, dtype, device, 4 * 2**30)
     if hf:
         src = next(iter(hf.values()))
-        dropless = MoE.from_hf(src, name="dropless")
-        capacity = MoE.from_hf(src, name="capacity", capacity_factor=1.5)
+        dropless = from_hf(src, name="dropless")
+        capacity = from_hf(src, name="capacity", capacity_factor=1.5)
     else:
         from zoo.moe import MoEConfig
 
@@ -160,7 +160,7 @@ def run(argv: list[str]) -> None:
         capacity.load_state_dict(dropless.state_dict())
     dense = DenseSwiGLU(d, k * h).to(device=device, dtype=dtype)
     base = DenseSwiGLU(d, h).to(device=device, dtype=dtype).requires_grad_(False)
-    lora = MoE.from_dense(_as_hf_mlp(base), num_experts=E, top_k=k, name="lora", lora_rank=args.lora_rank,
+    lora = from_dense(_as_hf_mlp(base), num_experts=E, top_k=k, name="lora", lora_rank=args.lora_rank,
                           balance_loss=None)
     for m in (dropless, capacity, dense, base, lora, *hf.values()):
         m.train()
@@ -219,7 +219,7 @@ def run(argv: list[str]) -> None:
 
 
 def _as_hf_mlp(dense: DenseSwiGLU) -> nn.Module:
-    """The floor FFN re-expressed with gate_proj/up_proj/down_proj so that MoE.from_dense can read it."""
+    """The floor FFN re-expressed with gate_proj/up_proj/down_proj so that from_dense can read it."""
     d, two_h = dense.gate_up.in_features, dense.gate_up.out_features
     m = nn.Module()
     m.gate_proj = nn.Linear(d, two_h // 2, bias=False)

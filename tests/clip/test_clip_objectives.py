@@ -19,7 +19,7 @@ def _world():
 
 
 def test_shape_swapped_captions_change_exactly_one_shape_word():
-    from zoo.tasks.clip import shape_swapped_captions
+    from data.shapes_clip import shape_swapped_captions
 
     world = _world()
     shapes = world.config.shapes
@@ -38,7 +38,7 @@ def test_shape_swapped_captions_change_exactly_one_shape_word():
 
 
 def test_patch_labels_follow_the_masks():
-    from zoo.tasks.clip import patch_labels
+    from data.shapes_clip import patch_labels
 
     world = _world()
     shapes, sizes = world.config.shapes, world.config.sizes

@@ -127,11 +127,15 @@ def test_projectors_and_bad_configs() -> None:
         tower.forward_features(torch.zeros(3, 32, 32))
 
 
-def test_zoo_clip_tower_uses_the_registered_tiny_clip() -> None:
+def test_zoo_clip_tower_is_built_by_the_family_from_the_registered_tiny_clip() -> None:
     from zoo.registry import create_model
 
+    with pytest.raises(ValueError, match="the model family builds it"):
+        build_vision_tower(VisionTowerConfig(kind="zoo", model_name="clip_vit_tiny"))
     torch.manual_seed(0)
-    tower = build_vision_tower(VisionTowerConfig(kind="zoo", model_name="clip_vit_tiny")).eval()
+    # The family (here MoE-LLaVA) resolves the registered name and hands the tower in.
+    llava = create_model("moe_llava_tiny", vision=dict(kind="zoo", model_name="clip_vit_tiny"))
+    tower = llava.vision_tower.eval()
     assert tower.num_patches == 64 and tower.out_dim == 128 and tower.image_size == 64
     clip = create_model("clip_vit_tiny").eval()
     assert tower.data_cfg["mean"] == tuple(clip.visual.preprocess_cfg["mean"])

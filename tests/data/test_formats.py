@@ -13,11 +13,11 @@ import pytest
 from data.formats import (
     CAPTION_PROMPTS,
     SHORT_ANSWER_PROMPT,
+    LlavaJsonReader,
     RecordError,
     decode_masks,
     export_llava,
     export_webdataset,
-    read_llava_json,
     read_webdataset,
 )
 from data.shapes import ShapesWorld, WorldConfig
@@ -40,7 +40,7 @@ def test_exports_round_trip_to_identical_samples(world, tmp_path, kind):
     json_path = export_llava(world, "val", n, tmp_path / "llava", kind=kind)
     shards = export_webdataset(world, "val", n, tmp_path / "wds", kind=kind, shard_size=3)
     assert [p.name for p in shards] == [f"val-{kind}-00000{i}.tar" for i in range(3)]
-    from_json = list(read_llava_json(json_path))
+    from_json = list(LlavaJsonReader(json_path))
     from_wds = list(read_webdataset([str(p) for p in shards]))
     from_dir = list(read_webdataset(tmp_path / "wds"))
     brace = list(read_webdataset(str(tmp_path / "wds" / f"val-{kind}-{{000000..000002}}.tar")))
@@ -79,7 +79,7 @@ def test_exports_are_byte_deterministic_and_answer_prompt(world, tmp_path):
     assert j1.read_bytes() == j2.read_bytes()
     assert (tmp_path / "c/images").exists()
     j3 = export_llava(world, "train", 2, tmp_path / "e", answer_prompt=SHORT_ANSWER_PROMPT)
-    first = next(iter(read_llava_json(j3)))
+    first = next(iter(LlavaJsonReader(j3)))
     assert first["conversations"][0]["value"].endswith(f"?\n{SHORT_ANSWER_PROMPT}")
     assert all(t["value"].endswith(SHORT_ANSWER_PROMPT) for t in first["conversations"][0::2])
 
@@ -148,7 +148,7 @@ BAD_CASES = [
 def test_llava_reader_errors_name_file_record_field(tmp_path, bad, field, problem):
     path = _write_records(tmp_path, [_good(0), bad, _good(2)])
     with pytest.raises(RecordError) as info:
-        list(read_llava_json(path))
+        list(LlavaJsonReader(path))
     err = info.value
     assert err.file == str(path) and err.field == field
     assert err.record.startswith("1")
@@ -169,7 +169,7 @@ def test_skip_bad_counts_and_reports(tmp_path, caplog):
         },
     ]
     path = _write_records(tmp_path, records)
-    reader = read_llava_json(path, skip_bad=True)
+    reader = LlavaJsonReader(path, skip_bad=True)
     with caplog.at_level(logging.WARNING, logger="data.formats"):
         samples = list(reader)
     assert [s["id"] for s in samples] == ["r0", "r2", "t"]
@@ -182,10 +182,10 @@ def test_skip_bad_counts_and_reports(tmp_path, caplog):
 
 def test_whole_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        read_llava_json(tmp_path / "missing.json")
+        LlavaJsonReader(tmp_path / "missing.json")
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ValueError, match="broken.json: not valid JSON"):
-        list(read_llava_json(tmp_path / "broken.json"))
+        list(LlavaJsonReader(tmp_path / "broken.json"))
     with pytest.raises(FileNotFoundError, match="nope-000000.tar"):
         read_webdataset(str(tmp_path / "nope-000000.tar"))
 

@@ -106,3 +106,25 @@ def test_full_scale_recipe_instantiates_with_tiny_overrides(tmp_path: Path, monk
     task.evaluate(tmp_path)
     saved = torch.load(tmp_path / "samples_latents.pt")
     assert saved["latents"].shape == (3, 4, 4, 4)
+
+
+def test_model_config_is_derived_from_dit_config():
+    """Every DiTConfig field is an optional recipe key with DiTConfig's type, plus arch and the training settings."""
+    import dataclasses
+
+    from zoo.models.dit import DiTConfig
+    from zoo.recipe import RecipeError, parse_config
+    from zoo.tasks.dit import DiTModelConfig
+
+    arch_fields = [f.name for f in dataclasses.fields(DiTConfig)]
+    names = [f.name for f in dataclasses.fields(DiTModelConfig)]
+    assert names == [*arch_fields, "arch", "ema_decay", "ema_warmup", "cpu_threads"]
+    cfg = parse_config(DiTModelConfig, {"arch": "dit_tiny", "depth": 2, "mlp_ratio": 2, "objective": "rectified_flow"})
+    assert cfg.model_args() == {"depth": 2, "mlp_ratio": 2.0, "objective": "rectified_flow"}
+    with pytest.raises(RecipeError) as err:
+        parse_config(DiTModelConfig, {"objective": "rectified_flo", "qk_norm": 1}, file="r.yaml", path="model")
+    assert err.value.problems == [
+        "r.yaml: model.objective: expected one of 'ddpm', 'rectified_flow', got str 'rectified_flo'; did you mean "
+        "'rectified_flow'?",
+        "r.yaml: model.qk_norm: expected bool or null, got int 1",
+    ]

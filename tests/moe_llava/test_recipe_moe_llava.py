@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from zoo.moe import MoESettings
 from zoo.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +34,8 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert clip.task == "clip_contrastive" and align.init_source == ("stage", "clip")
     assert align.trainable == ["mm_projector.*", "llm.*"] and align.data.template == "plain" and align.data.kind == "caption"
     assert sft.trainable == ["mm_projector.*", "llm.*"] and sft.model.moe is None
-    assert moe.model.moe["num_experts"] == 4 and moe.model.moe["top_k"] == 2
-    assert moe.model.moe["aux_loss_coef"] == 0.01 and moe.trainable == ["llm.lm.model.layers.*.mlp.*"]
+    assert moe.model.moe.num_experts == 4 and moe.model.moe.top_k == 2
+    assert moe.model.moe.aux_loss_coef == 0.01 and moe.trainable == ["llm.lm.model.layers.*.mlp.*"]
     for s in (sft, moe):
         assert set(s.eval.tasks) == {"shapes_vqa", "shapes_pope"}
     # Stage 0 is the CLIP recipe's stage, except that its tower has a fourth block and it trains longer on the VQA
@@ -50,7 +51,7 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     # Stages I-III read the tower stage 0 trained, with the LM that `moe_llava_tiny` builds by default.
     from zoo.models.moe_llava import TINY_LM
 
-    assert all(s.model.vision["model_name"] == "clip_vit_tiny4" for s in (align, sft, moe))
+    assert all(s.model.vision.model_name == "clip_vit_tiny4" for s in (align, sft, moe))
     assert all(s.model.lm == TINY_LM for s in (align, sft, moe))
     assert TINY_LM["rope_theta"] == 300.0 and moe.optim.lr == 5e-5
     assert dataclasses.replace(clip.data, max_objects=1, num_train=4096, patch_loss=0.0) == ref.data
@@ -68,8 +69,8 @@ def test_phi2_recipe_has_the_papers_hyperparameters():
     assert all(s.optim.weight_decay == 0.0 and s.schedule.name == "cosine" for s in r.stages)
     assert all(s.trainer.max_epochs == 1 and s.trainer.precision == "bf16-mixed" for s in r.stages)
     assert align.data.template == "plain" and sft.model.template == "phi"
-    assert moe.model.moe == {"num_experts": 4, "top_k": 2, "layers": "sparse", "capacity_factor": 1.5,
-                             "eval_capacity_factor": 2.0, "min_capacity": 0, "aux_loss_coef": 0.01}
+    assert moe.model.moe == MoESettings(num_experts=4, top_k=2, layers="sparse", capacity_factor=1.5,
+                                        eval_capacity_factor=2.0, min_capacity=0, aux_loss_coef=0.01)
     assert align.trainable == ["mm_projector.*"] and sft.trainable == ["mm_projector.*", "llm.*"]
 
 

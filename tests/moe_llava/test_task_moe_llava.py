@@ -168,7 +168,7 @@ def test_summarise_eval_flattens_primary_metrics_and_group_means():
 def test_shapes_vqa_conversations_are_shuffled_and_complete(tmp_path):
     from data.formats import export_llava
     from data.shapes import ShapesWorld, WorldConfig
-    from zoo.tasks.moe_llava import write_shapes_vqa
+    from data.shapes_llava import write_shapes_vqa
 
     world = ShapesWorld(WorldConfig(image_size=32))
     export_llava(world, "train", 8, tmp_path, "caption")
@@ -192,7 +192,7 @@ def test_shapes_vqa_conversations_are_shuffled_and_complete(tmp_path):
 
 def test_questions_per_kind_draws_more_questions_of_each_kind(tmp_path):
     from data.shapes import ShapesWorld, WorldConfig
-    from zoo.tasks.moe_llava import _scene_questions
+    from data.shapes_llava import _scene_questions
 
     world = ShapesWorld(WorldConfig(image_size=64))
     want = {"color": 3, "shape": 2, "exist": 1}

@@ -199,9 +199,12 @@ def test_every_shipped_recipe_validates(recipe_file, monkeypatch):
 
 
 def test_models_components_moe_never_import_lightning_data_or_eval():
-    """zoo/models, zoo/components and zoo/moe are plain nn.Modules: check their imports statically..."""
+    """zoo/models, zoo/components, zoo/moe and zoo/methods are plain nn.Modules: check their imports statically
+    (every import, lazy ones too). The building blocks (components, moe) are lower still: they never reach the
+    registry or a model family; a family builds what a component needs (a registered vision tower) and passes it in."""
     offenders = []
-    for pkg in ("models", "components", "moe"):
+    for pkg in ("models", "components", "moe", "methods"):
+        building_block = pkg in ("components", "moe")
         for path in sorted((REPO / "zoo" / pkg).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 names = []
@@ -210,9 +213,12 @@ def test_models_components_moe_never_import_lightning_data_or_eval():
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names = [node.module]
                 for name in names:
-                    if name.split(".")[0] in ("lightning", "pytorch_lightning", "data", "eval") or name.startswith(
-                        ("zoo.tasks", "zoo.train")
-                    ):
+                    forbidden = name.split(".")[0] in ("lightning", "pytorch_lightning", "data", "eval") or name.startswith(
+                        ("zoo.tasks", "zoo.train", "zoo.callbacks", "zoo.recipe", "zoo.cli")
+                    )
+                    if building_block and name.startswith(("zoo.registry", "zoo.models", "zoo.convert")):
+                        forbidden = True
+                    if forbidden:
                         offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
     assert not offenders, offenders
 
@@ -232,3 +238,75 @@ def test_model_packages_import_without_lightning():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
+
+
+TINY_LLAVA = """\
+recipe: nested_typo
+stages:
+  - name: sft
+    task: moe_llava
+    model: &model
+      vision: {kind: zoo, model_name: clip_vit_tiny}
+      vocab_world: &world {image_size: 32}
+    data: &data {source: shapes, kind: vqa, world: *world, num_scenes: 4}
+    batch_size: 2
+    trainer: {max_steps: 1}
+  - name: moe
+    task: moe_llava
+    init_from: sft
+    model:
+      <<: *model
+      moe: {num_experts: 4, top_k: 2, layers: sparse, capacity_factr: 1.5}
+    data: *data
+    batch_size: 2
+    trainer: {max_steps: 1}
+"""
+
+
+def test_typo_deep_in_the_last_stage_fails_before_stage_0(tmp_path):
+    """model.moe / data.world / model.vision are typed by MoESettings / WorldConfig / VisionTowerConfig, so
+    `zoo train` rejects a misspelt key inside the last stage with file, key path and suggestion, and runs nothing."""
+    from zoo.cli import main
+
+    path = tmp_path / "nested.yaml"
+    path.write_text(TINY_LLAVA)
+    runs = tmp_path / "runs"
+    overrides = ["--set", "stages.moe.data.world.max_objets=2", "--set", "stages.moe.model.vision.selct_layer=-1"]
+    rc = main(["train", str(path), "--runs-dir", str(runs), *overrides])
+    assert rc == 2 and not runs.exists()
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides[1::2])
+    assert err.value.problems == [
+        f"{path}: stages[1].model.vision.selct_layer: unknown key. Did you mean 'select_layer'? Allowed keys: kind, "
+        "model_name, config, select_layer, select_feature, drop_first_token, mean, std",
+        f"{path}: stages[1].model.moe.capacity_factr: unknown key. Did you mean 'capacity_factor'? Allowed keys: "
+        "num_experts, top_k, layers, capacity_factor, eval_capacity_factor, min_capacity, aux_loss_coef, "
+        "second_choice_noise",
+        f"{path}: stages[1].data.world.max_objets: unknown key. Did you mean 'max_objects'? Allowed keys: "
+        "image_size, seed, min_objects, max_objects, background, clutter, colors, shapes, sizes, skew",
+    ]
+    # The --set edits reached only the stage they name, although both stages share the YAML anchors.
+    fixed = TINY_LLAVA.replace("capacity_factr", "capacity_factor")
+    path.write_text(fixed)
+    recipe = load_recipe(path, ["stages.moe.data.world.max_objects=2", "stages.moe.model.moe.layers=[0, 2]"])
+    sft, moe = recipe.stages
+    assert (sft.data.world.max_objects, moe.data.world.max_objects) == (3, 2)
+    assert moe.model.moe.layers == (0, 2) and moe.model.moe.capacity_factor == 1.5
+    assert sft.model.vision.model_name == "clip_vit_tiny" and sft.model.vocab_world.image_size == 32
+    # The dataclasses' own checks (__post_init__) are reported as problems of the block.
+    (msg,) = problems(path, ["stages.sft.data.world.background=nois"])
+    assert msg.startswith(f"{path}: stages[0].data.world: WorldConfig.background must be one of")
+    (msg,) = problems(path, ["stages.moe.model.moe.layers=[0, x]"])
+    assert msg == f"{path}: stages[1].model.moe.layers[1]: expected an integer, got str 'x'"
+
+
+@pytest.mark.parametrize(
+    "recipe_file", sorted(REPO.glob("recipes/**/*.yaml")), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_recipe_comments_are_one_line_each(recipe_file):
+    """A recipe comment says why in one line; measurements and history live in the recipe folder's README.md."""
+    lines = recipe_file.read_text(encoding="utf-8").splitlines()
+    runs = [i + 1 for i in range(1, len(lines)) if lines[i].lstrip().startswith("#")
+            and lines[i - 1].lstrip().startswith("#")]
+    assert not runs, f"{recipe_file.relative_to(REPO)}: comment blocks longer than one line at lines {runs}"
+    assert (recipe_file.parent / "README.md").is_file()

@@ -49,7 +49,8 @@ class VisionTowerConfig:
     ``siglip_vision_model``), ``"open_clip"`` (``model_name`` is an open_clip config name, ``config`` extra kwargs for
     ``open_clip.create_model``), ``"timm"`` (``model_name`` a timm ViT name, ``config`` kwargs for
     ``timm.create_model``), ``"zoo"`` (``model_name`` a registered mmzoo architecture whose model has an open_clip
-    ``.visual``, ``config`` its model_args).
+    ``.visual``, ``config`` its model_args; the model family builds it and passes the tower to
+    ``build_vision_tower``).
     """
 
     kind: str
@@ -293,40 +294,36 @@ def _build_open_clip_visual(cfg: VisionTowerConfig) -> nn.Module:
     return model.visual
 
 
-def _build_zoo_visual(cfg: VisionTowerConfig) -> nn.Module:
-    from zoo.registry import create_model
-
-    if not cfg.model_name:
-        raise ValueError("zoo vision tower needs model_name (a registered mmzoo CLIP architecture)")
-    model = create_model(cfg.model_name, **cfg.config)
-    visual = getattr(model, "visual", None)
-    if visual is None:
-        raise TypeError(f"mmzoo model {cfg.model_name!r} has no open_clip `.visual` image tower")
-    return visual
-
-
-def _hf(cfg: VisionTowerConfig) -> VisionTower:
+def _hf(cfg: VisionTowerConfig, visual: nn.Module | None) -> VisionTower:
     return HFVisionTower(cfg)
 
 
-def _open_clip(cfg: VisionTowerConfig) -> VisionTower:
-    return OpenClipVisionTower(cfg)
+def _open_clip(cfg: VisionTowerConfig, visual: nn.Module | None) -> VisionTower:
+    return OpenClipVisionTower(cfg, visual)
 
 
-def _timm(cfg: VisionTowerConfig) -> VisionTower:
+def _timm(cfg: VisionTowerConfig, visual: nn.Module | None) -> VisionTower:
     return TimmVisionTower(cfg)
 
 
-def _zoo(cfg: VisionTowerConfig) -> VisionTower:
-    return OpenClipVisionTower(cfg, _build_zoo_visual(cfg))
+def _zoo(cfg: VisionTowerConfig, visual: nn.Module | None) -> VisionTower:
+    if visual is None:
+        raise ValueError(
+            f"vision tower kind 'zoo' ({cfg.model_name!r}) is a registered mmzoo model: the model family builds it "
+            "and passes its open_clip `.visual` as build_vision_tower(cfg, visual=...)"
+        )
+    return OpenClipVisionTower(cfg, visual)
 
 
 _BUILDERS = {"hf": _hf, "open_clip": _open_clip, "timm": _timm, "zoo": _zoo}
 
 
-def build_vision_tower(cfg: VisionTowerConfig | dict[str, Any]) -> VisionTower:
+def build_vision_tower(cfg: VisionTowerConfig | dict[str, Any], visual: nn.Module | None = None) -> VisionTower:
+    """The tower ``cfg`` describes. ``visual``: an already built open_clip image tower, required for kind ``zoo``
+    (components never call the registry; the family resolves ``model_name`` and passes the tower in) and optional
+    for ``open_clip`` (instead of ``open_clip.create_model``)."""
     cfg = VisionTowerConfig.from_dict(cfg)
-    tower = _BUILDERS[cfg.kind](cfg)
+    tower = _BUILDERS[cfg.kind](cfg, visual)
     if tower.num_patches <= 0:
         raise ValueError(f"vision tower {cfg} yields no patch tokens")
     return tower

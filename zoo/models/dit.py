@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class DiTConfig:
     aux_loss_alpha: float = 0.01  # expert-level balance loss weight (official code 0.01; the paper says 0.005)
     moe_every: int = 1  # MoE in blocks with index % moe_every == moe_every - 1 (1: every block, as released)
     # Which objective the weights are trained with; sample() uses it. Released DiT-MoE XL/G are rectified flow.
-    objective: str = "ddpm"
+    objective: Literal["ddpm", "rectified_flow"] = "ddpm"
     time_scale: float = 1.0  # rectified flow: t in [0, 1] times this goes into the timestep embedding (released: 1)
 
     def __post_init__(self) -> None:

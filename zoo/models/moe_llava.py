@@ -39,7 +39,7 @@ from zoo.components.modality import media_mask as modality_media_mask
 from zoo.components.projector import build_projector
 from zoo.components.vision import VisionTowerConfig, build_vision_tower, image_to_tensor
 from zoo.conversation import IMAGE_PLACEHOLDER, get_template
-from zoo.moe import MoE, collect_aux_loss, upcycle_causal_lm
+from zoo.moe import MoE, MoESettings, collect_aux_loss, upcycle_causal_lm
 from zoo.registry import register_model
 
 __all__ = [
@@ -58,35 +58,6 @@ IGNORE_INDEX = -100
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoESettings:
-    """MoE-tuning settings (MoE-LLaVA's ``config.moe``; defaults are its stage-III scripts)."""
-
-    num_experts: int = 4
-    top_k: int = 2
-    layers: str | tuple[int, ...] = "sparse"  # "sparse" = 0, 2, 4, ...; "dense", "first_half", "second_half"
-    capacity_factor: float = 1.5
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 0
-    aux_loss_coef: float = 0.01
-    second_choice_noise: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | MoESettings) -> MoESettings:
-        if isinstance(d, MoESettings):
-            return d
-        d = dict(d)
-        if not isinstance(d.get("layers", "sparse"), str):
-            d["layers"] = tuple(int(i) for i in d["layers"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not isinstance(d["layers"], str):
-            d["layers"] = list(d["layers"])
-        return d
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +89,21 @@ class MoELLaVAConfig:
     attn_implementation: str = "sdpa"
     pad_to_square: bool = True
     image_pos_embed: bool = False
+
+
+def _registered_visual(vision: dict[str, Any]) -> nn.Module | None:
+    """For a ``kind: zoo`` tower, the open_clip ``.visual`` of the registered mmzoo model it names (else None)."""
+    cfg = VisionTowerConfig.from_dict(vision)
+    if cfg.kind != "zoo":
+        return None
+    if not cfg.model_name:
+        raise ValueError("zoo vision tower needs model_name (a registered mmzoo CLIP architecture)")
+    from zoo.registry import create_model
+
+    visual = getattr(create_model(cfg.model_name, **cfg.config), "visual", None)
+    if visual is None:
+        raise TypeError(f"mmzoo model {cfg.model_name!r} has no open_clip `.visual` image tower")
+    return visual
 
 
 def tokenizer_spec(tok: Any) -> dict[str, Any]:
@@ -172,7 +158,7 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.architecture = architecture
-        self.vision_tower = build_vision_tower(cfg.vision)
+        self.vision_tower = build_vision_tower(cfg.vision, visual=_registered_visual(cfg.vision))
         self.tokenizer = build_tokenizer_from_spec(cfg.tokenizer) if cfg.tokenizer is not None else None
         lm_cfg = dict(cfg.lm)
         if "vocab_size" not in lm_cfg and self.tokenizer is not None:
@@ -489,6 +475,7 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MoELLaVA) -> dict[str, torch.Tensor]:
     """Map an official MoE-LLaVA state dict to this model's keys (see ``zoo.convert.moe_llava``)."""
+    # lazy: breaks the import cycle zoo.models.moe_llava <-> zoo.convert.moe_llava
     from zoo.convert.moe_llava import official_to_zoo_state_dict
 
     return official_to_zoo_state_dict(state_dict, model)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from zoo.moe import MoE, MoEConfig, collect_aux_loss, moe_layers, upcycle_causal_lm
+    from zoo.moe import MoE, MoEConfig, collect_aux_loss, from_dense, from_hf, moe_layers, upcycle_causal_lm
 
     cfg = MoEConfig(hidden_size=512, expert_hidden_size=1024, num_experts=8, top_k=2)   # SwiGLU, dropless
     moe = MoE(cfg, name="layers.3.mlp")
@@ -10,9 +10,10 @@ Usage::
     loss = task_loss + collect_aux_loss(model)   # sum of every MoE layer's weighted aux loss (training mode)
     moe.last_stats                  # MoEStats: top_k_indices [T, k], top_k_weights, expert_load [E], drop_rate, ...
 
-    MoE.from_dense(hf_mlp_or_timm_mlp, num_experts=4, top_k=2, capacity_factor=1.5, ...)   # upcycling
-    MoE.from_hf(mixtral_or_qwen2moe_or_deepseekv2_block)                              # exact import
-    upcycle_causal_lm(hf_causal_lm, num_experts=4, top_k=2, layers="sparse")           # every other layer
+    # Building from other modules (zoo.moe.upcycle, the one place that does it):
+    from_dense(hf_mlp_or_timm_mlp, num_experts=4, top_k=2, capacity_factor=1.5, ...)   # upcycling
+    from_hf(mixtral_or_qwen2moe_or_deepseekv2_block)                              # exact import
+    upcycle_causal_lm(hf_causal_lm, num_experts=4, top_k=2, layers="sparse")       # every other layer
 
 Family settings:
 
@@ -59,14 +60,15 @@ capacity priority by default, ours uses token order; transformers' Mixtral jitte
 ours jitters only the router input; DeepSpeed's Gumbel second choice is opt-in (``second_choice_noise``).
 """
 
-from zoo.moe.convert import from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
 from zoo.moe.grouped import grouped_linear
 from zoo.moe.layer import ACTIVATIONS, MoE, MoEConfig, MoEStats, capacity_for, collect_aux_loss, moe_layers
+from zoo.moe.upcycle import MoESettings, from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
 
 __all__ = [
     "ACTIVATIONS",
     "MoE",
     "MoEConfig",
+    "MoESettings",
     "MoEStats",
     "capacity_for",
     "collect_aux_loss",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -582,21 +582,6 @@ class MoE(nn.Module):
             )
         return y.reshape(shape)
 
-    # ---- construction helpers (implemented in zoo.moe.convert) ----------------------------------------------
-    @classmethod
-    def from_dense(cls, ffn: nn.Module, num_experts: int, top_k: int, name: str = "moe", **overrides) -> MoE:
-        """An MoE whose every expert is a copy of the dense FFN ``ffn`` (see ``zoo.moe.convert.from_dense``)."""
-        from zoo.moe.convert import from_dense
-
-        return from_dense(ffn, num_experts=num_experts, top_k=top_k, name=name, **overrides)
-
-    @classmethod
-    def from_hf(cls, block: nn.Module, name: str = "moe", **overrides) -> MoE:
-        """The same layer as a transformers MoE block (see ``zoo.moe.convert.from_hf``)."""
-        from zoo.moe.convert import from_hf
-
-        return from_hf(block, name=name, **overrides)
-
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """``(qualified name, layer)`` for every MoE layer in ``model``, in module order."""
@@ -614,12 +599,3 @@ def collect_aux_loss(model: nn.Module) -> Tensor:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
     return torch.stack([loss.float() for loss in losses]).sum()
-
-
-def replace_config(cfg: MoEConfig, **overrides) -> MoEConfig:
-    """``dataclasses.replace`` with a clear error for unknown keys."""
-    known = {f.name for f in fields(MoEConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown MoEConfig field(s) {unknown}; known: {sorted(known)}")
-    return replace(cfg, **overrides)

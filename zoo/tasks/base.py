@@ -39,7 +39,10 @@ What the base class supplies:
 The runner (``zoo/train.py``) constructs the task, calls ``init_from`` (fresh stages only: a resumed stage gets its
 weights from the checkpoint), applies the recipe's ``trainable``/``frozen`` globs to ``self.model``, fits, then calls
 ``evaluate`` and ``export``. Keep the task module's top-level imports light (torch, lightning, config dataclasses):
-import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast.
+import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast. A task holds
+model + loss + which parameters train + evaluation glue; datasets, world construction and sample builders live in
+``data/`` (e.g. ``data.shapes_llava``, ``data.shapes_clip``, ``data.latents``). Nested config blocks are typed by
+the dataclass their code takes (``moe: MoESettings | None``), so the recipe validator checks inside them too.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,21 +60,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data.seeding import mix_seed
 from zoo.registry import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
 if TYPE_CHECKING:
     from zoo.recipe import StageSpec
 
 __all__ = ["StageTask", "StepBatchSampler", "build_lr_lambda", "mix_seed"]
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; distinct tuples give unrelated streams (splitmix64 finaliser)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -251,13 +245,6 @@ class StageTask(L.LightningModule, ABC):
         lr_lambda = build_lr_lambda(sched.name, sched.warmup_steps, total, sched.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    def config_dict(self) -> dict[str, Any]:
-        """The task's three configs as plain dicts (for logs and exported metadata)."""
-        return {
-            k: asdict(v) if is_dataclass(v) else v
-            for k, v in (("model", self.model_cfg), ("data", self.data_cfg), ("eval", self.eval_cfg))
-        }
 
 
 def param_groups(

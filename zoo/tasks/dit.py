@@ -15,20 +15,17 @@
 from __future__ import annotations
 
 import copy
-import io
 import logging
-import os
-import tarfile
-from dataclasses import dataclass, field, fields
-from glob import glob
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from zoo.models.dit import DiTConfig
 from zoo.registry import save_pretrained
 from zoo.tasks import register_task
 from zoo.tasks.base import StageTask
@@ -38,7 +35,6 @@ __all__ = [
     "DiTDataConfig",
     "DiTEvalConfig",
     "DiTDiffusionTask",
-    "LatentShards",
     "sample_labels",
     "evaluate_generator",
     "digits_metrics",
@@ -47,31 +43,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+# Every DiTConfig field, optional: null keeps the registered architecture's value. Derived, so a field added to
+# DiTConfig is a recipe key at once (with DiTConfig's type checked by the recipe validator).
+_ArchitectureOverrides = make_dataclass(
+    "_ArchitectureOverrides",
+    [(f.name, typing.get_type_hints(DiTConfig)[f.name] | None, field(default=None)) for f in fields(DiTConfig)],
+    kw_only=True,
+)
+
+
 @dataclass(kw_only=True)
-class DiTModelConfig:
-    """``arch`` (a registered DiT / DiT-MoE name) and overrides of its ``DiTConfig`` fields (null = keep)."""
+class DiTModelConfig(_ArchitectureOverrides):
+    """``arch`` (a registered DiT / DiT-MoE name), overrides of its ``DiTConfig`` fields (null = keep) and the
+    training-only settings (EMA, CPU threads)."""
 
     arch: str = field(default="dit_tiny", metadata={"help": "registered architecture, e.g. dit_moe_s_2_8e2a"})
-    input_size: int | None = None
-    patch_size: int | None = None
-    in_channels: int | None = None
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    class_dropout_prob: float | None = None
-    num_classes: int | None = None
-    learn_sigma: bool | None = None
-    qk_norm: bool | None = None
-    num_experts: int | None = None
-    top_k: int | None = None
-    expert_hidden: int | None = None
-    shared_hidden: int | None = None
-    num_shared_experts: int | None = None
-    aux_loss_alpha: float | None = None
-    moe_every: int | None = None
-    objective: Literal["ddpm", "rectified_flow"] | None = None
-    time_scale: float | None = None
     ema_decay: float = field(default=0.9999, metadata={"min": 0.0, "max": 1.0, "help": "0 disables the EMA"})
     ema_warmup: bool = field(default=False, metadata={"help": "decay min(ema_decay, (1+s)/(10+s)) for short runs"})
     cpu_threads: int | None = field(
@@ -81,8 +67,8 @@ class DiTModelConfig:
     )
 
     def model_args(self) -> dict[str, Any]:
-        skip = {"arch", "ema_decay", "ema_warmup", "cpu_threads"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None}
+        """The ``DiTConfig`` overrides that are set (the registered architecture's kwargs)."""
+        return {f.name: getattr(self, f.name) for f in fields(DiTConfig) if getattr(self, f.name) is not None}
 
 
 @dataclass(kw_only=True)
@@ -107,58 +93,6 @@ class DiTEvalConfig:
     metrics: bool = field(default=True, metadata={"help": "FID-digits and class accuracy via eval/generation"})
     reference_split: Literal["train", "heldout", "all"] = "all"
     val_batches: int = field(default=4, metadata={"min": 0, "help": "held-out denoising-loss batches"})
-
-
-class LatentShards(Dataset):
-    """Map-style view of webdataset shards holding ``<key>.latent.npy`` (C, h, w) and ``<key>.cls`` (class id).
-
-    An index of (tar file, byte offset, size) per member is built once, so item ``i`` is a deterministic random
-    access, as the runner's resumable sampler needs.
-    """
-
-    def __init__(self, pattern: str) -> None:
-        expanded = os.path.expandvars(pattern)
-        if "$" in expanded:
-            raise ValueError(f"latents: data.shards {pattern!r} uses an unset environment variable")
-        files = sorted(glob(expanded))
-        if not files:
-            raise FileNotFoundError(f"latents: no shards match {expanded!r} (data.shards {pattern!r})")
-        self.items: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
-        skipped = 0
-        for path in files:
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(path) as tar:
-                for m in tar.getmembers():
-                    key, _, ext = m.name.partition(".")
-                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-            for parts in members.values():
-                if "latent.npy" in parts and "cls" in parts:
-                    self.items.append((path, parts["latent.npy"], parts["cls"]))
-                else:
-                    skipped += 1
-        if skipped:
-            log.warning("latents: skipped %d records without both latent.npy and cls in %s", skipped, pattern)
-        if not self.items:
-            raise ValueError(f"latents: shards {pattern!r} hold no record with latent.npy and cls")
-        self.skipped = skipped
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @staticmethod
-    def _read(path: str, where: tuple[int, int]) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(where[0])
-            return f.read(where[1])
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        path, lat, cls = self.items[i]
-        x = torch.from_numpy(np.load(io.BytesIO(self._read(path, lat))).astype(np.float32))
-        try:
-            y = int(self._read(path, cls).decode().strip())
-        except ValueError as e:
-            raise ValueError(f"{path}: record {i}: field cls is not an integer class id") from e
-        return x, torch.tensor(y)
 
 
 def sample_labels(num_classes: int, per_class: int) -> Tensor:
@@ -212,6 +146,8 @@ class DiTDiffusionTask(StageTask):
         if d.source == "latents":
             if not d.shards:
                 raise ValueError(f"stage {self.stage.name}: data.source 'latents' needs data.shards (a glob of .tar)")
+            from data.latents import LatentShards
+
             return LatentShards(d.shards)
         from data.digits import DigitsConfig, DigitsDataset
 

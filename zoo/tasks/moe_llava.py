@@ -27,11 +27,14 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from data.shapes import WorldConfig
 from zoo.checkpoint import load_state_dict_strict
+from zoo.components.vision import VisionTowerConfig
+from zoo.moe.upcycle import MoESettings
 from zoo.tasks import register_task
 from zoo.tasks.base import StageTask
 
-__all__ = ["MoELLaVAModelConfig", "MoELLaVADataConfig", "MoELLaVAEvalConfig", "MoELLaVATask", "shapes_tokenizer"]
+__all__ = ["MoELLaVAModelConfig", "MoELLaVADataConfig", "MoELLaVAEvalConfig", "MoELLaVATask"]
 
 
 @dataclass(kw_only=True)
@@ -39,7 +42,7 @@ class MoELLaVAModelConfig:
     """Which MoE-LLaVA to build; keys other than these are the architecture's own ``model_args``."""
 
     architecture: str = field(default="moe_llava_tiny", metadata={"help": "a registered moe_llava_* architecture"})
-    vision: dict[str, Any] | None = field(default=None, metadata={"help": "VisionTowerConfig dict (None: default)"})
+    vision: VisionTowerConfig | None = field(default=None, metadata={"help": "the vision tower (None: the architecture's)"})
     lm: dict[str, Any] | None = field(default=None, metadata={"help": "transformers causal-LM config dict"})
     projector: str = "mlp2x_gelu"
     template: str = field(default="phi", metadata={"help": "conversation template used by generate"})
@@ -48,10 +51,10 @@ class MoELLaVAModelConfig:
         metadata={"help": "shapes_words: the synthetic world's word-level vocabulary; architecture: its default; "
                           "pretrained: a local Hugging Face tokenizer at pretrained_lm"},
     )
-    vocab_world: dict[str, Any] = field(default_factory=dict, metadata={"help": "WorldConfig for the vocabulary"})
+    vocab_world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the world the vocabulary is read from"})
     vocab_scenes: int = field(default=300, metadata={"min": 1, "help": "train scenes scanned for vocabulary"})
-    moe: dict[str, Any] | None = field(
-        default=None, metadata={"help": "MoESettings (stage III); a dense init_from checkpoint is upcycled"}
+    moe: MoESettings | None = field(
+        default=None, metadata={"help": "MoE-tuning settings (stage III); a dense init_from checkpoint is upcycled"}
     )
     image_token_id: int | None = field(default=None, metadata={"help": "None: the tokenizer's <image> (official: -200)"})
     image_pos_embed: bool = field(
@@ -69,7 +72,7 @@ class MoELLaVAModelConfig:
 class MoELLaVADataConfig:
     source: Literal["shapes", "llava_json", "webdataset"] = "shapes"
     kind: Literal["caption", "vqa"] = field(default="vqa", metadata={"help": "shapes export: caption or vqa"})
-    world: dict[str, Any] = field(default_factory=dict, metadata={"help": "WorldConfig fields (source=shapes)"})
+    world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world (source=shapes)"})
     num_scenes: int = field(default=2000, metadata={"min": 1})
     answer_prompt: bool = field(default=True, metadata={"help": "append LLaVA-1.5's short-answer instruction"})
     turns_per_conversation: int = field(
@@ -99,91 +102,6 @@ class MoELLaVAEvalConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
 
 
-def shapes_tokenizer(world: dict[str, Any], num_scenes: int):
-    """The word-level tokenizer over every word of ``num_scenes`` train scenes (captions, questions, answers)."""
-    from data.formats import CAPTION_PROMPTS, SHORT_ANSWER_PROMPT
-    from data.shapes import ShapesWorld, WorldConfig
-    from zoo.tokenizers import build_tokenizer
-
-    w = ShapesWorld(WorldConfig(**world))
-    texts: list[str] = [*CAPTION_PROMPTS, SHORT_ANSWER_PROMPT]
-    for scene in w.iter_scenes("train", num_scenes):
-        texts.append(scene.caption)
-        texts += [f"{qa.question} {qa.answer}" for qa in scene.vqa]
-        texts += [f"{p.question} {p.answer}" for p in scene.pope]
-    return build_tokenizer(texts)
-
-
-def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_probes: int, answer_prompt: bool,
-                     seed: int, questions_per_kind: dict[str, int] | None = None) -> Path:
-    """LLaVA JSON of the train scenes' questions, shuffled per scene and cut into conversations of ``turns``.
-
-    The world lists a scene's questions in a fixed order (colour, shape, count, position, existence), and evaluation
-    asks one question per conversation; trained on that order, a model learns "first question -> a colour" instead
-    of reading the question. A seeded shuffle puts every kind in every position, short conversations make the
-    first-turn case common, and ``pope_probes`` of the scene's POPE probes (present objects and random / popular /
-    adversarial absent ones) add the existence questions POPE asks. ``questions_per_kind`` (e.g. ``{"color": 3}``)
-    replaces the scene's one-per-kind list by that many distinct questions of each kind, gathered over fresh draws
-    of the world's question generator (fewer where the scene has fewer to give: one object has few colour
-    phrases); kinds not named get none. Images are ``images/<id>.png`` under ``out`` (written by the caption
-    export).
-    """
-    import json
-
-    import numpy as np
-
-    from data.formats import IMAGE_TOKEN, SHORT_ANSWER_PROMPT
-    from zoo.registry import atomic_write
-    from zoo.tasks.base import mix_seed
-
-    records = []
-    for scene in world.iter_scenes("train", num_scenes):
-        rng = np.random.default_rng(mix_seed(seed, scene.index))
-        qas = {qa.question: qa.answer for qa in _scene_questions(world, scene, questions_per_kind)}
-        probes = {p.question: p.answer for p in scene.pope if p.question not in qas}
-        # As many "yes" as "no" probes: absent objects outnumber present ones, and a model fed the imbalance
-        # learns to answer "no" to every existence question.
-        for answer, share in (("yes", pope_probes // 2), ("no", pope_probes - pope_probes // 2)):
-            pool = sorted(q for q, a in probes.items() if a == answer)
-            for i in rng.permutation(len(pool))[:share]:
-                qas[pool[i]] = answer
-        items = list(qas.items())
-        items = [items[i] for i in rng.permutation(len(items))]
-        for c in range(0, len(items), turns):
-            conv = []
-            for k, (q, a) in enumerate(items[c : c + turns]):
-                q = f"{q}\n{SHORT_ANSWER_PROMPT}" if answer_prompt else q
-                conv += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
-            records.append({"id": f"{scene.id}-{c // turns}", "image": f"images/{scene.id}.png", "conversations": conv})
-    path = out / "train_vqa_shuffled.json"
-    text = "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in records) + "\n]\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
-
-
-def _scene_questions(world: Any, scene: Any, per_kind: dict[str, int] | None) -> list[Any]:
-    if not per_kind:
-        return list(scene.vqa)
-    from data.shapes import QA_KINDS
-
-    unknown = sorted(set(per_kind) - set(QA_KINDS))
-    if unknown or min(per_kind.values(), default=0) < 0:
-        raise ValueError(f"questions_per_kind={per_kind}: kinds must be among {list(QA_KINDS)} (unknown kinds "
-                         f"{unknown}) with counts >= 0")
-    picked: dict[str, Any] = {}
-    counts = dict.fromkeys(per_kind, 0)
-    # 4 draws per wanted question is plenty for every kind a scene can answer; kinds it cannot (a position question
-    # for objects too close to the centre) simply stay short.
-    for draw in range(4 * max(per_kind.values(), default=0) + 1):
-        for qa in scene.vqa if draw == 0 else world.resample_vqa(scene, draw):
-            if qa.question not in picked and counts.get(qa.kind, 0) < per_kind.get(qa.kind, 0):
-                picked[qa.question] = qa
-                counts[qa.kind] += 1
-        if all(counts[k] >= n for k, n in per_kind.items()):
-            break
-    return list(picked.values())
-
-
 @register_task("moe_llava")
 class MoELLaVATask(StageTask):
     ModelConfig = MoELLaVAModelConfig
@@ -198,10 +116,11 @@ class MoELLaVATask(StageTask):
         self.architecture = model_cfg.architecture
         args: dict[str, Any] = {"projector": model_cfg.projector, "template": model_cfg.template}
         if model_cfg.vision is not None:
-            args["vision"] = model_cfg.vision
+            args["vision"] = model_cfg.vision.to_dict()
         if model_cfg.lm is not None:
             args["lm"] = model_cfg.lm
         if model_cfg.tokenizer == "shapes_words":
+            from data.shapes_llava import shapes_tokenizer
             from zoo.tokenizers import tokenizer_to_json
 
             tok = shapes_tokenizer(model_cfg.vocab_world, model_cfg.vocab_scenes)
@@ -219,7 +138,7 @@ class MoELLaVATask(StageTask):
             args["image_pos_embed"] = True
         # Stage III builds the MoE model directly, so a resumed run's checkpoint matches the module tree;
         # a fresh run fills it from the dense stage-II checkpoint in init_from.
-        args["moe"] = model_cfg.moe
+        args["moe"] = model_cfg.moe.to_dict() if model_cfg.moe is not None else None
         self.model = create_model(self.architecture, **args)
         self.model_args = self.model.model_args
         # Pretrained components start the first stage; later stages get every weight from their init_from.
@@ -310,10 +229,11 @@ class MoELLaVATask(StageTask):
                 raise ValueError(f"{where}: data.source=webdataset needs data.shards")
             return read_llava_webdataset([os.path.expandvars(s) for s in d.shards]), None
         from data.formats import export_llava
-        from data.shapes import ShapesWorld, WorldConfig
+        from data.shapes import ShapesWorld
+        from data.shapes_llava import write_shapes_vqa
 
         out = Path(self.stage.out_dir) / "data"
-        world = ShapesWorld(WorldConfig(**d.world))
+        world = ShapesWorld(d.world)
         # The caption export also writes every scene's image (images/<id>.png), which the VQA records reuse.
         json_path = export_llava(world, "train", d.num_scenes, out, "caption")
         if d.kind == "vqa":

@@ -7,7 +7,14 @@ import timm.layers
 import torch
 from torch import nn
 
-from zoo.moe import MoE, collect_aux_loss, moe_layer_indices, moe_layers, upcycle_causal_lm
+from zoo.moe import (
+    collect_aux_loss,
+    from_dense,
+    from_hf,
+    moe_layer_indices,
+    moe_layers,
+    upcycle_causal_lm,
+)
 
 torch.set_num_threads(1)
 
@@ -42,7 +49,7 @@ def _dense_ffns() -> dict[str, nn.Module]:
 def test_from_dense_equals_dense_ffn(name, extra):
     torch.manual_seed(0)
     ffn = _randomise(_dense_ffns()[name])
-    moe = MoE.from_dense(ffn, num_experts=4, top_k=2, name=f"{name}.mlp", **extra)
+    moe = from_dense(ffn, num_experts=4, top_k=2, name=f"{name}.mlp", **extra)
     x = torch.randn(3, 9, 16)
     torch.testing.assert_close(moe(x), ffn(x), rtol=1e-6, atol=1e-6)
     expected_type = "gelu" if name in ("phi", "timm_dit", "timm_gelu") else "swiglu"
@@ -55,7 +62,7 @@ def test_from_dense_fine_grained_split_covers_the_dense_ffn():
     ffn = _randomise(_dense_ffns()["phi"])
     # One copy split into m = 4 chunks, all 4 active: with a uniform router each gets 1/4, times routed_scaling 4,
     # so the chunks (fc2 bias split evenly between them) add up to the dense FFN.
-    moe = MoE.from_dense(ffn, num_experts=1, top_k=1, granularity=4, routed_scaling=4.0)
+    moe = from_dense(ffn, num_experts=1, top_k=1, granularity=4, routed_scaling=4.0)
     assert (moe.cfg.routed_experts, moe.cfg.routed_top_k, moe.cfg.routed_hidden_size) == (4, 4, 10)
     moe.router.weight.data.zero_()
     x = torch.randn(5, 16)
@@ -64,7 +71,7 @@ def test_from_dense_fine_grained_split_covers_the_dense_ffn():
 
 def test_from_dense_rejects_unknown_ffn():
     with pytest.raises(TypeError, match="not a recognised dense FFN"):
-        MoE.from_dense(nn.Sequential(nn.Linear(4, 4)), num_experts=2, top_k=1)
+        from_dense(nn.Sequential(nn.Linear(4, 4)), num_experts=2, top_k=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,7 +108,7 @@ def _hf_blocks() -> dict[str, nn.Module]:
 def test_from_hf_parity_outputs_and_input_grads(name):
     torch.manual_seed(0)
     block = _randomise(_hf_blocks()[name])
-    moe = MoE.from_hf(block, name=name)
+    moe = from_hf(block, name=name)
     for seed in range(2):
         torch.manual_seed(seed)
         x = torch.randn(2, 13, 32, requires_grad=True)
@@ -118,7 +125,7 @@ def test_from_hf_parity_outputs_and_input_grads(name):
 
 def test_from_hf_rejects_other_modules():
     with pytest.raises(TypeError, match="not supported"):
-        MoE.from_hf(nn.Linear(3, 3))
+        from_hf(nn.Linear(3, 3))
 
 
 # ---------------------------------------------------------------------------------------------------------------

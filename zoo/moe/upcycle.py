@@ -1,4 +1,5 @@
-"""Model surgery: dense FFN -> MoE (upcycling), transformers MoE blocks -> MoE, and upcycling a causal LM.
+"""Building ``MoE`` layers from other modules, the one way to do so: a dense FFN -> MoE (upcycling, ``from_dense``),
+a transformers MoE block -> the same layer (``from_hf``), and every chosen FFN of a causal LM (``upcycle_causal_lm``).
 
 Structure is recognised from modules and their types, never from names of paths or models:
 * a SwiGLU FFN has ``gate_proj``/``up_proj``/``down_proj`` linears (LLaMA, Qwen2, Mistral, StableLM-2, DiT-MoE) or a
@@ -11,13 +12,53 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from zoo.moe.layer import LoRAExperts, MoE, MoEConfig
 
-__all__ = ["from_dense", "from_hf", "upcycle_causal_lm", "moe_layer_indices", "activation_name", "dense_ffn_spec"]
+__all__ = [
+    "MoESettings",
+    "from_dense",
+    "from_hf",
+    "upcycle_causal_lm",
+    "moe_layer_indices",
+    "activation_name",
+    "dense_ffn_spec",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoESettings:
+    """MoE-tuning settings of a causal LM, the JSON form of ``upcycle_causal_lm``'s arguments (MoE-LLaVA's
+    ``config.moe``; defaults are its stage-III scripts). Light to import, so recipes are validated against it."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    layers: str | tuple[int, ...] = "sparse"  # "sparse" = 0, 2, 4, ...; "dense", "first_half", "second_half"
+    capacity_factor: float = 1.5
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 0
+    aux_loss_coef: float = 0.01
+    second_choice_noise: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | MoESettings) -> MoESettings:
+        if isinstance(d, MoESettings):
+            return d
+        d = dict(d)
+        if not isinstance(d.get("layers", "sparse"), str):
+            d["layers"] = tuple(int(i) for i in d["layers"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not isinstance(d["layers"], str):
+            d["layers"] = list(d["layers"])
+        return d
 
 
 def activation_name(act: object, where: str = "FFN") -> str:
@@ -88,13 +129,13 @@ def from_dense(ffn: nn.Module, num_experts: int, top_k: int, name: str = "moe", 
     ``j`` of the copy. With identical experts, ``normalize_top_k=True`` and no dropping, the output equals ``ffn(x)``
     (up to float summation order). The router is freshly initialised (``router_init_std`` chooses how).
     """
-    spec = dense_ffn_spec(ffn, where=f"MoE.from_dense for '{name}'")
+    spec = dense_ffn_spec(ffn, where=f"from_dense for '{name}'")
     cfg_kwargs = dict(hidden_size=spec["d"], expert_hidden_size=spec["h"], num_experts=num_experts, top_k=top_k,
                       expert_type=spec["expert_type"], activation=spec["activation"])
     cfg_kwargs.update(overrides)
     cfg = MoEConfig(**cfg_kwargs)
     if cfg.expert_type != spec["expert_type"] or cfg.hidden_size != spec["d"] or cfg.expert_hidden_size != spec["h"]:
-        raise ValueError(f"MoE.from_dense for '{name}': overrides change the expert shape/type of the dense FFN")
+        raise ValueError(f"from_dense for '{name}': overrides change the expert shape/type of the dense FFN")
     ref = next(ffn.parameters())
     moe = MoE(cfg, name=name).to(device=ref.device, dtype=ref.dtype)
     w = spec["weights"]
@@ -150,7 +191,7 @@ def from_hf(block: nn.Module, name: str = "moe", **overrides) -> MoE:
     classes = _hf_classes()
     kind = next((k for k, cls in classes.items() if isinstance(block, cls)), None)
     if kind is None:
-        raise TypeError(f"MoE.from_hf for '{name}': {type(block).__name__} is not supported; expected one of "
+        raise TypeError(f"from_hf for '{name}': {type(block).__name__} is not supported; expected one of "
                         f"{[c.__name__ for c in classes.values()]}")
     gate, experts = block.gate, block.experts
     E, two_h, d = experts.gate_up_proj.shape
@@ -169,11 +210,11 @@ def from_hf(block: nn.Module, name: str = "moe", **overrides) -> MoE:
         if gate.topk_method == "group_limited_greedy":
             kw.update(num_groups=int(gate.num_group), topk_groups=int(gate.topk_group))
         elif gate.topk_method != "greedy":
-            raise ValueError(f"MoE.from_hf for '{name}': topk_method={gate.topk_method!r} is not supported")
+            raise ValueError(f"from_hf for '{name}': topk_method={gate.topk_method!r} is not supported")
     if shared is not None:
-        spec = dense_ffn_spec(shared, where=f"MoE.from_hf for '{name}' shared expert")
+        spec = dense_ffn_spec(shared, where=f"from_hf for '{name}' shared expert")
         if spec["expert_type"] != "swiglu" or spec["activation"] != kw["activation"]:
-            raise ValueError(f"MoE.from_hf for '{name}': the shared expert must be a SwiGLU with the experts' activation")
+            raise ValueError(f"from_hf for '{name}': the shared expert must be a SwiGLU with the experts' activation")
         kw.update(shared_expert_hidden_size=spec["h"])
     kw.update(overrides)
     moe = MoE(MoEConfig(**kw), name=name).to(device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
@@ -208,7 +249,7 @@ def moe_layer_indices(num_layers: int, mode: str | Sequence[int]) -> list[int]:
 
 def upcycle_causal_lm(model: nn.Module, num_experts: int, top_k: int, layers: str | Sequence[int] = "sparse",
                       **overrides) -> list[int]:
-    """Replace the MLP of the chosen decoder layers of a transformers causal LM by ``MoE.from_dense`` copies.
+    """Replace the MLP of the chosen decoder layers of a transformers causal LM by ``from_dense`` copies.
 
     The decoder layers are ``model.get_decoder().layers`` (LLaMA, Qwen2, Mistral, Phi, StableLM, ...), each with an
     ``mlp`` attribute. The model keeps working with ``generate``; read the aux loss with ``collect_aux_loss(model)``.
