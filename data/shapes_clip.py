@@ -1,5 +1,5 @@
 """The shapes world as CLIP training pairs: scenes with their captions, shape-swapped hard negatives and per-patch
-object labels (``zoo.tasks.clip`` trains on them)."""
+object labels (``zoo.stages.clip`` trains on them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``zoo``: the one command-line entry point.
 
     zoo train RECIPE.yaml [--stage NAME] [--resume] [--force] [--set key.path=value ...] [--runs-dir DIR]
-    zoo list [GLOB] [--pretrained] [--tasks]
+    zoo list [GLOB] [--pretrained | --tasks | --stage-types]
     zoo eval | chat | sample | convert ...     (handed to eval.cli / zoo.chat / zoo.sample / zoo.convert)
 
 Heavy modules (torch, lightning, model families) are imported only by the subcommand that needs them, so a recipe
@@ -29,12 +29,12 @@ TRAIN_EPILOG = """\
 outputs (per stage, under RUNS/<recipe>/<stage>/):
   config.yaml             the resolved stage config (all defaults, init_from resolved, git commit)
   checkpoints/last.ckpt   Lightning checkpoint, written atomically; an interrupted stage resumes from it
-  metrics.csv             training loss, lr and task logs every trainer.log_every_n_steps steps
+  metrics.csv             training loss, lr and the stage's own logs every trainer.log_every_n_steps steps
   final/                  model.safetensors + config.json, loadable with zoo.load(DIR)
   summary.json            evaluation metrics, steps, wall time, samples/s (its presence = stage finished)
 
 behaviour:
-  The whole recipe is validated before anything trains (unknown keys, types, files, tasks, init_from).
+  The whole recipe is validated before anything trains (unknown keys, types, files, stage types, init_from).
   Finished stages are skipped; an interrupted stage resumes from its last checkpoint and ends with the same
   metrics as an uninterrupted run (data order and RNG are functions of seed and step). Distributed training
   comes from Lightning: set e.g. stages.NAME.trainer.strategy=ddp and trainer.devices=2.
@@ -86,14 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE first (registers tasks defined outside zoo/tasks). Repeatable.",
+        help="import MODULE first (registers stage types defined outside zoo/stages). Repeatable.",
     )
     p.add_argument("--check", action="store_true", help="only validate the recipe and print the stage plan")
 
-    p = sub.add_parser("list", help="list registered models, pretrained weights or recipe tasks")
+    p = sub.add_parser("list", help="list registered models, pretrained weights, benchmark tasks or training stage types")
     p.add_argument("pattern", nargs="?", default="*", help="glob on names (default: *)")
     p.add_argument("--pretrained", action="store_true", help="list weights names (arch.tag) instead of architectures")
-    p.add_argument("--tasks", action="store_true", help="list recipe task names instead of models")
+    p.add_argument("--tasks", action="store_true", help="list benchmark (evaluation) task names instead of models")
+    p.add_argument(
+        "--stage-types", action="store_true", help="list training stage types (a recipe stage's `type:`)"
+    )
 
     for name, (_module, text) in DISPATCH.items():
         p = sub.add_parser(name, help=text, add_help=False)
@@ -102,22 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from zoo.recipe import RecipeError, check_task_configs, load_recipe
+    from zoo.recipe import RecipeError, check_stage_configs, load_recipe
 
     try:
         for module in args.imports:
             importlib.import_module(module)
         if args.check:
-            recipe = load_recipe(args.recipe, args.overrides, check_tasks=False)
-            check_task_configs(recipe)
+            recipe = load_recipe(args.recipe, args.overrides, check_stage_types=False)
+            check_stage_configs(recipe)
             print(f"{args.recipe}: valid; recipe {recipe.recipe!r}")
             for s in recipe.stages:
                 src = f" <- {s.init_source[0]} {s.init_source[1]}" if s.init_source else ""
                 steps = s.trainer.max_steps or f"{s.trainer.max_epochs} epochs"
-                print(f"  {s.name}: task {s.task}, {steps} steps, batch {s.batch_size}{src}")
+                print(f"  {s.name}: {s.type}, {steps} steps, batch {s.batch_size}{src}")
             return 0
         # Fail fast on the runner's own keys before the heavy imports in zoo.train.
-        load_recipe(args.recipe, args.overrides, check_tasks=False)
+        load_recipe(args.recipe, args.overrides, check_stage_types=False)
         from zoo.train import train
 
         train(
@@ -136,8 +139,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    if args.tasks:
-        from zoo.tasks import list_tasks
+    if args.stage_types:
+        from zoo.stages import list_stage_types
+
+        names = [n for n in list_stage_types() if fnmatch.fnmatch(n, args.pattern)]
+    elif args.tasks:
+        from eval.registry import (
+            list_tasks,  # the application layer may import eval (lazily, as every command)
+        )
 
         names = [n for n in list_tasks() if fnmatch.fnmatch(n, args.pattern)]
     else:

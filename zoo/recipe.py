@@ -1,13 +1,13 @@
 """Recipe schema and validation: a YAML file of named stages -> typed, checked :class:`Recipe`.
 
 A recipe is validated as a whole before any training starts. Every problem (unknown key, wrong type, missing file,
-unknown task, ``init_from`` naming a later or unknown stage) is reported together, each with the file, the key path
+unknown stage type, ``init_from`` naming a later or unknown stage) is reported together, each with the file, the key path
 (``stages[1].trainer.max_stepz``) and what was expected (the allowed keys with the closest one suggested, or the
 expected type). Validation runs in two phases so that the common mistakes fail fast:
 
-1. ``load_recipe(path, overrides, check_tasks=False)``: the runner's own keys (top level, stage keys, ``optim``,
-   ``schedule``, ``trainer``), task names and ``init_from`` stage references. Needs only PyYAML: well under a second.
-2. ``check_task_configs(recipe)`` (done by ``load_recipe`` unless ``check_tasks=False``): imports the task modules
+1. ``load_recipe(path, overrides, check_stage_types=False)``: the runner's own keys (top level, stage keys, ``optim``,
+   ``schedule``, ``trainer``), stage types and ``init_from`` stage references. Needs only PyYAML: well under a second.
+2. ``check_stage_configs(recipe)`` (done by ``load_recipe`` unless ``check_stage_types=False``): imports the stage modules
    the recipe names and validates ``model`` / ``data`` / ``eval`` against their ``ModelConfig`` / ``DataConfig`` /
    ``EvalConfig`` dataclasses, plus ``init_from`` weights names against ``zoo.registry``.
 
@@ -47,7 +47,7 @@ __all__ = [
     "StageSpec",
     "Recipe",
     "load_recipe",
-    "check_task_configs",
+    "check_stage_configs",
     "apply_overrides",
     "parse_config",
     "describe_type",
@@ -63,6 +63,11 @@ class MustExist:
 
 
 InputPath = Annotated[Path, MustExist()]
+
+
+# Keys that recipes written for an earlier mmzoo used: (config class, old key) -> new key, named in the error.
+# A stage's kind was `task:` until "task" came to mean only a benchmark (eval/tasks); it is now `type:`.
+RENAMED_KEYS = {("StageSpec", "task"): "type"}
 
 
 class RecipeError(ValueError):
@@ -123,10 +128,11 @@ class TrainerConfig:
 
 @dataclass(kw_only=True)
 class StageSpec:
-    """One validated stage. ``model``/``data``/``eval`` hold the task's config dataclass instances after phase 2."""
+    """One validated stage. ``model``/``data``/``eval`` hold its stage type's config dataclass instances after phase 2."""
 
     name: str
-    task: str
+    # What the stage trains: a registered StageModule (`zoo list --stage-types`), e.g. moe_llava.
+    type: str
     init_from: str | dict[str, str] | None = field(
         default=None, metadata={"help": "null | earlier stage name | weights name 'arch.tag' | a directory"}
     )
@@ -314,6 +320,9 @@ class _Checker:
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
+                renamed = RENAMED_KEYS.get((cls.__name__, str(key)))
+                if renamed is not None and renamed in fields:
+                    hint = f" It was renamed {renamed!r}."
                 self.fail(key_path, f"unknown key.{hint} Allowed keys: {', '.join(fields)}")
                 continue
             if key in skip:
@@ -464,7 +473,7 @@ def _init_kind(spec: Any) -> tuple[str, str] | None:
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, *, check_tasks: bool = True
+    path: str | Path, overrides: list[str] | None = None, *, check_stage_types: bool = True
 ) -> Recipe:
     """Read, override and validate a recipe file; raise :class:`RecipeError` listing every problem."""
     path = Path(path)
@@ -488,7 +497,7 @@ def load_recipe(
     else:
         seen: dict[str, int] = {}
         all_names = [s.get("name") for s in stages_raw if isinstance(s, dict)]
-        from zoo.tasks import list_tasks, task_module
+        from zoo.stages import list_stage_types, stage_type_module
 
         for i, s in enumerate(stages_raw):
             sp = f"stages[{i}]"
@@ -505,11 +514,12 @@ def load_recipe(
                 if name in seen:
                     checker.fail(f"{sp}.name", f"duplicate stage name {name!r} (also stages[{seen[name]}])")
                 seen.setdefault(name, i)
-            task = s.get("task")
-            if isinstance(task, str) and task_module(task) is None:
-                close = difflib.get_close_matches(task, list_tasks(), n=1)
+            kind = s.get("type")
+            if isinstance(kind, str) and stage_type_module(kind) is None:
+                close = difflib.get_close_matches(kind, list_stage_types(), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                checker.fail(f"{sp}.task", f"unknown task {task!r}.{hint} Known tasks: {', '.join(list_tasks())}")
+                known = ", ".join(list_stage_types())
+                checker.fail(f"{sp}.type", f"unknown stage type {kind!r}.{hint} Known stage types: {known}")
             init = _check_init_from(checker, s.get("init_from"), f"{sp}.init_from", i, all_names)
             trainer = s.get("trainer")
             trainer_fields = {f.name for f in _yaml_fields(TrainerConfig)}
@@ -528,8 +538,8 @@ def load_recipe(
     recipe = Recipe(recipe=top.recipe, description=top.description, stages=stages, path=path)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe.recipe):
         raise RecipeError([f"{file}: recipe: {recipe.recipe!r}: use letters, digits, '_', '-', '.' (it names a folder)"])
-    if check_tasks:
-        check_task_configs(recipe)
+    if check_stage_types:
+        check_stage_configs(recipe)
     return recipe
 
 
@@ -571,9 +581,9 @@ def _check_init_from(checker: _Checker, spec: Any, path: str, index: int, names:
     return ("weights", value)
 
 
-def check_task_configs(recipe: Recipe) -> None:
-    """Phase 2: validate each stage's model/data/eval against its task's dataclasses (imports task modules)."""
-    from zoo.tasks import get_task
+def check_stage_configs(recipe: Recipe) -> None:
+    """Phase 2: validate each stage's model/data/eval against its stage type's dataclasses (imports task modules)."""
+    from zoo.stages import get_stage_type
 
     checker = _Checker(str(recipe.path))
     weights_needed = [(i, s) for i, s in enumerate(recipe.stages) if s.init_source and s.init_source[0] == "weights"]
@@ -593,8 +603,8 @@ def check_task_configs(recipe: Recipe) -> None:
                     f"weights name (see `zoo list`).{hint}",
                 )
     for i, stage in enumerate(recipe.stages):
-        task = get_task(stage.task)
-        for section, cls in (("model", task.ModelConfig), ("data", task.DataConfig), ("eval", task.EvalConfig)):
+        stage_cls = get_stage_type(stage.type)
+        for section, cls in (("model", stage_cls.ModelConfig), ("data", stage_cls.DataConfig), ("eval", stage_cls.EvalConfig)):
             value = getattr(stage, section)
             if dataclasses.is_dataclass(value):
                 continue  # already validated

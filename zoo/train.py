@@ -4,14 +4,14 @@ For each stage of a validated recipe (see :mod:`zoo.recipe`), in order:
 
 1. ``runs/<recipe>/<stage>/summary.json`` exists -> the stage is finished: skip it (``--force`` reruns it).
 2. Write the resolved config (``config.yaml``: every default filled in, ``init_from`` resolved to a directory).
-3. Build the task (seeded), load ``init_from`` unless resuming, apply the ``trainable`` / ``frozen`` globs to the
-   task's model and report the parameter counts.
+3. Build the stage module (seeded), load ``init_from`` unless resuming, apply the ``trainable`` / ``frozen`` globs to the
+   stage module's model and report the parameter counts.
 4. Fit with a Lightning ``Trainer`` built from the stage's ``trainer`` settings (any Lightning strategy: ddp, fsdp,
    deepspeed). ``checkpoints/last.ckpt`` is written atomically every ``ckpt_every_n_steps`` and at the end; when it
    exists the stage resumes from it, and because data order and RNG are functions of (seed, step) the resumed run
    ends with the same weights and metrics as an uninterrupted one. ``metrics.csv`` gets a row every
    ``log_every_n_steps`` (rows past the resumed step are dropped, then redone).
-5. On global rank 0: ``task.evaluate(out_dir)``, ``task.export(out_dir / "final")`` (``zoo.load``-able), and
+5. On global rank 0: ``module.evaluate(out_dir)``, ``module.export(out_dir / "final")`` (``zoo.load``-able), and
    ``summary.json`` (metrics, steps, wall time, samples/s, parameter counts), which marks the stage finished.
 
 The runs root is ``--runs-dir``, else ``$MMZOO_RUNS``, else ``./runs``.
@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from zoo.recipe import Recipe, RecipeError, StageSpec, check_task_configs, load_recipe, to_plain
+from zoo.recipe import Recipe, RecipeError, StageSpec, check_stage_configs, load_recipe, to_plain
 from zoo.registry import SHIPPED_WEIGHTS_DIR, atomic_write
 
 __all__ = ["train", "runs_root", "stage_dir", "resolve_init_source", "apply_param_globs", "format_results"]
@@ -187,7 +187,7 @@ def run_stage(
     import lightning as L
 
     from zoo.callbacks import AtomicCheckpointIO, MetricsCSV, StageCheckpoint, StageClock, StepProgressBar
-    from zoo.tasks import get_task
+    from zoo.stages import get_stage_type
 
     resuming = ckpt.is_file()
     source = None if resuming else resolve_init_source(stage, recipe, root)
@@ -209,12 +209,12 @@ def run_stage(
             atomic_write(cfg_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(resolved, sort_keys=False)))
 
     L.seed_everything(stage.seed, workers=True, verbose=False)
-    task_cls = get_task(stage.task)
-    task = task_cls(stage.model, stage.data, stage.eval, stage)
+    module_cls = get_stage_type(stage.type)
+    module = module_cls(stage.model, stage.data, stage.eval, stage)
     if source is not None:
         _say(rank, f"stage {stage.name}: initialising from {source}")
-        task.init_from(source)
-    counts = apply_param_globs(task.model, stage.trainable, stage.frozen, where=f"{recipe.path}: stage {stage.name}")
+        module.init_from(source)
+    counts = apply_param_globs(module.model, stage.trainable, stage.frozen, where=f"{recipe.path}: stage {stage.name}")
     _say(
         rank,
         f"stage {stage.name}: {counts.trainable:,} trainable parameters ({counts.trainable_tensors} tensors), "
@@ -238,7 +238,7 @@ def run_stage(
         if world is None:
             raise RecipeError([f"{recipe.path}: stage {stage.name}: max_epochs needs an integer or list `devices`"])
         per_step = stage.batch_size * world * t.accumulate_grad_batches
-        max_steps = max(1, int(-(-t.max_epochs * len(task.get_train_dataset()) // per_step)))
+        max_steps = max(1, int(-(-t.max_epochs * len(module.get_train_dataset()) // per_step)))
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=-1,
@@ -268,7 +268,7 @@ def run_stage(
         # The stream is resumable by construction (a function of seed and step), so this warning does not apply.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(task, ckpt_path=str(ckpt) if resuming else None)
+        trainer.fit(module, ckpt_path=str(ckpt) if resuming else None)
     if trainer.interrupted or trainer.global_step < max_steps:
         raise RuntimeError(f"stage {stage.name}: training stopped at step {trainer.global_step} of {max_steps}")
 
@@ -276,25 +276,25 @@ def run_stage(
     if rank == 0:
         import torch
 
-        task.eval()
+        module.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
-            metrics = {k: float(v) for k, v in task.evaluate(out).items()}
+            metrics = {k: float(v) for k, v in module.evaluate(out).items()}
         eval_s = time.perf_counter() - t0
-        task.export(out / "final")
+        module.export(out / "final")
         wall = clock.elapsed()
         samples = max_steps * stage.batch_size * trainer.world_size * t.accumulate_grad_batches
         summary = {
             "recipe": recipe.recipe,
             "stage": stage.name,
-            "task": stage.task,
+            "type": stage.type,
             "steps": trainer.global_step,
             "samples": samples,
             "train_wall_s": round(wall, 3),
             "samples_per_s": round(samples / wall, 3) if wall > 0 else None,
             "eval_wall_s": round(eval_s, 3),
             "world_size": trainer.world_size,
-            "final_train_loss": task.last_logs.get("loss"),
+            "final_train_loss": module.last_logs.get("loss"),
             "params": {"trainable": counts.trainable, "frozen": counts.frozen},
             "init_from": str(source) if source else None,
             "metrics": metrics,
@@ -355,13 +355,13 @@ def train(
         force: delete the selected stages' outputs and train them from scratch.
         overrides: ``key.path=value`` edits applied before validation.
         runs_dir: output root (default ``$MMZOO_RUNS`` or ``./runs``).
-        imports: modules to import first (tasks defined outside ``zoo/tasks``).
+        imports: modules to import first (stage types defined outside ``zoo/stages``).
         callbacks: extra Lightning callbacks (tests use them to interrupt a run).
     """
     for module in imports or []:
         importlib.import_module(module)
-    recipe = load_recipe(recipe_path, overrides, check_tasks=False)
-    check_task_configs(recipe)
+    recipe = load_recipe(recipe_path, overrides, check_stage_types=False)
+    check_stage_configs(recipe)
     root = runs_root(runs_dir)
     names = [s.name for s in recipe.stages]
     if stage is not None and stage not in names:

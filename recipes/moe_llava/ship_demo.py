@@ -24,7 +24,7 @@ DEMO_LIMIT = 64
 def demo_scores(model) -> dict[str, float]:
     """The recorded numbers: primary metrics of the demo tasks on their first DEMO_LIMIT documents."""
     import eval as zoo_eval
-    from zoo.tasks.moe_llava import summarise_eval
+    from zoo.stages.moe_llava import summarise_eval
 
     res = zoo_eval.run(model, DEMO_TASKS, limit=DEMO_LIMIT, batch_size=64, progress=False)
     return {k: round(v, 6) for k, v in summarise_eval(res).items() if not k.endswith("tokens_per_s")}

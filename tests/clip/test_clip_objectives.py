@@ -88,13 +88,13 @@ def test_task_loss_matches_a_direct_computation():
     patches), each term written out here independently of the task's code."""
     from zoo.components.vision import OpenClipVisionTower, VisionTowerConfig
     from zoo.recipe import load_recipe
-    from zoo.tasks import get_task
+    from zoo.stages import get_stage_type
 
     recipe = load_recipe(RECIPE, overrides=["stages.clip.data.max_objects=3", "stages.clip.data.hard_negatives=2",
                                             "stages.clip.data.patch_loss=0.5", "stages.clip.data.num_train=4"])
     stage = recipe.stages[0]
     torch.manual_seed(0)
-    task = get_task(stage.task)(stage.model, stage.data, stage.eval, stage)
+    task = get_stage_type(stage.type)(stage.model, stage.data, stage.eval, stage)
     task.model.eval()
     batch = task.collate_fn([task.train_dataset()[i] for i in range(4)])
     assert batch["negative_texts"].shape[0] == 8 and batch["patch_labels"].shape == (4, 64)

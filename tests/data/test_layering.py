@@ -1,4 +1,4 @@
-"""``data/`` holds the data code the training tasks use (moved out of ``zoo/tasks``) and stays free of Lightning and
+"""``data/`` holds the data code the training tasks use (moved out of ``zoo/stages``) and stays free of Lightning and
 of the training layer, so ``eval`` and scripts can read the same data without paying for either."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def test_data_modules_import_without_lightning_or_the_training_layer():
     code = (
         "import sys\n"
         "import data.latents, data.llava, data.seeding, data.shapes_clip, data.shapes_llava\n"
-        "bad = ('lightning', 'zoo.tasks', 'zoo.train', 'zoo.callbacks', 'zoo.models', 'eval')\n"
+        "bad = ('lightning', 'zoo.stages', 'zoo.train', 'zoo.callbacks', 'zoo.models', 'eval')\n"
         "print('LOADED', sorted(m for m in bad if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

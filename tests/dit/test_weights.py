@@ -12,7 +12,7 @@ import zoo
 from zoo.models.dit import count_params
 from zoo.recipe import load_recipe
 from zoo.registry import get_weights_cfg
-from zoo.tasks.dit import evaluate_generator
+from zoo.stages.dit import evaluate_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,7 +31,7 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     names = [s.name for s in r.stages]
     assert names == ["clip", "align", "sft", "moe"]
     clip, align, sft, moe = r.stages
-    assert clip.task == "clip_contrastive" and align.init_source == ("stage", "clip")
+    assert clip.type == "clip_contrastive" and align.init_source == ("stage", "clip")
     assert align.trainable == ["mm_projector.*", "llm.*"] and align.data.template == "plain" and align.data.kind == "caption"
     assert sft.trainable == ["mm_projector.*", "llm.*"] and sft.model.moe is None
     assert moe.model.moe.num_experts == 4 and moe.model.moe.top_k == 2
@@ -42,7 +42,7 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     # world's 1-3 object scenes with the dense patch loss (so the penultimate patch tokens LLaVA reads carry shape),
     # and scores zero-shot on single objects.
     ref = load_recipe(ROOT / "recipes" / "clip" / "shapes_tiny.yaml").stages[0]
-    for key in ("task", "optim", "schedule", "batch_size", "seed", "trainable"):
+    for key in ("type", "optim", "schedule", "batch_size", "seed", "trainable"):
         assert getattr(clip, key) == getattr(ref, key), key
     assert dataclasses.replace(clip.model, architecture=ref.model.architecture) == ref.model
     assert (ref.model.architecture, clip.model.architecture) == ("clip_vit_tiny", "clip_vit_tiny4")

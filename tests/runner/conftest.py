@@ -1,4 +1,4 @@
-"""Runner tests: make the tiny test task importable (pytest runs with --import-mode=importlib)."""
+"""Runner tests: make the tiny test stage type importable (pytest runs with --import-mode=importlib)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ if str(HERE) not in sys.path:
 
 
 @pytest.fixture
-def tiny_task():
-    import tiny_task
+def tiny_stage():
+    import tiny_stage
 
-    return tiny_task
+    return tiny_stage

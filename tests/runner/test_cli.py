@@ -26,11 +26,26 @@ def test_train_help_explains_outputs(capsys):
         assert text in out
 
 
-def test_list_models_and_tasks(capsys):
+def test_list_models_tasks_and_stage_types(capsys):
+    """`--tasks` lists benchmarks (as lmms-eval's word), `--stage-types` what a recipe stage's `type:` may be."""
     assert cli.main(["list", "clip_*"]) == 0
     assert "clip_vit_tiny" in capsys.readouterr().out.split()
-    assert cli.main(["list", "--tasks"]) == 0
-    assert "clip_contrastive" in capsys.readouterr().out.split()
+    assert cli.main(["list", "--stage-types"]) == 0
+    stage_types = capsys.readouterr().out.split()
+    assert {"clip_contrastive", "moe_llava", "dit_diffusion"} <= set(stage_types)
+    assert cli.main(["list", "--tasks", "shapes_*"]) == 0
+    tasks = capsys.readouterr().out.split()
+    assert "shapes_vqa" in tasks and "clip_contrastive" not in tasks
+
+
+def test_old_task_key_names_its_new_name(tmp_path):
+    from zoo.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: r\nstages:\n  - name: a\n    task: clip_contrastive\n    batch_size: 2\n"
+                      "    trainer: {max_steps: 1}\n")
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.task: unknown key\. It was renamed 'type'"):
+        load_recipe(recipe, check_stage_types=False)
 
 
 def test_dispatch_import_errors_propagate(monkeypatch):
@@ -61,4 +76,4 @@ def test_check_validates_and_prints_plan(tmp_path, capsys):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "clip" / "shapes_tiny.yaml"
     assert cli.main(["train", str(recipe), "--check", "--set", "stages.clip.trainer.max_steps=7"]) == 0
     out = capsys.readouterr().out
-    assert "valid" in out and "clip: task clip_contrastive, 7 steps" in out
+    assert "valid" in out and "clip: clip_contrastive, 7 steps" in out

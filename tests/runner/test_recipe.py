@@ -22,7 +22,7 @@ BASE = {
     "stages": [
         {
             "name": "a",
-            "task": "runner_tiny_regression",
+            "type": "runner_tiny_regression",
             "model": {"dim": 8, "hidden": 16},
             "data": {"num_samples": 64},
             "batch_size": 8,
@@ -30,7 +30,7 @@ BASE = {
         },
         {
             "name": "b",
-            "task": "runner_tiny_regression",
+            "type": "runner_tiny_regression",
             "init_from": "a",
             "batch_size": 8,
             "trainer": {"max_steps": 4},
@@ -45,24 +45,24 @@ def write(tmp_path: Path, recipe: dict, name: str = "r.yaml") -> Path:
     return path
 
 
-def problems(path: Path, overrides: list[str] | None = None, check_tasks: bool = True) -> list[str]:
+def problems(path: Path, overrides: list[str] | None = None, check_stage_types: bool = True) -> list[str]:
     with pytest.raises(RecipeError) as err:
-        load_recipe(path, overrides, check_tasks=check_tasks)
+        load_recipe(path, overrides, check_stage_types=check_stage_types)
     assert all(p.startswith(str(path)) for p in err.value.problems), err.value.problems
     return err.value.problems
 
 
-def test_valid_recipe_loads_with_defaults(tmp_path, tiny_task):
+def test_valid_recipe_loads_with_defaults(tmp_path, tiny_stage):
     recipe = load_recipe(write(tmp_path, BASE))
     a, b = recipe.stages
     assert recipe.recipe == "tiny"
-    assert a.model == tiny_task.TinyModelConfig(dim=8, hidden=16)
+    assert a.model == tiny_stage.TinyModelConfig(dim=8, hidden=16)
     assert a.trainer.max_steps == 4 and a.trainer.strategy == "auto" and a.optim.name == "adamw"
     assert a.trainable == ["*"] and a.frozen == []
     assert b.init_source == ("stage", "a")
 
 
-def test_unknown_key_names_path_allowed_keys_and_suggestion(tmp_path, tiny_task):
+def test_unknown_key_names_path_allowed_keys_and_suggestion(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     bad["stages"][1]["trainer"]["max_stepz"] = 5
     (msg,) = problems(write(tmp_path, bad))
@@ -71,14 +71,14 @@ def test_unknown_key_names_path_allowed_keys_and_suggestion(tmp_path, tiny_task)
     assert "Allowed keys: max_steps, max_epochs, accelerator" in msg
 
 
-def test_unknown_key_in_task_section_uses_task_dataclass(tmp_path, tiny_task):
+def test_unknown_key_in_task_section_uses_task_dataclass(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     bad["stages"][0]["model"]["hiden"] = 3
     (msg,) = problems(write(tmp_path, bad))
     assert "stages[0].model.hiden" in msg and "Did you mean 'hidden'?" in msg and "dim, hidden, dropout" in msg
 
 
-def test_wrong_types_are_all_reported(tmp_path, tiny_task):
+def test_wrong_types_are_all_reported(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     bad["stages"][0]["batch_size"] = "eight"
     bad["stages"][0]["optim"] = {"lr": "fast", "betas": [0.9]}
@@ -92,7 +92,7 @@ def test_wrong_types_are_all_reported(tmp_path, tiny_task):
     assert len(msgs) == 4
 
 
-def test_numeric_bounds_and_literals(tmp_path, tiny_task):
+def test_numeric_bounds_and_literals(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     bad["stages"][0]["batch_size"] = 0
     bad["stages"][0]["schedule"] = {"name": "cosin"}
@@ -102,7 +102,7 @@ def test_numeric_bounds_and_literals(tmp_path, tiny_task):
     assert "did you mean 'cosine'?" in joined
 
 
-def test_missing_file(tmp_path, tiny_task):
+def test_missing_file(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     bad["stages"][0]["data"]["notes_file"] = str(tmp_path / "nope.txt")
     (msg,) = problems(write(tmp_path, bad))
@@ -111,22 +111,22 @@ def test_missing_file(tmp_path, tiny_task):
     load_recipe(write(tmp_path, bad))
 
 
-def test_missing_init_dir_and_recipe_file(tmp_path, tiny_task):
+def test_missing_init_dir_and_recipe_file(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     bad["stages"][0]["init_from"] = {"dir": str(tmp_path / "no_such_dir")}
-    (msg,) = problems(write(tmp_path, bad), check_tasks=False)
+    (msg,) = problems(write(tmp_path, bad), check_stage_types=False)
     assert "stages[0].init_from: directory not found" in msg
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "absent.yaml")
 
 
-def test_init_from_later_or_unknown_stage(tmp_path, tiny_task):
+def test_init_from_later_or_unknown_stage(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     bad["stages"][0]["init_from"] = "b"
-    (msg,) = problems(write(tmp_path, bad), check_tasks=False)
+    (msg,) = problems(write(tmp_path, bad), check_stage_types=False)
     assert "stages[0].init_from: 'b' is a later stage" in msg
     bad["stages"][0]["init_from"] = {"stage": "zz"}
-    (msg,) = problems(write(tmp_path, bad), check_tasks=False)
+    (msg,) = problems(write(tmp_path, bad), check_stage_types=False)
     assert "stages[0].init_from: no earlier stage named 'zz'" in msg
     # A bare string that is neither a stage, a directory nor a weights name fails in the registry check.
     bad["stages"][0]["init_from"] = "not_a_thing.tag"
@@ -134,17 +134,17 @@ def test_init_from_later_or_unknown_stage(tmp_path, tiny_task):
     assert "stages[0].init_from: 'not_a_thing.tag' is not an earlier stage" in msg and "weights name" in msg
 
 
-def test_unknown_task_and_duplicate_stage(tmp_path, tiny_task):
+def test_unknown_task_and_duplicate_stage(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
-    bad["stages"][0]["task"] = "runner_tiny_regresion"
+    bad["stages"][0]["type"] = "runner_tiny_regresion"
     bad["stages"][1]["name"] = "a"
     bad["stages"][1].pop("init_from")
-    joined = "\n".join(problems(write(tmp_path, bad), check_tasks=False))
-    assert "stages[0].task: unknown task 'runner_tiny_regresion'. Did you mean 'runner_tiny_regression'?" in joined
+    joined = "\n".join(problems(write(tmp_path, bad), check_stage_types=False))
+    assert "stages[0].type: unknown stage type 'runner_tiny_regresion'. Did you mean 'runner_tiny_regression'?" in joined
     assert "stages[1].name: duplicate stage name 'a'" in joined
 
 
-def test_missing_required_and_steps(tmp_path, tiny_task):
+def test_missing_required_and_steps(tmp_path, tiny_stage):
     bad = yaml.safe_load(yaml.safe_dump(BASE))
     del bad["stages"][0]["batch_size"]
     bad["stages"][0]["trainer"] = {}
@@ -153,7 +153,7 @@ def test_missing_required_and_steps(tmp_path, tiny_task):
     assert "stages[0].trainer.max_steps: give max_steps or max_epochs" in joined
 
 
-def test_overrides_are_typed_and_validated(tmp_path, tiny_task):
+def test_overrides_are_typed_and_validated(tmp_path, tiny_stage):
     path = write(tmp_path, BASE)
     recipe = load_recipe(
         path,
@@ -172,7 +172,7 @@ def test_overrides_are_typed_and_validated(tmp_path, tiny_task):
 def test_misspelt_key_fails_before_heavy_imports(tmp_path):
     """The CLI rejects a misspelt runner key without importing lightning or the model families."""
     bad = yaml.safe_load(yaml.safe_dump(BASE))
-    bad["stages"][0]["task"] = "clip_contrastive"
+    bad["stages"][0]["type"] = "clip_contrastive"
     bad["stages"][0]["trainer"] = {"max_stepz": 5}
     path = write(tmp_path, bad)
     code = textwrap.dedent(
@@ -214,7 +214,7 @@ def test_models_components_moe_never_import_lightning_data_or_eval():
                     names = [node.module]
                 for name in names:
                     forbidden = name.split(".")[0] in ("lightning", "pytorch_lightning", "data", "eval") or name.startswith(
-                        ("zoo.tasks", "zoo.train", "zoo.callbacks", "zoo.recipe", "zoo.cli")
+                        ("zoo.stages", "zoo.train", "zoo.callbacks", "zoo.recipe", "zoo.cli")
                     )
                     if building_block and name.startswith(("zoo.registry", "zoo.models", "zoo.convert")):
                         forbidden = True
@@ -244,7 +244,7 @@ TINY_LLAVA = """\
 recipe: nested_typo
 stages:
   - name: sft
-    task: moe_llava
+    type: moe_llava
     model: &model
       vision: {kind: zoo, model_name: clip_vit_tiny}
       vocab_world: &world {image_size: 32}
@@ -252,7 +252,7 @@ stages:
     batch_size: 2
     trainer: {max_steps: 1}
   - name: moe
-    task: moe_llava
+    type: moe_llava
     init_from: sft
     model:
       <<: *model

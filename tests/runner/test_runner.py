@@ -21,7 +21,7 @@ RECIPE = {
     "stages": [
         {
             "name": "a",
-            "task": "runner_tiny_regression",
+            "type": "runner_tiny_regression",
             "model": {"dim": 8, "hidden": 16},
             "data": {"num_samples": 40},  # not a multiple of the batch: epochs wrap mid-batch
             "optim": {"name": "adamw", "lr": 1.0e-2},
@@ -32,7 +32,7 @@ RECIPE = {
         },
         {
             "name": "b",
-            "task": "runner_tiny_regression",
+            "type": "runner_tiny_regression",
             "init_from": "a",
             "trainable": ["*"],
             "frozen": ["fc1.*"],
@@ -64,7 +64,7 @@ def interrupt_at(step: int):
     return Stop()
 
 
-def test_two_stages_outputs_chaining_and_skip(tmp_path, tiny_task, capsys):
+def test_two_stages_outputs_chaining_and_skip(tmp_path, tiny_stage, capsys):
     from zoo.registry import load
     from zoo.train import train
 
@@ -101,14 +101,14 @@ def test_two_stages_outputs_chaining_and_skip(tmp_path, tiny_task, capsys):
     assert again[0]["metrics"] == summary["metrics"]
 
 
-def test_stage_needs_its_source_finished(tmp_path, tiny_task):
+def test_stage_needs_its_source_finished(tmp_path, tiny_stage):
     from zoo.train import train
 
     with pytest.raises(FileNotFoundError, match="run it first"):
         train(write_recipe(tmp_path), stage="b", runs_dir=tmp_path / "runs")
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_task, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_stage, monkeypatch):
     from zoo.train import train
 
     path = write_recipe(tmp_path)
@@ -132,7 +132,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_task, mo
     assert steps == [2, 4, 6, 8, 10, 12]  # rows logged after the checkpoint were dropped and redone once
 
 
-def test_force_retrains(tmp_path, tiny_task):
+def test_force_retrains(tmp_path, tiny_stage):
     from zoo.train import train
 
     path = write_recipe(tmp_path)
@@ -141,7 +141,7 @@ def test_force_retrains(tmp_path, tiny_task):
     assert again["status"] == "trained" and again["metrics"] == first["metrics"]
 
 
-def test_glob_matching_nothing_is_an_error(tmp_path, tiny_task):
+def test_glob_matching_nothing_is_an_error(tmp_path, tiny_stage):
     from zoo.recipe import RecipeError
     from zoo.train import train
 
@@ -153,7 +153,7 @@ def test_glob_matching_nothing_is_an_error(tmp_path, tiny_task):
 
 def _cli_train(tmp_path: Path, recipe: Path, runs: str, overrides: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
-    cmd = [sys.executable, "-m", "zoo.cli", "train", str(recipe), "--import", "tiny_task", "--stage", "a",
+    cmd = [sys.executable, "-m", "zoo.cli", "train", str(recipe), "--import", "tiny_stage", "--stage", "a",
            "--runs-dir", str(tmp_path / runs)]
     for o in overrides:
         cmd += ["--set", o]
@@ -202,7 +202,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
 def test_lr_scale_groups_parameters_by_glob():
     import torch
 
-    from zoo.tasks.base import param_groups
+    from zoo.stages.base import param_groups
 
     net = torch.nn.ModuleDict({"tower": torch.nn.Linear(3, 4), "head": torch.nn.Linear(4, 2)})
     named = list(net.named_parameters())

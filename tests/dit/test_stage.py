@@ -14,7 +14,7 @@ import torch
 import zoo
 from zoo.models.dit import count_params
 from zoo.recipe import load_recipe
-from zoo.tasks import get_task
+from zoo.stages import get_stage_type
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["stages.0.trainer.max_steps=2", "stages.0.eval.samples_per_class=1", "stages.0.eval.num_steps=2",
@@ -24,7 +24,7 @@ TINY = ["stages.0.trainer.max_steps=2", "stages.0.eval.samples_per_class=1", "st
 def build(recipe: str, overrides: list[str]):
     r = load_recipe(ROOT / recipe, overrides)
     stage = r.stages[0]
-    return get_task(stage.task)(stage.model, stage.data, stage.eval, stage), stage
+    return get_stage_type(stage.type)(stage.model, stage.data, stage.eval, stage), stage
 
 
 def test_digits_recipes_have_equal_activated_parameters() -> None:
@@ -114,7 +114,7 @@ def test_model_config_is_derived_from_dit_config():
 
     from zoo.models.dit import DiTConfig
     from zoo.recipe import RecipeError, parse_config
-    from zoo.tasks.dit import DiTModelConfig
+    from zoo.stages.dit import DiTModelConfig
 
     arch_fields = [f.name for f in dataclasses.fields(DiTConfig)]
     names = [f.name for f in dataclasses.fields(DiTModelConfig)]

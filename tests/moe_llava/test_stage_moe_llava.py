@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from zoo.recipe import load_recipe
-from zoo.tasks.moe_llava import MoELLaVATask, summarise_eval
+from zoo.stages.moe_llava import MoELLaVATask, summarise_eval
 
 VISION = {"kind": "hf", "config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                                    "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32,
@@ -22,7 +22,7 @@ RECIPE = """
 recipe: toy
 stages:
   - name: align
-    task: moe_llava
+    type: moe_llava
     model: &model {architecture: moe_llava_tiny, vision: %(vision)s, lm: %(lm)s, template: phi_nosystem,
                    vocab_world: &world {image_size: 32}, vocab_scenes: 20}
     data: {source: shapes, kind: caption, world: *world, num_scenes: 12, template: plain}
@@ -31,7 +31,7 @@ stages:
     batch_size: 4
     trainer: {max_steps: 2, enable_progress_bar: false}
   - name: sft
-    task: moe_llava
+    type: moe_llava
     init_from: align
     model: *model
     data: {source: shapes, kind: vqa, world: *world, num_scenes: 12}
@@ -40,7 +40,7 @@ stages:
     batch_size: 4
     trainer: {max_steps: 2, enable_progress_bar: false}
   - name: moe
-    task: moe_llava
+    type: moe_llava
     init_from: sft
     model: {<<: *model, moe: {num_experts: 4, top_k: 2}}
     data: {source: shapes, kind: vqa, world: *world, num_scenes: 12}
@@ -228,7 +228,7 @@ def test_questions_per_kind_literal_lists_the_worlds_kinds():
     import typing
 
     from data.shapes import QA_KINDS
-    from zoo.tasks.moe_llava import MoELLaVADataConfig
+    from zoo.stages.moe_llava import MoELLaVADataConfig
 
     key_type = typing.get_args(typing.get_type_hints(MoELLaVADataConfig)["questions_per_kind"])[0]
     assert typing.get_args(key_type) == QA_KINDS  # the config's copy (kept import-free) matches the world's

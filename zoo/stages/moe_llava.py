@@ -1,4 +1,4 @@
-"""MoE-LLaVA's three training stages as one recipe task (``task: moe_llava``).
+"""MoE-LLaVA's three training stages as one stage type (``type: moe_llava``).
 
 The stage a recipe entry is follows from its settings, as in MoE-LLaVA's scripts (paper section 3.2):
 
@@ -31,8 +31,8 @@ from data.shapes import WorldConfig
 from zoo.checkpoint import load_state_dict_strict
 from zoo.components.vision import VisionTowerConfig
 from zoo.moe.upcycle import MoESettings
-from zoo.tasks import register_task
-from zoo.tasks.base import StageTask
+from zoo.stages import register_stage
+from zoo.stages.base import StageModule
 
 __all__ = ["MoELLaVAModelConfig", "MoELLaVADataConfig", "MoELLaVAEvalConfig", "MoELLaVATask"]
 
@@ -102,8 +102,8 @@ class MoELLaVAEvalConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
 
 
-@register_task("moe_llava")
-class MoELLaVATask(StageTask):
+@register_stage("moe_llava")
+class MoELLaVATask(StageModule):
     ModelConfig = MoELLaVAModelConfig
     DataConfig = MoELLaVADataConfig
     EvalConfig = MoELLaVAEvalConfig

@@ -1,4 +1,4 @@
-"""A tiny regression task for runner tests: an MLP learns a fixed random linear map from seeded samples."""
+"""A tiny regression stage type for runner tests: an MLP learns a fixed random linear map from seeded samples."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch.utils.data import Dataset
 
 from zoo.recipe import InputPath
 from zoo.registry import list_models, register_model
-from zoo.tasks import register_task
-from zoo.tasks.base import StageTask
+from zoo.stages import register_stage
+from zoo.stages.base import StageModule
 
 
 class TinyMLP(nn.Module):
@@ -63,8 +63,8 @@ class TinyEvalConfig:
     num_samples: int = 32
 
 
-@register_task("runner_tiny_regression")
-class TinyRegressionTask(StageTask):
+@register_stage("runner_tiny_regression")
+class TinyRegressionTask(StageModule):
     ModelConfig = TinyModelConfig
     DataConfig = TinyDataConfig
     EvalConfig = TinyEvalConfig

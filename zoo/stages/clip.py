@@ -38,8 +38,8 @@ from torch.utils.data import Dataset
 
 from data.seeding import mix_seed
 from data.shapes_clip import WorldCaptions
-from zoo.tasks import register_task
-from zoo.tasks.base import StageTask
+from zoo.stages import register_stage
+from zoo.stages.base import StageModule
 
 __all__ = ["ClipModelConfig", "ClipDataConfig", "ClipEvalConfig", "ClipContrastiveTask", "make_world"]
 
@@ -111,8 +111,8 @@ def make_world(cfg: ClipDataConfig) -> Any:
     )
 
 
-@register_task("clip_contrastive")
-class ClipContrastiveTask(StageTask):
+@register_stage("clip_contrastive")
+class ClipContrastiveTask(StageModule):
     ModelConfig = ClipModelConfig
     DataConfig = ClipDataConfig
     EvalConfig = ClipEvalConfig

@@ -1,10 +1,10 @@
-"""StageTask: the LightningModule every recipe task derives from.
+"""StageModule: the LightningModule every recipe stage type derives from.
 
-A task is *model + loss + data + evaluation* for one kind of stage. Subclasses write the parts that differ; the base
+A stage module is *model + loss + data + evaluation* for one kind of stage. Subclasses write the parts that differ; the base
 class owns the training loop plumbing so that every family resumes, shards and schedules the same way::
 
-    @register_task("my_task")
-    class MyTask(StageTask):
+    @register_stage("my_stage")
+    class MyTask(StageModule):
         ModelConfig = MyModelConfig        # dataclasses: the recipe's `model:`, `data:` and `eval:` sections are
         DataConfig = MyDataConfig          # validated against them (unknown key / wrong type -> error naming the
         EvalConfig = MyEvalConfig          # file and key path) and passed in as instances
@@ -32,14 +32,14 @@ What the base class supplies:
   randomness in the forward pass (dropout, noise, timesteps) is a function of the step (Lightning checkpoints do not
   store RNG state). Randomness in ``train_dataset`` items or ``collate_fn`` must instead be seeded by the sample
   index (e.g. ``random.Random(mix_seed(seed, index))``): Lightning collates batches ahead of the step hooks.
-- ``training_step`` (logs ``loss``, the task's logs and ``lr``), ``configure_optimizers`` (over parameters with
+- ``training_step`` (logs ``loss``, the module's logs and ``lr``), ``configure_optimizers`` (over parameters with
   ``requires_grad``; weight decay only on tensors with ``ndim >= 2``; warmup + cosine/linear/constant schedule,
   stepped per optimizer step).
 
-The runner (``zoo/train.py``) constructs the task, calls ``init_from`` (fresh stages only: a resumed stage gets its
+The runner (``zoo/train.py``) constructs the module, calls ``init_from`` (fresh stages only: a resumed stage gets its
 weights from the checkpoint), applies the recipe's ``trainable``/``frozen`` globs to ``self.model``, fits, then calls
-``evaluate`` and ``export``. Keep the task module's top-level imports light (torch, lightning, config dataclasses):
-import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast. A task holds
+``evaluate`` and ``export``. Keep the stage module's top-level imports light (torch, lightning, config dataclasses):
+import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast. A module holds
 model + loss + which parameters train + evaluation glue; datasets, world construction and sample builders live in
 ``data/`` (e.g. ``data.shapes_llava``, ``data.shapes_clip``, ``data.latents``). Nested config blocks are typed by
 the dataclass their code takes (``moe: MoESettings | None``), so the recipe validator checks inside them too.
@@ -66,7 +66,7 @@ from zoo.registry import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 if TYPE_CHECKING:
     from zoo.recipe import StageSpec
 
-__all__ = ["StageTask", "StepBatchSampler", "build_lr_lambda", "mix_seed"]
+__all__ = ["StageModule", "StepBatchSampler", "build_lr_lambda", "mix_seed"]
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -118,13 +118,13 @@ def build_lr_lambda(name: str, warmup_steps: int, total_steps: int, min_lr_ratio
     return fn
 
 
-class StageTask(L.LightningModule, ABC):
-    """Base class of recipe tasks; see the module docstring for the contract."""
+class StageModule(L.LightningModule, ABC):
+    """Base class of recipe stage types; see the module docstring for the contract."""
 
     ModelConfig: ClassVar[type]
     DataConfig: ClassVar[type]
     EvalConfig: ClassVar[type]
-    task_name: ClassVar[str]  # set by @register_task
+    stage_type: ClassVar[str]  # set by @register_stage
 
     #: set by subclasses in __init__: the registered architecture and the kwargs that rebuild ``self.model``
     architecture: str
@@ -165,14 +165,14 @@ class StageTask(L.LightningModule, ABC):
         config = json.loads((source / CONFIG_NAME).read_text())
         if config.get("architecture") != self.architecture:
             raise ValueError(
-                f"{source}: holds a {config.get('architecture')!r} model but task {self.task_name!r} builds "
+                f"{source}: holds a {config.get('architecture')!r} model but stage type {self.stage_type!r} builds "
                 f"{self.architecture!r}; override {type(self).__name__}.init_from to convert between them"
             )
         load_file_strict(self.model, source / WEIGHTS_NAME, self.architecture)
 
     def export(self, out_dir: Path) -> Path:
         """Write the trained model as a ``zoo.load``-able directory."""
-        extra = {"task": self.task_name, "stage": self.stage.name}
+        extra = {"stage_type": self.stage_type, "stage": self.stage.name}
         return save_pretrained(self.model, out_dir, self.architecture, self.model_args, **extra)
 
     # ---- supplied by the base class -------------------------------------------------------------------------------

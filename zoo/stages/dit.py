@@ -1,4 +1,4 @@
-"""Recipe task ``dit_diffusion``: train a DiT / DiT-MoE with DDPM (eps + learned-range VLB) or rectified flow.
+"""Stage type ``dit_diffusion``: train a DiT / DiT-MoE with DDPM (eps + learned-range VLB) or rectified flow.
 
 - model: a registered architecture (``arch``) plus any ``DiTConfig`` field as an override; an EMA copy of the
   weights (DiT keeps one with decay 0.9999; tiny recipes use a shorter one) is what ``evaluate`` samples from
@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 
 from zoo.models.dit import DiTConfig
 from zoo.registry import save_pretrained
-from zoo.tasks import register_task
-from zoo.tasks.base import StageTask
+from zoo.stages import register_stage
+from zoo.stages.base import StageModule
 
 __all__ = [
     "DiTModelConfig",
@@ -100,8 +100,8 @@ def sample_labels(num_classes: int, per_class: int) -> Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-@register_task("dit_diffusion")
-class DiTDiffusionTask(StageTask):
+@register_stage("dit_diffusion")
+class DiTDiffusionTask(StageModule):
     ModelConfig = DiTModelConfig
     DataConfig = DiTDataConfig
     EvalConfig = DiTEvalConfig
@@ -233,7 +233,7 @@ class DiTDiffusionTask(StageTask):
     # ---- export ----------------------------------------------------------------------------------------------------
     def export(self, out_dir: Path) -> Path:
         """Write the EMA weights (the ones evaluated), as DiT releases its EMA weights."""
-        extra = {"task": self.task_name, "stage": self.stage.name, "weights": "ema" if self.ema_model else "raw"}
+        extra = {"stage_type": self.stage_type, "stage": self.stage.name, "weights": "ema" if self.ema_model else "raw"}
         return save_pretrained(self.sampling_model(), out_dir, self.architecture, self.model_args, **extra)
 
 
