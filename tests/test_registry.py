@@ -182,6 +182,21 @@ def test_tampered_shipped_weights_are_refused_with_both_hashes(shipped_copy):
     assert sum(not torch.equal(tampered[k], original[k]) for k in original) == 1
 
 
+def test_recipe_init_from_weights_name_checks_the_hash_too(shipped_copy, tmp_path):
+    """`init_from: arch.tag` resolves through the same path as zoo.load, so a damaged file is refused there as well."""
+    from zoo.recipe import StageSpec
+    from zoo.train import resolve_init_source
+
+    stage = StageSpec(name="s", type="runner_tiny_regression", batch_size=1, init_source=("weights", "digit_cnn.test_copy"))
+    assert resolve_init_source(stage, None, tmp_path) == shipped_copy
+    weights = shipped_copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(registry.WeightsHashMismatchError):
+        resolve_init_source(stage, None, tmp_path)
+
+
 # ---- one strict-load helper ------------------------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "list_pretrained",
     "get_weights_cfg",
     "resolve_weights_dir",
+    "resolve_weights",
     "load",
     "save_pretrained",
     "atomic_write",
@@ -142,6 +143,15 @@ def resolve_weights_dir(cfg: WeightsCfg, name: str) -> Path:
     return path if path.is_absolute() else SHIPPED_WEIGHTS_DIR / path
 
 
+def resolve_weights(name: str) -> Path:
+    """The local directory of registered weights ``name`` with its recorded sha256 checked; never downloads."""
+    cfg = get_weights_cfg(name)
+    path = resolve_weights_dir(cfg, name)
+    if cfg.sha256 is not None:
+        _check_sha256(path / WEIGHTS_NAME, cfg.sha256)
+    return path
+
+
 def is_zoo_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory written by ``save_pretrained`` (its config.json names an architecture)."""
     cfg_file = Path(path) / CONFIG_NAME
@@ -173,11 +183,8 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
     """
     _ensure_registered()
     path = Path(name_or_path)
-    expected_sha256 = None
     if not path.exists():
-        cfg = get_weights_cfg(str(name_or_path))
-        path = resolve_weights_dir(cfg, str(name_or_path))
-        expected_sha256 = cfg.sha256
+        path = resolve_weights(str(name_or_path))
     if path.is_file() and is_zoo_checkpoint(path.parent):
         path = path.parent  # the model.safetensors (or config.json) of one of our directories
     if not is_zoo_checkpoint(path):
@@ -199,8 +206,6 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
     weights_file = path / WEIGHTS_NAME
     if not weights_file.exists():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
-    if expected_sha256 is not None:
-        _check_sha256(weights_file, expected_sha256)
     model = create_model(config["architecture"], **{**config["model_args"], **overrides})
     from zoo.checkpoint import load_file_strict
 

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from zoo.recipe import Recipe, RecipeError, StageSpec, check_stage_configs, load_recipe, to_plain
-from zoo.registry import SHIPPED_WEIGHTS_DIR, atomic_write
+from zoo.registry import atomic_write
 
 __all__ = ["train", "runs_root", "stage_dir", "resolve_init_source", "apply_param_globs", "format_results"]
 
@@ -88,16 +88,9 @@ def resolve_init_source(stage: StageSpec, recipe: Recipe, root: Path) -> Path | 
             )
         return path
     if kind == "weights":
-        from zoo.registry import get_weights_cfg
+        from zoo.registry import resolve_weights
 
-        cfg = get_weights_cfg(value)
-        if cfg.file is None:
-            raise FileNotFoundError(
-                f"weights {value!r} live on the hub ({cfg.hf_hub_id}); mmzoo never downloads at run time. Download "
-                f"them and give the directory as `init_from: {{dir: PATH}}`"
-            )
-        path = Path(cfg.file)
-        return path if path.is_absolute() else SHIPPED_WEIGHTS_DIR / path
+        return resolve_weights(value)  # the same path and sha256 check as zoo.load(value)
     return Path(value)
 
 
