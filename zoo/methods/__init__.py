@@ -148,3 +148,8 @@ def build_method(spec: str | Method | None) -> Method:
         known = sorted(set(params) - {"self", "args", "kwargs"})
         raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: {known or 'none'}")
     return cls(**options)
+
+
+# The methods shipped with the zoo register themselves on import. Imported last: they import this module's names
+# (and zoo.components, which imports this module back), so this line must follow every definition above (cycle).
+from zoo.methods import var as _var  # noqa: E402,F401
