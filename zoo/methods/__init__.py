@@ -114,7 +114,15 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 register_method("none")(Method)
 
 
+def _register_shipped() -> None:
+    """Import the methods shipped in ``zoo/methods/`` so that they register by name."""
+    # Lazy: these modules import this package (and zoo.components, which imports it back): a top-level import here
+    # would close an import cycle.
+    from zoo.methods import var  # noqa: F401
+
+
 def list_methods() -> list[str]:
+    _register_shipped()
     return sorted(_METHODS)
 
 
@@ -137,6 +145,7 @@ def build_method(spec: str | Method | None) -> Method:
     if isinstance(spec, Method):
         return spec
     name, options = parse_method_spec(spec or "none")
+    _register_shipped()
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
     cls = _METHODS[name]
@@ -149,7 +158,3 @@ def build_method(spec: str | Method | None) -> Method:
         raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: {known or 'none'}")
     return cls(**options)
 
-
-# The methods shipped with the zoo register themselves on import. Imported last: they import this module's names
-# (and zoo.components, which imports this module back), so this line must follow every definition above (cycle).
-from zoo.methods import var as _var  # noqa: E402,F401
