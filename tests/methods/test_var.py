@@ -306,7 +306,8 @@ def test_planted_sinks_are_found_and_var_moves_the_predicted_share() -> None:
     for layer in (2, 3):
         assert torch.equal(state.sinks[layer], expected_sinks), layer
     # predicted from the recorded pre-edit maps of layer 2 (the only edited layer of 4: layers 2 .. L-2)
-    assert sorted(state.maps) == [2]
+    assert sorted(state.maps) == [0, 1, 2, 3]  # recorded everywhere, edited in layer 2 only
+    assert not any(bool(state.maps[i]["chosen"].any()) for i in (0, 1, 3))
     before = state.maps[2]["before"].double()
     settings = VARSettings(tau=4.0, rho=0.9, summ=0.05)
     chosen, _ = _direct(before, state.visual, state.sinks[2], settings)

@@ -87,7 +87,7 @@ class SinkDimReport:
 
     def describe(self, tau: float = 20.0) -> str:
         vals = ", ".join(f"{d}: {v:.1f}" for d, v in zip(self.dims, self.values))
-        verdict = "massive activations present" if self.massive(tau) else f"no dimension reaches tau={tau:g}"
+        verdict = f"{'the strongest' if self.massive(tau) else 'no'} dimension exceeds tau={tau:g}"
         return (
             f"sink dims {{{vals}}} (|x/RMS| at the first token, layers {list(self.layers)} inputs, "
             f"{self.tokens} probes); median dim {self.median:.2f}, ratio {self.ratio:.1f}x; {verdict}"

@@ -143,9 +143,11 @@ class VARState:
         queries: ``[B, T]`` prompt positions VAR edits in prefill (text after the row's last image token).
         padding: ``[B, T]`` real prompt tokens.
         sinks: per layer, ``[B, T]`` sink positions of the prompt (from the prefill).
-        record: if True, the prefill keeps per edited layer, in ``maps[layer]``, the attention of every query
-            before the edit (``"before"``, ``[B, H, T, T]``), the last query's after it (``"after"``, ``[B, H, T]``)
-            and the chosen rows (``"chosen"``, ``[B, H, T]``): for pictures and checks on small inputs.
+        record: if True, the prefill keeps per layer (edited or not), in ``maps[layer]``, the attention of every
+            query before the edit (``"before"``, ``[B, H, T, T]``), the last query's after it (``"after"``,
+            ``[B, H, T]``), the image-centric rows by the selection rule (``"centric"``, ``[B, H, T]``, whether or
+            not VAR acts in the layer) and the rows it edited (``"chosen"``): for pictures and checks on small
+            inputs.
         rows / chosen / moved: counted over the edited layers: query rows x heads seen, chosen, mass moved.
     """
 
@@ -194,30 +196,34 @@ class VARState:
 
     def edit(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
         """Apply VAR to a layer's ``[B, H, Q, S]`` fp32 attention; returns the edited tensor."""
-        if not self.settings.acts_in(layer, self.num_layers) or layer not in self.sinks:
-            return probs
         q_len, kv_len = probs.shape[-2:]
-        visual = self.keys_for(self.visual, kv_len)
-        sinks = self.keys_for(self.sinks[layer], kv_len)
         prefill = q_len == self.prompt_len and kv_len == self.prompt_len
+        acts = self.settings.acts_in(layer, self.num_layers) and layer in self.sinks
+        if not acts and not (prefill and self.record):
+            return probs
+        visual = self.keys_for(self.visual, kv_len)
+        sinks = self.keys_for(self.sinks[layer], kv_len) if layer in self.sinks else torch.zeros_like(visual)
         queries = self.queries if prefill else torch.ones(probs.shape[0], q_len, dtype=torch.bool, device=probs.device)
-        has_visual_sink = (sinks & visual).any(-1)
-        eligible = (queries & has_visual_sink[:, None])[:, None, :].expand(-1, probs.shape[1], -1)
-        chosen = select_image_centric(probs, visual, sinks, self.settings) & eligible
-        edited, moved = redistribute(probs, visual, sinks, chosen, self.settings.kept)
-        n_rows = float(queries.sum()) * probs.shape[1]
-        n_chosen, n_moved = float(chosen.sum()), float(moved.sum())
-        self.rows, self.chosen, self.moved = self.rows + n_rows, self.chosen + n_chosen, self.moved + n_moved
-        if prefill:
-            self.prefill_rows += n_rows
-            self.prefill_chosen += n_chosen
-            self.prefill_moved += n_moved
-            if self.record:
-                self.maps[layer] = {
-                    "before": probs.detach().cpu(),
-                    "after": edited[:, :, -1].detach().cpu(),
-                    "chosen": chosen.detach().cpu(),
-                }
+        centric = select_image_centric(probs, visual, sinks, self.settings) & queries[:, None, :]
+        edited, chosen = probs, torch.zeros_like(centric)
+        if acts:
+            has_visual_sink = (sinks & visual).any(-1)
+            chosen = centric & has_visual_sink[:, None, None]
+            edited, moved = redistribute(probs, visual, sinks, chosen, self.settings.kept)
+            n_rows = float(queries.sum()) * probs.shape[1]
+            n_chosen, n_moved = float(chosen.sum()), float(moved.sum())
+            self.rows, self.chosen, self.moved = self.rows + n_rows, self.chosen + n_chosen, self.moved + n_moved
+            if prefill:
+                self.prefill_rows += n_rows
+                self.prefill_chosen += n_chosen
+                self.prefill_moved += n_moved
+        if prefill and self.record:
+            self.maps[layer] = {
+                "before": probs.detach().cpu(),
+                "after": edited[:, :, -1].detach().cpu(),
+                "centric": centric.detach().cpu(),
+                "chosen": chosen.detach().cpu(),
+            }
         return edited
 
     def summary(self) -> dict[str, float]:
