@@ -2,6 +2,7 @@
 
 zoo eval --model moe_llava_tiny.shapes --tasks shapes_vqa,shapes_pope --limit 8
 zoo eval --model moe_llava_tiny.shapes --method none --limit 8     # any zoo.methods method, NAME[:k=v,...]
+zoo eval --model moe_llava_tiny.shapes --method var --log-attention 4 --limit 8   # + attention pictures
 zoo eval --list
 """
 
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, metavar="NAME[:k=v,...]",
                    help="run every generate call with this zoo.methods method, e.g. none or var:p=0.6 "
                         "(see --list-methods)")  # fmt: skip
+    p.add_argument("--log-attention", type=int, default=0, metavar="N",
+                   help="also draw attention pictures (as `zoo attend`: per layer, before and after VAR) for the "
+                        "first N documents of each task, into OUTPUT_DIR/attention/")  # fmt: skip
     p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
     p.add_argument("--list", action="store_true", help="list the registered tasks and exit")
     return p
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size, output_dir=out,
             data_root=args.data_root, log_samples=not args.no_samples, print_table=True,
-            method=args.method)  # fmt: skip
+            method=args.method, log_attention=args.log_attention)  # fmt: skip
     except (FileNotFoundError, KeyError, ValueError, NotGenerativeError) as e:
         # Bad input (unknown task or model, missing data, malformed record): one clear line, not a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -26,7 +26,7 @@ import platform
 import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,7 @@ def _evaluate_task(
     data_roots: Mapping[str, str | os.PathLike] | None,
     progress: bool,
     method: str | None,
+    on_batch: Callable[[TaskSpec, list[Doc], list[str]], None] | None = None,
 ) -> tuple[dict[str, float], list[dict], dict[str, Any], int | None, int, Any]:
     for table, key, kind in ((READERS, spec.reader, "reader"), (PROMPTS, spec.prompt, "prompt builder"),
                              (SCORERS, spec.scorer, "scorer"), (OUTPUT_TYPES, spec.output_type, "output type")):  # fmt: skip
@@ -267,6 +268,8 @@ def _evaluate_task(
         eff.add(
             seconds, len(batch), None if after is None or after is before else read_generation_stats(model)
         )
+        if on_batch is not None:  # e.g. attention pictures (eval.attention_log), after the scored call
+            on_batch(spec, batch, prompts)
         for doc, prompt, out, rec in zip(batch, prompts, outputs, scorer.score(outputs, batch), strict=True):
             records.append({
                 "doc_id": doc.doc_id,
@@ -299,6 +302,7 @@ def run(
     progress: bool = True,
     print_table: bool = False,
     method: str | None = None,
+    log_attention: int = 0,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``tasks`` and return the results dict (also written to ``output_dir`` if given).
 
@@ -319,6 +323,8 @@ def run(
         method: a ``zoo.methods`` spec (``"none"``, ``"var:p=0.6"``) the model runs every ``generate`` call with;
             checked before the model loads, recorded as ``config.method`` and named in the table. None: the model's
             own behaviour, and ``generate`` gets no ``method`` argument.
+        log_attention: write attention pictures for the first N documents of each task to
+            ``output_dir/attention/`` (``eval.attention_log``; needs ``output_dir`` and a LLaVA-like model).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -346,6 +352,13 @@ def run(
     if method is not None and not accepts_keyword(getattr(obj, "generate", None), "method"):
         raise ValueError(f"model {name!r} ({type(obj).__name__}): its generate takes no method=, so --method "
                          f"{method} cannot run on it")  # fmt: skip
+    attention_log = None
+    if log_attention > 0:
+        if output_dir is None:
+            raise ValueError("log_attention needs an output_dir to write the pictures to")
+        from eval.attention_log import AttentionLogger
+
+        attention_log = AttentionLogger(obj, Path(output_dir) / "attention", log_attention, method)
     was_training = getattr(obj, "training", None)
     if was_training:
         obj.eval()  # generation must not see dropout; restored below for recipes that keep training
@@ -360,7 +373,7 @@ def run(
         for spec in specs:
             metrics, records, eff, n_orig, n_eff, scorer = _evaluate_task(
                 obj, spec, limit=limit, batch_size=batch_size, data_root=data_root, data_roots=data_roots,
-                progress=progress, method=method,
+                progress=progress, method=method, on_batch=attention_log,
             )  # fmt: skip
             entry: dict[str, Any] = {"alias": spec.name}
             for key, value in metrics.items():
@@ -392,6 +405,8 @@ def run(
         "model": name, "model_args": dict(model_args or {}), "batch_size": batch_size, "limit": limit,
         "parameters": params, "device": _device(obj), "method": method,
     }  # fmt: skip
+    if attention_log is not None:
+        results["attention_log"] = attention_log.summary()
     results |= {
         "model_name": name,
         "model_name_sanitized": _sanitize(name),
