@@ -332,3 +332,36 @@ def test_var_spec_options_and_errors() -> None:
     ids, mask, _ = _llava_batch(image_id)
     with pytest.raises(ValueError, match="needs sink dims"), var_on_transformers(llava, VAR(), ids, mask):
         pass
+
+
+def _planted_for(model, images, prompts) -> torch.Tensor:
+    media = model.media_mask(model.build_generation_inputs(images, prompts, True)["input_ids"])
+    planted = torch.zeros(media.shape)
+    for r in range(media.shape[0]):
+        planted[r, media[r].nonzero()[:, 0][list(PLANTED_VISUAL)]] = 1.0
+    return planted
+
+
+def test_var_through_our_wrapper_is_per_sample_in_a_left_padded_batch() -> None:
+    torch.manual_seed(0)
+    model = create_model("moe_llava_tiny", vision=dict(kind="hf", config=CLIP_VISION), lm=LM64).eval()
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    prompts = ["what color is the big circle on the left ?", "how many ?"]  # different lengths: left padding
+    spec = "var:tau=4,dims=11+50,rho=0.9,summ=0.05,record=true"
+    batch = build_method(spec)
+    hook = _planter(_planted_for(model, images, prompts))
+    together = model.generate(images, prompts, max_new_tokens=3, method=batch, hooks=[hook])
+    st = batch.last_state
+    assert bool((~st.padding).any()) and st.chosen > 0 and st.rows > st.prefill_rows  # padded; decode edited too
+    for row in range(2):
+        alone = build_method(spec)
+        hook = _planter(_planted_for(model, images[row : row + 1], prompts[row : row + 1]))
+        answer = model.generate([images[row]], [prompts[row]], max_new_tokens=3, method=alone, hooks=[hook])
+        assert answer == [together[row]]
+        one = alone.last_state
+        real = st.padding[row]
+        assert torch.equal(st.sinks[2][row, real], one.sinks[2][0]) and int(one.sinks[2].sum()) == 3
+        torch.testing.assert_close(st.maps[2]["after"][row][:, real], one.maps[2]["after"][0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(st.maps[2]["chosen"][row][:, real], one.maps[2]["chosen"][0])
+        assert bool(one.maps[2]["chosen"].any())
