@@ -190,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sink dims used: {list(method.last_state.dims)}; found on this model: {report.describe(method.tau)}")
     print(f"answer: {plain!r}; with {args.var}: {edited!r}")
     print("  " + ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in stats.items()))
+    state = method.last_state
+    real = state.padding[0].cpu()
+    visual, first = state.visual[0].cpu(), int(real.long().argmax())
+    for layer, phi in sorted(state.phi.items()):
+        row = phi[0]
+        print(f"  layer {layer} input: sink score phi over image tokens median {float(row[visual].median()):.2f}, "
+              f"max {float(row[visual].max()):.2f}; text max {float(row[real & ~visual].max()):.2f}; first token "
+              f"{float(row[first]):.2f}; visual sinks (phi > {method.tau:g}): {int(state.sinks[layer][0].cpu()[visual].sum())}"
+              f"; phi <= sqrt(hidden size) = {model.llm.hidden_size ** 0.5:.1f} always")
     title = (f"{args.model} | {what} | Q: {question} | A: {plain!r} -> VAR: {edited!r} | "
              f"{method.spec().replace(',record=True', '')}")  # fmt: skip
     pad = bool(getattr(getattr(model, "cfg", None), "pad_to_square", True))

@@ -147,7 +147,7 @@ class VARState:
             query before the edit (``"before"``, ``[B, H, T, T]``), the last query's after it (``"after"``,
             ``[B, H, T]``), the image-centric rows by the selection rule (``"centric"``, ``[B, H, T]``, whether or
             not VAR acts in the layer) and the rows it edited (``"chosen"``): for pictures and checks on small
-            inputs.
+            inputs. With ``record``, ``phi`` keeps each layer's ``[B, T]`` sink scores too.
         rows / chosen / moved: counted over the edited layers: query rows x heads seen, chosen, mass moved.
     """
 
@@ -160,6 +160,7 @@ class VARState:
     sinks: dict[int, torch.Tensor] = field(default_factory=dict)
     record: bool = False
     maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    phi: dict[int, torch.Tensor] = field(default_factory=dict)
     rows: float = 0.0
     chosen: float = 0.0
     moved: float = 0.0
@@ -186,7 +187,10 @@ class VARState:
         """Score the prompt's residual states entering ``layer`` (prefill only) and keep its sinks."""
         if layer < self.settings.first_layer or layer >= self.num_layers:
             return
-        self.sinks[layer] = (sink_score(hidden, self.dims) > self.settings.tau) & self.padding
+        phi = sink_score(hidden, self.dims)
+        self.sinks[layer] = (phi > self.settings.tau) & self.padding
+        if self.record:
+            self.phi[layer] = phi.detach().cpu()
 
     def keys_for(self, mask: torch.Tensor, kv_len: int) -> torch.Tensor:
         """A ``[B, T]`` prompt mask over ``kv_len`` keys: generated tokens (after the prompt) are False."""
