@@ -116,7 +116,9 @@ def select_image_centric(
     return chosen & (mass >= settings.summ)
 
 
-def redistribute(probs: torch.Tensor, visual: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor, kept: float):
+def redistribute(
+    probs: torch.Tensor, visual: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor, kept: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Edit the ``[B, H, Q]`` ``rows`` of ``probs``: sinks keep ``kept`` of their weight, the rest goes to visual
     non-sinks in proportion to their weights. Returns ``(new probs, moved mass per row [B, H, Q])``."""
     sink = sinks[:, None, None, :]
