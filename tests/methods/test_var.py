@@ -322,6 +322,30 @@ def test_planted_sinks_are_found_and_var_moves_the_predicted_share() -> None:
     assert stats.method.startswith("var:") and "tau=4.0" in stats.method
 
 
+def test_finder_on_transformers_llava_recovers_planted_dims_and_feeds_var() -> None:
+    llava, image_id = _tiny_llava()
+    ids, mask, px = _llava_batch(image_id)
+    text = ids[:, 6:]  # the text after the image block: a text-only probe batch
+
+    def plant(module, args, output):  # public forward-hook API: a massive activation at each row's first token
+        hidden = output.clone()
+        hidden[:, 0, [5, 30]] += 200.0
+        return hidden
+
+    handle = llava.model.language_model.layers[0].register_forward_hook(plant)
+    try:
+        report = find_sink_dims(llava, text)
+    finally:
+        handle.remove()
+    assert sorted(report.dims) == [5, 30] and report.layers == (2,) and report.ratio > 10
+    with torch.no_grad(), var_on_transformers(llava, VAR(tau=2.0, summ=0.0, rho=0.9), ids, mask,
+                                              dims=report.dims) as state:  # fmt: skip
+        llava(input_ids=ids, attention_mask=mask, pixel_values=px)
+    assert state.dims == report.dims and sorted(state.sinks) == [2, 3]
+    with pytest.raises(ValueError, match="wrapper only"):
+        find_sink_dims(llava, text, hooks=[plant])
+
+
 def test_var_spec_options_and_errors() -> None:
     assert build_method("var:p=0.5,rho=0.8").spec() == build_method("var:rho=0.8,p=0.5").spec()
     with pytest.raises(ValueError, match="rule must be"):

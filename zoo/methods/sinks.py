@@ -96,23 +96,25 @@ class SinkDimReport:
 
 @torch.no_grad()
 def find_sink_dims(
-    llm: Any,
+    model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
     top_k: int = 2,
     layers: Sequence[int] | None = None,
     hooks: Sequence[Any] = (),
-    inputs_embeds: torch.Tensor | None = None,
 ) -> SinkDimReport:
-    """The massive-activation dimensions of ``llm`` (a ``CausalLMWrapper`` or a model with ``.llm``).
+    """The massive-activation dimensions of a language model.
 
-    ``input_ids`` ``[B, T]`` are a few left-padded prompts; the probed token of each row is its first real token.
-    ``layers`` are the decoder layers whose input state is probed (default: the middle ones, ``2 .. L-2``, clipped
-    to at least one layer); ``hooks`` are extra wrapper hooks run first (a test plants activations with one).
+    ``model`` is a ``CausalLMWrapper``, a zoo model with ``.llm``, or a transformers model (e.g.
+    ``LlavaForConditionalGeneration``, run text-only with ``output_hidden_states=True``). ``input_ids`` ``[B, T]``
+    are a few left-padded text prompts; the probed token of each row is its first real token. ``layers`` are the
+    decoder layers whose input state is probed (default: the middle ones, ``2 .. L-2``, at least one layer);
+    ``hooks`` are extra wrapper hooks run first (a test plants activations with one; wrapper only).
     """
-    llm = getattr(llm, "llm", llm)
-    n_layers = len(llm.layers)
+    model = getattr(model, "llm", model)
+    wrapper = hasattr(model, "run_layer")  # our CausalLMWrapper owns the layer loop; anything else is transformers
+    n_layers = len(model.layers) if wrapper else model.config.get_text_config().num_hidden_layers
     if layers is None:
         layers = range(min(2, n_layers - 1), max(n_layers - 1, min(2, n_layers - 1) + 1))
     layers = tuple(int(i) for i in layers)
@@ -121,22 +123,29 @@ def find_sink_dims(
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     first = mask.long().argmax(1)  # left padding: the first 1 is the first real token
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    probes: list[torch.Tensor] = []
+    states: dict[int, torch.Tensor] = {}
+    if wrapper:
 
-    def probe(i: int, state: Any) -> None:
-        if i + 1 in layers:  # the output of layer i is the input of layer i + 1
-            probes.append(rms_normalise(state.hidden[rows, first]).abs())
+        def probe(i: int, state: Any) -> None:
+            if i + 1 in layers:  # the output of layer i is the input of layer i + 1
+                states[i + 1] = state.hidden[rows, first]
 
-    embeds = llm.embed(input_ids) if inputs_embeds is None else inputs_embeds
-    llm(inputs_embeds=embeds, attention_mask=mask, hooks=[*hooks, probe], logits_to_keep=1)
-    mean = torch.cat(probes).mean(0)
+        model(input_ids=input_ids, attention_mask=mask, hooks=[*hooks, probe], logits_to_keep=1)
+    else:
+        if hooks:
+            raise ValueError("hooks= runs on our LM wrapper only; plant activations in a transformers model with "
+                             "forward hooks")  # fmt: skip
+        # transformers' hidden_states[l] is the input of decoder layer l (index 0: the embeddings)
+        out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        states = {layer: out.hidden_states[layer][rows, first] for layer in layers}
+    mean = torch.cat([rms_normalise(states[layer]).abs() for layer in layers]).mean(0)
     top = mean.topk(min(top_k, mean.numel()))
     return SinkDimReport(
         dims=tuple(int(d) for d in top.indices),
         values=tuple(float(v) for v in top.values),
         median=float(mean.median()),
         layers=layers,
-        tokens=sum(p.shape[0] for p in probes),
+        tokens=len(layers) * input_ids.shape[0],
     )
 
 

@@ -361,13 +361,16 @@ def var_on_transformers(
     """Run a transformers ``LlavaForConditionalGeneration`` with VAR inside the block (forward or generate).
 
     ``input_ids`` is the (left-padded) prompt batch the block runs; image positions are its ``image_token_id``
-    entries. Sink dimensions: ``dims``, else the method's fixed ones (``auto`` cannot probe a transformers model
-    here: pass them). Forward pre-hooks on the decoder layers score sinks on the residual stream in prefill and hand
+    entries. Sink dimensions: ``dims``, else the method's fixed ones (``auto`` needs text prompts to probe, which a
+    token batch does not give: find them once with ``find_sink_dims(model, text_ids)`` and pass them). Forward pre-hooks on the decoder layers score sinks on the residual stream in prefill and hand
     every layer the ``VARState``; the attention implementation switches to ``zoo_var`` for the block only.
     """
     dims = dims or method._fixed_dims
     if dims is None:
-        raise ValueError("var_on_transformers needs sink dims: pass dims= or build VAR with dims=...")
+        raise ValueError(
+            "var_on_transformers needs sink dims: pass dims= (a published set, or find_sink_dims(model, text_ids).dims)"
+            " or build VAR with dims=..."
+        )
     layers = model.model.language_model.layers
     visual = input_ids == model.config.image_token_id
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
