@@ -148,6 +148,7 @@ class MoELLaVATask(StageModule):
         if first_stage and model_cfg.pretrained_vision is not None:
             self._load_pretrained_vision(_local_dir(model_cfg.pretrained_vision, "model.pretrained_vision"))
         self._tokens = 0
+        self._restored_drops: list[Any] = []  # SkippedSample items a resumed run's checkpoint carried
         self._t_start: float | None = None
         self._t_train = 0.0
 
@@ -223,11 +224,11 @@ class MoELLaVATask(StageModule):
             if d.image_folder is None and len(folders) > 1:
                 raise ValueError(f"{where}: data.json_paths live in several folders; set data.image_folder")
             folder = os.path.expandvars(d.image_folder) if d.image_folder is not None else folders.pop()
-            return [r for p in paths for r in read_llava_json(p)], folder
+            return [r for p in paths for r in read_llava_json(p, d.on_error)], folder
         if d.source == "webdataset":
             if not d.shards:
                 raise ValueError(f"{where}: data.source=webdataset needs data.shards")
-            return read_llava_webdataset([os.path.expandvars(s) for s in d.shards]), None
+            return read_llava_webdataset([os.path.expandvars(s) for s in d.shards], d.on_error), None
         from data.formats import export_llava
         from data.shapes import ShapesWorld
         from data.shapes_llava import write_shapes_vqa
@@ -240,7 +241,7 @@ class MoELLaVATask(StageModule):
             json_path = write_shapes_vqa(world, d.num_scenes, out, d.turns_per_conversation, d.pope_probes,
                                          d.answer_prompt, seed=self.stage.seed,
                                          questions_per_kind=d.questions_per_kind)
-        return read_llava_json(json_path), str(out)
+        return read_llava_json(json_path, d.on_error), str(out)
 
     def train_dataset(self):
         from data.llava import LlavaDataset, build_image_transform
@@ -273,7 +274,29 @@ class MoELLaVATask(StageModule):
 
         return LlavaCollator(self.model.tokenizer.pad_token_id)(samples)
 
+    def skipped_samples(self) -> int:
+        """Records skipped before step 1 plus distinct records the collator dropped during training (all ranks, and
+        the runs before a resume)."""
+        ds = self.get_train_dataset()
+        ds.note_dropped(self._restored_drops)
+        return ds.skipped_total()
+
     # ---- training --------------------------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        # Batches are built in DataLoader workers, whose copies of the dataset are thrown away; the drops they
+        # report in the batch are counted here, in the main process.
+        self.get_train_dataset().note_dropped(batch.get("skipped", ()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ds = self.get_train_dataset()
+        checkpoint[_DROPS_KEY] = [tuple(d) for d in (*self._restored_drops, *_drops(ds))]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from data.llava import SkippedSample
+
+        self._restored_drops = [SkippedSample(*d) for d in checkpoint.get(_DROPS_KEY, [])]
 
     def on_train_start(self) -> None:
         self._t_start = time.perf_counter()
@@ -282,6 +305,20 @@ class MoELLaVATask(StageModule):
         if self._t_start is not None:
             self._t_train += time.perf_counter() - self._t_start
             self._t_start = None
+        ds = self.get_train_dataset()
+        ds.note_dropped(self._restored_drops)
+        import torch.distributed as dist
+
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            # Each rank saw its own micro-batches; gather every rank's drops so each reports the same total.
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, _drops(ds))
+            for drops in gathered:
+                ds.note_dropped(drops)
+        self.data_summary = ds.summary()
+        if ds.stats.dropped:
+            print(f"stage {self.stage.name}: data {self.data_summary}", flush=True)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         loss, _, aux = self.model(
@@ -303,6 +340,8 @@ class MoELLaVATask(StageModule):
         }
         if self._t_train > 0:
             metrics["train_tokens_per_s"] = self._tokens / self._t_train
+        # Also recorded here, so summary.json has it whatever the runner records.
+        metrics["data_skipped_records"] = float(self.skipped_samples())
         if not self.eval_cfg.tasks:
             return metrics
         import eval as zoo_eval
@@ -321,6 +360,16 @@ class MoELLaVATask(StageModule):
         metrics["eval_s"] = time.perf_counter() - t0
         metrics.update(summarise_eval(res))
         return metrics
+
+
+_DROPS_KEY = "moe_llava_dropped_samples"
+
+
+def _drops(ds: Any) -> list[Any]:
+    """The dataset's drops during training as ``SkippedSample`` items (picklable, for checkpoints and gathering)."""
+    from data.llava import SkippedSample
+
+    return [SkippedSample(i, reason, "") for i, reason in ds.stats.dropped.items()]
 
 
 def _local_dir(path: str | None, what: str) -> Path:
