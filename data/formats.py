@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from data.shapes import Scene, ShapesWorld, rle_decode
-from data.validation import ImageError, ShardError, decode_image, iter_shard, read_json_file
+from data.validation import DataFileError, ImageError, ShardError, decode_image, iter_shard, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class LlavaJsonReader(_Reader):
     def _load(self) -> list[Any]:
         records = read_json_file(self.path)
         if not isinstance(records, list):
-            raise ValueError(f"{self.path}: expected a JSON list of records, got {type(records).__name__}")
+            raise DataFileError(f"{self.path}: expected a JSON list of records, got {type(records).__name__}")
         return records
 
     def __len__(self) -> int:
