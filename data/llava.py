@@ -386,7 +386,10 @@ class LlavaDataset(Dataset):
         on_error: OnError = "raise",
         verify_images: bool = True,
         image_token_id: int | None = None,
+        progress: bool = False,
     ) -> None:
+        from tqdm.auto import tqdm
+
         _check_on_error(on_error)
         self.template, self.tokenizer = template, tokenizer
         self.image_transform = image_transform
@@ -395,7 +398,8 @@ class LlavaDataset(Dataset):
         self.stats = DataStats()
         self.records: list[Record] = []
         self.encoded: list[Encoded] = []
-        for rec in records:
+        # Decoding every image takes a while on real datasets (LLaVA-665K): show it.
+        for rec in tqdm(records, desc="checking records and images", unit="rec", disable=not progress, mininterval=1):
             self.stats.total += 1
             try:
                 if isinstance(rec, LlavaDataError):

@@ -213,9 +213,12 @@ def _member_offsets(path: Path) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("where", ["header", "data", "end"])
 def test_truncated_shard_is_an_error_naming_it_or_a_counted_skip(tmp_path, where):
     good = _shard(tmp_path / "good.tar")
-    offsets = _member_offsets(good)
-    header, data, size = offsets[5]  # r2.json
-    cut = {"header": header + 100, "data": data + size // 2, "end": data + size}[where]
+    offsets = _member_offsets(good)  # r0.png, r0.json, r1.png, ...
+    cut = {
+        "header": offsets[6][0] + 100,  # inside r3.png's header: tarfile alone reads r0..r2 and stops quietly
+        "data": offsets[5][1] + offsets[5][2] // 2,  # inside r2.json's data: tarfile alone raises a bare ReadError
+        "end": offsets[7][1] + 512,  # after r3.json's data (one block), before the end-of-archive marker
+    }[where]
     bad = tmp_path / "cut.tar"
     bad.write_bytes(good.read_bytes()[:cut])
     with pytest.raises(ShardError, match=r"cut.tar: .*byte"):
@@ -226,7 +229,8 @@ def test_truncated_shard_is_an_error_naming_it_or_a_counted_skip(tmp_path, where
     kept = [x.id for x in items if not isinstance(x, LlavaDataError)]
     lost = [x for x in items if isinstance(x, LlavaDataError)]
     assert len(lost) == 1 and lost[0].reason == "shard" and str(bad) in str(lost[0])
-    assert kept == ["r0", "r1"]  # r2, being read when the shard broke, may be incomplete: it is the skip
+    # The sample being read when the shard broke may be incomplete: it is not used, the damage is the one skip.
+    assert kept == {"header": ["r0", "r1"], "data": ["r0", "r1"], "end": ["r0", "r1", "r2"]}[where]
     ds = _ds(items, None, on_error="skip")
     assert len(ds) == len(kept) and ds.stats.skipped == {"shard": 1}
     with pytest.raises(RecordError) as info:

@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from data.formats import LlavaJsonReader, RecordError, read_webdataset
-from data.llava import LlavaDataError, LlavaDataset, build_image_transform, read_llava_json, read_llava_webdataset
+from data.llava import (
+    LlavaDataError,
+    LlavaDataset,
+    build_image_transform,
+    read_llava_json,
+    read_llava_webdataset,
+)
 from data.validation import DataFileError
 from zoo.conversation import get_template
 from zoo.tokenizers import build_tokenizer

@@ -261,6 +261,7 @@ class MoELLaVATask(StageModule):
             truncate=self.data_cfg.truncate,
             on_error=self.data_cfg.on_error,
             image_token_id=self.model.image_token_id,
+            progress=self.stage.trainer.enable_progress_bar,
         )
         unk = self.model.tokenizer.unk_token_id
         n_unk = sum(e.input_ids.count(unk) for e in ds.encoded)
