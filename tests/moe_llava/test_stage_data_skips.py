@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from data.formats import export_llava
 from data.shapes import ShapesWorld, WorldConfig
 from tests.moe_llava.test_stage_moe_llava import LM, VISION
@@ -49,3 +51,6 @@ def test_drops_in_dataloader_workers_reach_the_summary(tmp_path, monkeypatch):
     assert rows[0]["metrics"]["data_skipped_records"] == 4.0
     summary = json.loads((tmp_path / "runs" / "skips" / "align" / "summary.json").read_text())
     assert summary["metrics"]["data_skipped_records"] == 4.0 and summary["steps"] == 1
+    # The checkpoint carries the drops, so a resumed run still counts the ones seen before it stopped.
+    ckpt = torch.load(tmp_path / "runs" / "skips" / "align" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert sorted(d[1] for d in ckpt["moe_llava_dropped_samples"]) == ["image"] * 4
