@@ -121,21 +121,24 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
 
     Extensions are lower-cased; members without an extension and non-file members (directories, links) are
     ignored, as webdataset does. A repeated extension within one sample is damage too (webdataset refuses it).
+    Compressed shards (``.tar.gz`` etc.) are read too; byte offsets then count in the uncompressed tar.
     """
     path = str(path)
-    size = os.path.getsize(path)
     try:
-        tar = tarfile.open(path, mode="r:")
-    except tarfile.TarError as err:
+        tar = tarfile.open(path, mode="r:*")
+    except (tarfile.TarError, EOFError, OSError) as err:
         raise ShardError(path, 0, f"not a readable tar file ({err}); it is empty, truncated or not a tar") from None
     key: str | None = None
     members: dict[str, bytes] = {}
     with tar:
+        stream = tar.fileobj  # the (decompressed) tar bytes
+        # A plain file's size bounds every member: a header claiming more is damage, found before reading it.
+        size = os.path.getsize(path) if isinstance(stream, io.BufferedReader) else None
         while True:
             offset = tar.offset
             try:
                 info = tar.next()
-            except tarfile.TarError as err:
+            except (tarfile.TarError, EOFError, OSError) as err:
                 raise ShardError(path, offset, f"corrupt tar header at byte {offset} ({err})") from None
             if info is None:
                 break
@@ -146,13 +149,13 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
                 continue
             name, ext = match.group(1), match.group(2).lower()
             end = info.offset_data + info.size
-            if end > size:
+            if size is not None and end > size:
                 raise ShardError(
                     path, size, f"truncated: member {info.name!r} needs bytes up to {end} but the file has {size}"
                 )
             try:
                 payload = tar.extractfile(info).read()  # type: ignore[union-attr]
-            except (tarfile.TarError, OSError, EOFError) as err:
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
                 raise ShardError(path, info.offset_data, f"member {info.name!r} cannot be read ({err})") from None
             if name != key:
                 if key is not None:
@@ -164,18 +167,23 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
         # tarfile stops quietly at a header it cannot read past the first one; a sound shard has only zero
         # blocks (the end-of-archive marker) after its last member.
         stop = tar.offset
-    if size - stop < _BLOCK or not _all_zero(path, stop):
-        what = "ends without the end-of-archive marker" if size == stop else "is truncated or corrupt"
-        raise ShardError(path, stop, f"{what} at byte {stop} of {size} (inside or after the last tar header)")
+        trailer = _zero_trailer(stream, stop)
+    if trailer < _BLOCK:
+        what = "ends without the end-of-archive marker" if trailer == 0 else "is truncated or corrupt"
+        raise ShardError(path, stop, f"{what} at byte {stop} (inside or after the last tar header)")
     if key is not None:
         yield key, members
 
 
-def _all_zero(path: str, start: int) -> bool:
-    """Whether every byte of ``path`` from ``start`` on is zero (read in chunks: a damaged shard may be large)."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        while chunk := f.read(1 << 20):
+def _zero_trailer(stream: Any, start: int) -> int:
+    """How many bytes follow ``start`` if all are zero, else -1 (read in chunks: a damaged shard may be large)."""
+    try:
+        stream.seek(start)
+        total = 0
+        while chunk := stream.read(1 << 20):
             if chunk.count(0) != len(chunk):
-                return False
-    return True
+                return -1
+            total += len(chunk)
+    except (EOFError, OSError, zlib.error):  # a compressed shard cut short
+        return -1
+    return total

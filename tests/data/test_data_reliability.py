@@ -249,3 +249,17 @@ def test_empty_and_non_tar_shards_name_the_shard(tmp_path):
     for name in ("empty.tar", "junk.tar"):
         with pytest.raises(LlavaDataError, match=f"{name}: not a readable tar file"):
             read_llava_webdataset(str(tmp_path / name))
+
+
+def test_compressed_shards_read_and_truncation_is_found(tmp_path):
+    import gzip
+
+    data = gzip.compress(_shard(tmp_path / "good.tar").read_bytes())
+    (tmp_path / "good.tar.gz").write_bytes(data)
+    assert [r.id for r in read_llava_webdataset(str(tmp_path / "good.tar.gz"))] == ["r0", "r1", "r2", "r3"]
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) * 9 // 10])
+    with pytest.raises(ShardError, match=r"cut.tar.gz: .*(Compressed file ended|truncated)"):
+        list(iter_shard(tmp_path / "cut.tar.gz"))
+    items = read_llava_webdataset(str(tmp_path / "cut.tar.gz"), on_error="skip")
+    assert isinstance(items[-1], LlavaDataError) and items[-1].reason == "shard"
+    assert all(not isinstance(x, LlavaDataError) for x in items[:-1])
