@@ -423,7 +423,7 @@ def _expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     remote = [u for u in expanded if "://" in u or u.startswith("pipe:")]
     if remote:
         raise ValueError(
-            f"read_webdataset reads local shard files only (a truncated shard is found from its size); copy "
+            f"read_webdataset reads local shard files only (finding a truncated shard needs the whole file); copy "
             f"{remote[0]} to a local folder first"
         )
     missing = [u for u in expanded if not Path(u).is_file()]

@@ -331,19 +331,27 @@ class DataStats:
     total: int = 0
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> records skipped while the dataset was built
-    dropped: dict[int, str] = field(default_factory=dict)  # dataset index -> reason, dropped later by the collator
+    skipped_records: set[str] = field(default_factory=set)  # Record.where of the parsed records among them
+    dropped: dict[str, str] = field(default_factory=dict)  # Record.where -> reason, dropped later by the collator
     examples: list[str] = field(default_factory=list)  # first few skip messages
 
-    def skip(self, reason: str, message: str) -> None:
+    def skip(self, reason: str, message: str, record: str | None = None) -> None:
         self.skipped[reason] += 1
+        if record is not None:
+            self.skipped_records.add(record)
         self._example(message)
 
-    def drop(self, index: int, reason: str, message: str) -> None:
-        # A dict keyed by index: the stream cycles through the data, and the same drop may be reported by a worker
-        # and by the main process; each record counts once.
-        if index not in self.dropped:
-            self.dropped[index] = reason
+    def drop(self, record: str, reason: str, message: str) -> None:
+        # Keyed by record, not by dataset index: the stream cycles through the data, the same drop may be reported
+        # by a worker and by the main process, and a resumed run (whose dataset may skip the record up front and so
+        # number the rest differently) brings the drops before it; each record counts once.
+        if record not in self.dropped:
+            self.dropped[record] = reason
             self._example(message)
+
+    def total_skipped(self) -> int:
+        """Records skipped while building plus records dropped since that were not also skipped while building."""
+        return sum(self.skipped.values()) + len(self.dropped.keys() - self.skipped_records)
 
     def _example(self, message: str) -> None:
         if message and len(self.examples) < 5:
@@ -357,7 +365,7 @@ class SkippedSample(NamedTuple):
     A NamedTuple, not a frozen dataclass: Lightning rebuilds dataclasses in a batch when moving it to the device,
     which frozen ones refuse."""
 
-    index: int
+    record: str  # Record.where: the file and the record id
     reason: str
     message: str
 
@@ -411,7 +419,7 @@ class LlavaDataset(Dataset):
                     for k in range(len(rec.images)):
                         self._decode(rec, k, reduced=True)
             except LlavaDataError as e:
-                self._fail(e)
+                self._fail(e, rec.where if isinstance(rec, Record) else None)
                 continue
             self.stats.truncated += enc.truncated
             self.records.append(rec)
@@ -419,10 +427,10 @@ class LlavaDataset(Dataset):
         if not self.records:
             raise LlavaDataError(f"no usable records (of {self.stats.total}); {self.summary()}")
 
-    def _fail(self, err: LlavaDataError) -> None:
+    def _fail(self, err: LlavaDataError, record: str | None) -> None:
         if self.on_error == "raise":
             raise err
-        self.stats.skip(err.reason, str(err))
+        self.stats.skip(err.reason, str(err), record)
 
     def _decode(self, rec: Record, k: int, reduced: bool = False) -> Image.Image:
         if rec.image_bytes is not None:
@@ -448,8 +456,8 @@ class LlavaDataset(Dataset):
         except LlavaDataError as e:
             if self.on_error == "raise":
                 raise
-            self.stats.drop(i, e.reason, str(e))
-            return SkippedSample(i, e.reason, str(e))  # the collator drops it and reports it in the batch
+            self.stats.drop(rec.where, e.reason, str(e))
+            return SkippedSample(rec.where, e.reason, str(e))  # the collator drops it and reports it in the batch
         return {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
@@ -460,11 +468,11 @@ class LlavaDataset(Dataset):
     def note_dropped(self, skipped: Iterable[SkippedSample]) -> None:
         """Count the drops a batch reports (``batch["skipped"]``); call it in the process that consumes batches."""
         for item in skipped:
-            self.stats.drop(item.index, item.reason, item.message)
+            self.stats.drop(item.record, item.reason, item.message)
 
     def skipped_total(self) -> int:
         """Records skipped while building plus distinct records dropped since (as noted in this process)."""
-        return sum(self.stats.skipped.values()) + len(self.stats.dropped)
+        return self.stats.total_skipped()
 
     def summary(self) -> str:
         s = self.stats

@@ -144,8 +144,9 @@ def test_missing_and_corrupt_images(folder: Path):
     ds = _ds(recs, folder, on_error="skip")
     (folder / "s0.png").unlink()
     batch = LlavaCollator(TOK.pad_token_id)([ds[0], ds[1]])
-    assert batch["ids"] == ["t1"] and ds.stats.dropped == {0: "image"} and ds.skipped_total() == 1
-    assert [s.index for s in batch["skipped"]] == [0] and "dropped during training: image=1" in ds.summary()
+    assert batch["ids"] == ["t1"] and ds.stats.dropped == {ds.records[0].where: "image"} and ds.skipped_total() == 1
+    assert [s.record for s in batch["skipped"]] == [ds.records[0].where]
+    assert "dropped during training: image=1" in ds.summary()
 
 
 def test_placeholder_image_mismatch_and_bad_fields(folder: Path):

@@ -278,9 +278,15 @@ class MoELLaVATask(StageModule):
     def skipped_samples(self) -> int:
         """Records skipped before step 1 plus distinct records the collator dropped during training (all ranks, and
         the runs before a resume)."""
+        return self._train_data().skipped_total()
+
+    def _train_data(self) -> Any:
+        """The training dataset, with the drops a resumed run's checkpoint carried merged into its counts."""
         ds = self.get_train_dataset()
-        ds.note_dropped(self._restored_drops)
-        return ds.skipped_total()
+        if self._restored_drops:
+            ds.note_dropped(self._restored_drops)
+            self._restored_drops = []
+        return ds
 
     # ---- training --------------------------------------------------------------------------------------------------
 
@@ -288,11 +294,10 @@ class MoELLaVATask(StageModule):
         super().on_train_batch_start(batch, batch_idx)
         # Batches are built in DataLoader workers, whose copies of the dataset are thrown away; the drops they
         # report in the batch are counted here, in the main process.
-        self.get_train_dataset().note_dropped(batch.get("skipped", ()))
+        self._train_data().note_dropped(batch.get("skipped", ()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ds = self.get_train_dataset()
-        checkpoint[_DROPS_KEY] = [tuple(d) for d in (*self._restored_drops, *_drops(ds))]
+        checkpoint[_DROPS_KEY] = [tuple(d) for d in _drops(self._train_data())]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from data.llava import SkippedSample
@@ -303,13 +308,12 @@ class MoELLaVATask(StageModule):
         self._t_start = time.perf_counter()
 
     def on_train_end(self) -> None:
+        import torch.distributed as dist
+
         if self._t_start is not None:
             self._t_train += time.perf_counter() - self._t_start
             self._t_start = None
-        ds = self.get_train_dataset()
-        ds.note_dropped(self._restored_drops)
-        import torch.distributed as dist
-
+        ds = self._train_data()
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1 and dist.is_available() and dist.is_initialized():
             # Each rank saw its own micro-batches; gather every rank's drops so each reports the same total.
@@ -370,7 +374,7 @@ def _drops(ds: Any) -> list[Any]:
     """The dataset's drops during training as ``SkippedSample`` items (picklable, for checkpoints and gathering)."""
     from data.llava import SkippedSample
 
-    return [SkippedSample(i, reason, "") for i, reason in ds.stats.dropped.items()]
+    return [SkippedSample(record, reason, "") for record, reason in ds.stats.dropped.items()]
 
 
 def _local_dir(path: str | None, what: str) -> Path:
