@@ -12,7 +12,14 @@ import torch
 from data import llava
 from data.formats import export_llava
 from data.shapes import ShapesWorld, WorldConfig
-from tests.moe_llava.test_stage_moe_llava import LM, VISION
+
+# The toy model of tests/moe_llava/test_stage_moe_llava.py.
+VISION = {"kind": "hf", "config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32,
+                                   "patch_size": 16}}
+LM = {"model_type": "phi", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+      "num_attention_heads": 2, "num_key_value_heads": 2, "partial_rotary_factor": 0.5, "hidden_act": "gelu_new",
+      "max_position_embeddings": 256, "tie_word_embeddings": False}
 
 RECIPE = """
 recipe: skips
@@ -66,12 +73,21 @@ def test_drops_in_dataloader_workers_reach_the_summary(tmp_path, monkeypatch):
 
 
 def test_a_resumed_stage_counts_each_bad_record_once(tmp_path, monkeypatch):
-    from tests.runner.test_runner import Interrupt, interrupt_at
+    from lightning.pytorch.callbacks import Callback
+
     from zoo.train import train
+
+    class Interrupt(RuntimeError):
+        pass
+
+    class StopAfterFirstStep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:  # after StageCheckpoint wrote last.ckpt for step 1
+                raise Interrupt("simulated kill after step 1")
 
     recipe = _setup(tmp_path, monkeypatch, steps=2)
     with pytest.raises(Interrupt):
-        train(recipe, runs_dir=tmp_path / "runs", callbacks=[interrupt_at(1)])
+        train(recipe, runs_dir=tmp_path / "runs", callbacks=[StopAfterFirstStep()])
     # The resumed run's check skips the 4 broken records up front; the checkpoint says the same 4 were dropped
     # before the interruption: still 4 records, not 8.
     rows = train(recipe, runs_dir=tmp_path / "runs", resume=True)
