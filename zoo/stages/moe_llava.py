@@ -92,7 +92,16 @@ class MoELLaVADataConfig:
     template: str | None = field(default=None, metadata={"help": "None: the model's template (stage I: plain)"})
     max_length: int = field(default=2048, metadata={"min": 8})
     truncate: bool = True
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata={"help": "bad records (malformed, bad image, over-long, truncated shard): raise before step 1, or "
+                          "skip them and count them (printed, and data_skipped_records in summary.json)"},
+    )
+    check_images: bool = field(
+        default=True,
+        metadata={"help": "decode every image before step 1 (about 1 ms each on one core); off: bad images "
+                          "surface during training instead (an error, or with on_error=skip dropped and counted)"},
+    )
 
 
 @dataclass(kw_only=True)
@@ -260,6 +269,7 @@ class MoELLaVATask(StageModule):
             max_length=self.data_cfg.max_length,
             truncate=self.data_cfg.truncate,
             on_error=self.data_cfg.on_error,
+            verify_images=self.data_cfg.check_images,
             image_token_id=self.model.image_token_id,
             progress=self.stage.trainer.enable_progress_bar,
         )
