@@ -30,6 +30,11 @@ A malformed record raises ``RecordError`` naming the file, the record (index and
 ``skip_bad=True`` such records are skipped, counted in ``reader.report`` (a ``ReadReport``) and summarised in a
 warning at the end of each pass; nothing is dropped silently. Records without ``"image"`` are text-only
 (``image`` is None). An ``<image>`` placeholder without an image, or an image without the placeholder, is malformed.
+JSON files, images and shards go through ``data.validation``, the checks ``data.llava``'s training readers use too:
+a non-UTF-8 or invalid JSON file raises ``DataFileError`` naming it; an image that does not decode completely (a
+truncated file, a decompression bomb, random bytes) makes its record malformed; a truncated or corrupt shard yields
+the samples before the damage and then a ``RecordError`` with field ``<shard>`` naming the shard and the byte where
+it breaks (raised, or skipped and counted). Shards are read from local files only.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import logging
 import os
 import tarfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from data.shapes import Scene, ShapesWorld, rle_decode
+from data.validation import DataFileError, ImageError, ShardError, decode_image, iter_shard, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +270,9 @@ def _check_record(record: Any, file: str, name: str) -> None:
 
 def _open_image(data: bytes | Path, file: str, name: str, field_name: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise RecordError(file, name, field_name, f"cannot decode the image ({err})") from err
+        return decode_image(data)
+    except (ImageError, FileNotFoundError) as err:
+        raise RecordError(file, name, field_name, f"cannot decode the image: it {err}") from None
 
 
 def _sample(record: dict[str, Any], image: Image.Image | None) -> dict[str, Any]:
@@ -320,14 +325,9 @@ class LlavaJsonReader(_Reader):
         super().__init__(str(self.path), skip_bad)
 
     def _load(self) -> list[Any]:
-        try:
-            records = json.loads(self.path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{self.path}: not valid JSON ({err}); expected a list of LLaVA records"
-            ) from err
+        records = read_json_file(self.path)
         if not isinstance(records, list):
-            raise ValueError(f"{self.path}: expected a JSON list of records, got {type(records).__name__}")
+            raise DataFileError(f"{self.path}: expected a JSON list of records, got {type(records).__name__}")
         return records
 
     def __len__(self) -> int:
@@ -364,48 +364,45 @@ class WebDatasetReader(_Reader):
         )
 
     def _items(self) -> Iterator[dict[str, Any] | RecordError]:
-        import webdataset as wds
-
-        counters: dict[str, int] = {}
         # Every shard, in order: splitting shards across ranks or workers is the consumer's business.
-        dataset = wds.WebDataset(
-            self.urls,
-            shardshuffle=False,
-            nodesplitter=_all_shards,
-            workersplitter=_all_shards,
-            empty_check=False,
-        )
-        for raw in dataset:
-            url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
-            index = counters.get(url, 0)
-            counters[url] = index + 1
-            name = f"{index} (key={key!r})"
-            try:
-                if "json" not in raw:
-                    raise RecordError(
-                        url, name, "json", "missing <key>.json member; each sample needs its record"
-                    )
+        for url in self.urls:
+            index = -1
+            samples = iter_shard(url)
+            while True:
                 try:
-                    record = json.loads(raw["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    raise RecordError(url, name, "json", f"not valid JSON ({err})") from err
-                if isinstance(record, dict):
-                    name = f"{index} (key={key!r}, id={record.get('id')!r})"
-                _check_record(record, url, name)
-                image = None
-                if "image" in record:
-                    if "png" not in raw:
-                        raise RecordError(
-                            url, name, "png", "the record names an image but the sample has no .png"
-                        )
-                    image = _open_image(raw["png"], url, name, "png")
-                yield _sample(record, image)
-            except RecordError as err:
-                yield err
+                    key, raw = next(samples)
+                except StopIteration:
+                    break
+                except ShardError as err:
+                    # The shard as a whole is the record: what was read before the damage was yielded already.
+                    where = f"{index + 1} (at byte {err.offset})"
+                    yield RecordError(url, where, "<shard>", f"{err.problem}; the samples after it are lost")
+                    break
+                index += 1
+                yield self._sample(url, index, key, raw)
 
-
-def _all_shards(src: Iterable[Any]) -> Iterable[Any]:
-    return src
+    def _sample(self, url: str, index: int, key: str, raw: dict[str, bytes]) -> dict[str, Any] | RecordError:
+        name = f"{index} (key={key!r})"
+        try:
+            if "json" not in raw:
+                raise RecordError(url, name, "json", "missing <key>.json member; each sample needs its record")
+            try:
+                record = json.loads(raw["json"].decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise RecordError(url, name, "json", f"not UTF-8 (byte {err.start}: {err.reason})") from None
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise RecordError(url, name, "json", f"not valid JSON ({err})") from None
+            if isinstance(record, dict):
+                name = f"{index} (key={key!r}, id={record.get('id')!r})"
+            _check_record(record, url, name)
+            image = None
+            if "image" in record:
+                if "png" not in raw:
+                    raise RecordError(url, name, "png", "the record names an image but the sample has no .png")
+                image = _open_image(raw["png"], url, name, "png")
+            return _sample(record, image)
+        except RecordError as err:
+            return err
 
 
 def _expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -423,7 +420,13 @@ def _expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         expanded = [str(u) for u in urls]
     if not expanded:
         raise ValueError("read_webdataset: no shard URLs given")
-    missing = [u for u in expanded if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    remote = [u for u in expanded if "://" in u or u.startswith("pipe:")]
+    if remote:
+        raise ValueError(
+            f"read_webdataset reads local shard files only (finding a truncated shard needs the whole file); copy "
+            f"{remote[0]} to a local folder first"
+        )
+    missing = [u for u in expanded if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"webdataset shard(s) not found: {', '.join(missing)}")
     return expanded

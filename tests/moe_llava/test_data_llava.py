@@ -144,7 +144,9 @@ def test_missing_and_corrupt_images(folder: Path):
     ds = _ds(recs, folder, on_error="skip")
     (folder / "s0.png").unlink()
     batch = LlavaCollator(TOK.pad_token_id)([ds[0], ds[1]])
-    assert batch["ids"] == ["t1"] and ds.stats.skipped == {"image": 1}
+    assert batch["ids"] == ["t1"] and ds.stats.dropped == {ds.records[0].where: "image"} and ds.skipped_total() == 1
+    assert [s.record for s in batch["skipped"]] == [ds.records[0].where]
+    assert "dropped during training: image=1" in ds.summary()
 
 
 def test_placeholder_image_mismatch_and_bad_fields(folder: Path):

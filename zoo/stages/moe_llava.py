@@ -92,7 +92,16 @@ class MoELLaVADataConfig:
     template: str | None = field(default=None, metadata={"help": "None: the model's template (stage I: plain)"})
     max_length: int = field(default=2048, metadata={"min": 8})
     truncate: bool = True
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata={"help": "bad records (malformed, bad image, over-long, truncated shard): raise before step 1, or "
+                          "skip them and count them (printed, and data_skipped_records in summary.json)"},
+    )
+    check_images: bool = field(
+        default=True,
+        metadata={"help": "decode every image before step 1 (about 1 ms each on one core); off: bad images "
+                          "surface during training instead (an error, or with on_error=skip dropped and counted)"},
+    )
 
 
 @dataclass(kw_only=True)
@@ -148,6 +157,7 @@ class MoELLaVATask(StageModule):
         if first_stage and model_cfg.pretrained_vision is not None:
             self._load_pretrained_vision(_local_dir(model_cfg.pretrained_vision, "model.pretrained_vision"))
         self._tokens = 0
+        self._restored_drops: list[Any] = []  # SkippedSample items a resumed run's checkpoint carried
         self._t_start: float | None = None
         self._t_train = 0.0
 
@@ -223,11 +233,11 @@ class MoELLaVATask(StageModule):
             if d.image_folder is None and len(folders) > 1:
                 raise ValueError(f"{where}: data.json_paths live in several folders; set data.image_folder")
             folder = os.path.expandvars(d.image_folder) if d.image_folder is not None else folders.pop()
-            return [r for p in paths for r in read_llava_json(p)], folder
+            return [r for p in paths for r in read_llava_json(p, d.on_error)], folder
         if d.source == "webdataset":
             if not d.shards:
                 raise ValueError(f"{where}: data.source=webdataset needs data.shards")
-            return read_llava_webdataset([os.path.expandvars(s) for s in d.shards]), None
+            return read_llava_webdataset([os.path.expandvars(s) for s in d.shards], d.on_error), None
         from data.formats import export_llava
         from data.shapes import ShapesWorld
         from data.shapes_llava import write_shapes_vqa
@@ -240,7 +250,7 @@ class MoELLaVATask(StageModule):
             json_path = write_shapes_vqa(world, d.num_scenes, out, d.turns_per_conversation, d.pope_probes,
                                          d.answer_prompt, seed=self.stage.seed,
                                          questions_per_kind=d.questions_per_kind)
-        return read_llava_json(json_path), str(out)
+        return read_llava_json(json_path, d.on_error), str(out)
 
     def train_dataset(self):
         from data.llava import LlavaDataset, build_image_transform
@@ -259,7 +269,9 @@ class MoELLaVATask(StageModule):
             max_length=self.data_cfg.max_length,
             truncate=self.data_cfg.truncate,
             on_error=self.data_cfg.on_error,
+            verify_images=self.data_cfg.check_images,
             image_token_id=self.model.image_token_id,
+            progress=self.stage.trainer.enable_progress_bar,
         )
         unk = self.model.tokenizer.unk_token_id
         n_unk = sum(e.input_ids.count(unk) for e in ds.encoded)
@@ -273,15 +285,55 @@ class MoELLaVATask(StageModule):
 
         return LlavaCollator(self.model.tokenizer.pad_token_id)(samples)
 
+    def skipped_samples(self) -> int:
+        """Records skipped before step 1 plus distinct records the collator dropped during training (all ranks, and
+        the runs before a resume)."""
+        return self._train_data().skipped_total()
+
+    def _train_data(self) -> Any:
+        """The training dataset, with the drops a resumed run's checkpoint carried merged into its counts."""
+        ds = self.get_train_dataset()
+        if self._restored_drops:
+            ds.note_dropped(self._restored_drops)
+            self._restored_drops = []
+        return ds
+
     # ---- training --------------------------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        # Batches are built in DataLoader workers, whose copies of the dataset are thrown away; the drops they
+        # report in the batch are counted here, in the main process.
+        self._train_data().note_dropped(batch.get("skipped", ()))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_DROPS_KEY] = [tuple(d) for d in _drops(self._train_data())]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from data.llava import SkippedSample
+
+        self._restored_drops = [SkippedSample(*d) for d in checkpoint.get(_DROPS_KEY, [])]
 
     def on_train_start(self) -> None:
         self._t_start = time.perf_counter()
 
     def on_train_end(self) -> None:
+        import torch.distributed as dist
+
         if self._t_start is not None:
             self._t_train += time.perf_counter() - self._t_start
             self._t_start = None
+        ds = self._train_data()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            # Each rank saw its own micro-batches; gather every rank's drops so each reports the same total.
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, _drops(ds))
+            for drops in gathered:
+                ds.note_dropped(drops)
+        self.data_summary = ds.summary()
+        if ds.stats.dropped:
+            print(f"stage {self.stage.name}: data {self.data_summary}", flush=True)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
         loss, _, aux = self.model(
@@ -303,6 +355,8 @@ class MoELLaVATask(StageModule):
         }
         if self._t_train > 0:
             metrics["train_tokens_per_s"] = self._tokens / self._t_train
+        # Also recorded here, so summary.json has it whatever the runner records.
+        metrics["data_skipped_records"] = float(self.skipped_samples())
         if not self.eval_cfg.tasks:
             return metrics
         import eval as zoo_eval
@@ -321,6 +375,16 @@ class MoELLaVATask(StageModule):
         metrics["eval_s"] = time.perf_counter() - t0
         metrics.update(summarise_eval(res))
         return metrics
+
+
+_DROPS_KEY = "moe_llava_dropped_samples"
+
+
+def _drops(ds: Any) -> list[Any]:
+    """The dataset's drops during training as ``SkippedSample`` items (picklable, for checkpoints and gathering)."""
+    from data.llava import SkippedSample
+
+    return [SkippedSample(record, reason, "") for record, reason in ds.stats.dropped.items()]
 
 
 def _local_dir(path: str | None, what: str) -> Path:
