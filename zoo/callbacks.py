@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from zoo.registry import atomic_write
+from zoo.train import RunError
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """A stage's loss stayed nan/inf: it diverged, and its weights must not be exported or trained from."""
 
 
