@@ -27,9 +27,9 @@ import re
 import subprocess
 import tempfile
 import time
-from functools import lru_cache
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 

@@ -38,6 +38,10 @@ behaviour:
   Finished stages are skipped; an interrupted stage resumes from its last checkpoint and ends with the same
   metrics as an uninterrupted run (data order and RNG are functions of seed and step). Distributed training
   comes from Lightning: set e.g. stages.NAME.trainer.strategy=ddp and trainer.devices=2.
+  Safety: one `zoo train` per run folder (RUNS/<recipe>/.lock holds its pid; a dead owner's lock is taken over);
+  nothing is written or deleted outside RUNS; resuming with changed training settings is refused (use --force
+  to start the stage over); a loss that stays nan/inf for trainer.nonfinite_patience micro-batches stops the
+  stage, and weights holding nan/inf are never exported.
 
 examples:
   zoo train recipes/clip/shapes_tiny.yaml

@@ -36,10 +36,10 @@ import subprocess
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml

@@ -7,7 +7,6 @@ import json
 import pytest
 
 import eval
-from eval.runner import UnwritableOutputError
 
 SHAPES = "shapes_vqa,shapes_pope"
 
@@ -24,6 +23,8 @@ class CountingModel:
 
 
 def test_unwritable_output_folder_fails_before_any_generation(tmp_path):
+    from eval.runner import UnwritableOutputError
+
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     model = CountingModel()
