@@ -33,7 +33,7 @@ __all__ = [
     "StepProgressBar",
     "NonFiniteGuard",
     "NonFiniteLossError",
-    "parameters_finite",
+    "nonfinite_parameters",
 ]
 
 
@@ -41,10 +41,12 @@ class NonFiniteLossError(RunError):
     """A stage's loss stayed nan/inf: it diverged, and its weights must not be exported or trained from."""
 
 
-def parameters_finite(module: torch.nn.Module) -> list[str]:
-    """Names of the parameters and buffers of ``module`` holding a nan or inf (empty when all are finite)."""
-    named = [*module.named_parameters(), *module.named_buffers()]
-    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters of ``module`` holding a nan or inf (empty when all are finite).
+
+    Buffers are not checked: some hold -inf on purpose (additive attention masks).
+    """
+    return [n for n, p in module.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -73,7 +75,7 @@ class StageCheckpoint(Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         if step % self.every == 0 or step >= trainer.max_steps:
-            bad = parameters_finite(pl_module)
+            bad = nonfinite_parameters(pl_module)
             if bad:
                 rank_zero_warn(f"step {step}: not checkpointing, {len(bad)} tensors hold nan/inf (e.g. {bad[0]}); "
                                f"{self.path} keeps the last good weights")

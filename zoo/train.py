@@ -291,6 +291,7 @@ def run_stage(
 
     import lightning as L
 
+    # Lazy: Lightning is heavy, and zoo.callbacks imports RunError from this module (an import cycle otherwise).
     from zoo.callbacks import (
         AtomicCheckpointIO,
         MetricsCSV,
@@ -298,7 +299,7 @@ def run_stage(
         StageCheckpoint,
         StageClock,
         StepProgressBar,
-        parameters_finite,
+        nonfinite_parameters,
     )
     from zoo.stages import get_stage_type
 
@@ -312,19 +313,19 @@ def run_stage(
         "stage": to_plain(stage),
     }
     cfg_file = out / "config.yaml"
-    if rank == 0:
-        if resuming and cfg_file.is_file():
-            before = yaml.safe_load(cfg_file.read_text()).get("stage", {})
-            changed = [d for d in _diff(before, resolved["stage"]) if d.split(":")[0] not in RESUME_FREE_KEYS]
-            if changed:
-                # Steps, schedule and data order are functions of the config: continuing would mix two runs.
-                raise RunError(
-                    f"stage {stage.name}: cannot resume {ckpt}: the config changed since it was written "
-                    f"({'; '.join(changed)}). To continue, restore those values (they are in {cfg_file}); "
-                    f"to start this stage over, rerun with --force"
-                )
-        else:
-            atomic_write(cfg_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(resolved, sort_keys=False)))
+    if resuming and cfg_file.is_file():
+        # Checked on every rank (they read the same file), so under torchrun no rank waits for one that stopped.
+        before = yaml.safe_load(cfg_file.read_text()).get("stage", {})
+        changed = [d for d in _diff(before, resolved["stage"]) if d.split(":")[0] not in RESUME_FREE_KEYS]
+        if changed:
+            # Steps, schedule and data order are functions of the config: continuing would mix two runs.
+            raise RunError(
+                f"stage {stage.name}: cannot resume {ckpt}: the config changed since it was written "
+                f"({'; '.join(changed)}). To continue, restore those values (they are in {cfg_file}); "
+                f"to start this stage over, rerun with --force"
+            )
+    elif rank == 0:
+        atomic_write(cfg_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(resolved, sort_keys=False)))
 
     L.seed_everything(stage.seed, workers=True, verbose=False)
     module_cls = get_stage_type(stage.type)
@@ -394,6 +395,13 @@ def run_stage(
         raise RuntimeError(f"stage {stage.name}: training stopped at step {trainer.global_step} of {max_steps}")
 
     rank = trainer.global_rank
+    # Every rank checks (data-parallel ranks hold the same weights), so all of them stop together.
+    bad = nonfinite_parameters(module.model)
+    if bad:
+        raise RunError(
+            f"stage {stage.name}: not exporting {out / 'final'}: {len(bad)} tensors hold nan/inf "
+            f"(e.g. {', '.join(bad[:3])}); lower optim.lr and rerun the stage with --force"
+        )
     if rank == 0:
         import torch
 
@@ -402,12 +410,6 @@ def run_stage(
         with torch.no_grad():
             metrics = {k: float(v) for k, v in module.evaluate(out).items()}
         eval_s = time.perf_counter() - t0
-        bad = parameters_finite(module.model)
-        if bad:
-            raise RunError(
-                f"stage {stage.name}: not exporting {out / 'final'}: {len(bad)} tensors hold nan/inf "
-                f"(e.g. {', '.join(bad[:3])}); lower optim.lr and rerun the stage with --force"
-            )
         module.export(out / "final")
         skipped = module.skipped_samples()
         if skipped:

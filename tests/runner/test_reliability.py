@@ -276,19 +276,21 @@ def test_skipped_samples_are_printed_and_recorded(tmp_path, tiny_stage, capsys):
 # ---- one-line errors from `zoo train` -------------------------------------------------------------------------------
 
 
-def test_cli_errors_are_one_line_not_tracebacks(tmp_path):
-    recipe = recipe_file(tmp_path)
-    base = ["train", str(recipe), "--import", "tiny_stage"]
+def test_cli_errors_are_one_line_not_tracebacks(tmp_path, tiny_stage, capsys):
+    """In-process, so an exception escaping `zoo train` (a traceback for the user) fails the test."""
+    from zoo import cli
 
-    not_run = run_cli([*base, "--stage", "b", "--runs-dir", str(tmp_path / "runs")])
-    assert not_run.returncode == 1 and "Traceback" not in not_run.stderr, not_run.stderr
-    assert "starts from stage 'a', which has no export" in not_run.stderr and "run it first" in not_run.stderr
+    base = ["train", str(recipe_file(tmp_path)), "--import", "tiny_stage"]
+    assert cli.main([*base, "--stage", "b", "--runs-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zoo train: ") and len(err.strip().splitlines()) == 1, err
+    assert "starts from stage 'a', which has no export" in err and "run it first" in err
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a runs folder that cannot be created: nothing is writable there
-    unwritable = run_cli([*base, "--stage", "a", "--runs-dir", str(blocker / "runs")])
-    assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr, unwritable.stderr
-    assert f"the runs folder {blocker / 'runs'} is not writable" in unwritable.stderr
+    assert cli.main([*base, "--stage", "a", "--runs-dir", str(blocker / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"zoo train: the runs folder {blocker / 'runs'} is not writable"), err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
