@@ -248,10 +248,15 @@ RESUME_FREE_KEYS = {"out_dir", "description", "trainer.enable_progress_bar", "nu
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """``key.path: old -> new`` for each value that differs between the saved config ``a`` and the new one ``b``.
+
+    Keys present on one side only are settings added to (or removed from) mmzoo since ``a`` was written, at their
+    defaults: they do not count, so runs started by an older mmzoo still resume.
+    """
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        for k in sorted(set(a) & set(b)):
+            out += _diff(a[k], b[k], f"{path}.{k}" if path else str(k))
         return out
     return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
 

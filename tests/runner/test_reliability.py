@@ -212,6 +212,11 @@ def test_resume_with_a_changed_training_config_is_refused(tmp_path, tiny_stage):
     ckpt_dir = runs / "tiny" / "a" / "checkpoints"
     (ckpt_dir / ".last.ckpt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     (runs / "tiny" / "a" / ".metrics.csv.x9.tmp").write_text("step\n")
+    # A setting added to mmzoo after the run started (missing from its config.yaml) does not block the resume.
+    config_file = runs / "tiny" / "a" / "config.yaml"
+    saved = yaml.safe_load(config_file.read_text())
+    del saved["stage"]["trainer"]["nonfinite_patience"]
+    config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
     # Changing what does not affect training (the progress bar) resumes; --force starts over with the new values.
     rows = train(path, stage="a", runs_dir=runs, overrides=["stages.a.trainer.enable_progress_bar=true"])
     assert rows[0]["steps"] == 6 and rows[0]["skipped"] == 0
