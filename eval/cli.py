@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MMZOO_LOGLEVEL", "WARNING"))
-    from eval.registry import get_task, list_tasks
-
     if args.list:
+        from eval.registry import get_task, list_tasks
+
         for name in list_tasks():
             spec = get_task(name)
             print(f"{name:28s} {spec.group or '-':12s} {spec.description}")
@@ -58,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(list_methods()))
         return 0
+    from eval.registry import declared_task_names
+
+    known = declared_task_names()  # read from the task files: a misspelt name fails before torch is imported
+    unknown = [n.strip() for n in args.tasks.split(",") if n.strip() and n.strip() not in known]
+    if unknown:
+        print(f"zoo eval: error: unknown eval task or group {', '.join(map(repr, unknown))}; "
+              f"known: {', '.join(sorted(known))} (details: zoo eval --list)")  # fmt: skip
+        return 1
     if args.method is not None:
         from zoo.methods import build_method
 

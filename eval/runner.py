@@ -25,9 +25,11 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,7 @@ def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "__", name).strip("_") or "model"
 
 
+@lru_cache(maxsize=1)  # asked once per finished task (partial results)
 def _git_hash() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
@@ -345,6 +348,9 @@ def run(
         )  # a missing data file fails now, not after the model loaded
     if method is not None:
         method = _check_method(method, specs)
+    rank, _ = _dist()
+    if output_dir is not None and rank == 0:
+        _check_writable(Path(output_dir))  # before the model loads and the tasks run, not after
     obj, resolved_name = resolve_model(model)
     name = model_name or resolved_name
     if any(s.output_type == "generate_until" for s in specs):
@@ -362,7 +368,6 @@ def run(
     was_training = getattr(obj, "training", None)
     if was_training:
         obj.eval()  # generation must not see dropout; restored below for recipes that keep training
-    rank, _ = _dist()
     params = count_parameters(obj)
     results: dict[str, Any] = {
         "results": {}, "configs": {}, "versions": {}, "n-shot": {}, "higher_is_better": {}, "n-samples": {},
@@ -397,29 +402,21 @@ def run(
                 results.setdefault("artifacts", {})[spec.name] = write_artifacts(Path(output_dir))
             samples[spec.name] = records
             log.info("%s: %s = %.2f", spec.name, scorer.primary, metrics.get(scorer.primary, float("nan")))
+            if output_dir is not None and rank == 0:
+                # Each finished task is on disk at once: a crash or kill in a later task loses only that task.
+                pending = [s.name for s in specs if s.name not in results["results"]]
+                _add_metadata(results, name, model_args, batch_size, limit, params, obj, method, start_time, pending)
+                new = {spec.name: records} if log_samples else {}
+                _write(Path(output_dir), results, new, format_table(results))
     finally:
         if was_training:
             obj.train()
-    end_time = time.time()
-    results["config"] = {
-        "model": name, "model_args": dict(model_args or {}), "batch_size": batch_size, "limit": limit,
-        "parameters": params, "device": _device(obj), "method": method,
-    }  # fmt: skip
+    _add_metadata(results, name, model_args, batch_size, limit, params, obj, method, start_time, [])
     if attention_log is not None:
         results["attention_log"] = attention_log.summary()
-    results |= {
-        "model_name": name,
-        "model_name_sanitized": _sanitize(name),
-        "git_hash": _git_hash(),
-        "date": datetime.fromtimestamp(start_time, tz=timezone.utc).strftime("%Y%m%d_%H%M%S"),
-        "start_time": start_time,
-        "end_time": end_time,
-        "total_evaluation_time_seconds": str(round(end_time - start_time, 3)),
-        "environment": _versions(),
-    }
     table = format_table(results)
     if output_dir is not None and rank == 0:
-        _write(Path(output_dir), results, samples if log_samples else {}, table)
+        _write(Path(output_dir), results, {}, table)  # every task's samples file was written as it finished
     if print_table and rank == 0:
         print(table, flush=True)
     return results
@@ -437,6 +434,47 @@ def _check_method(method: str, specs: Sequence[TaskSpec]) -> str:
                 f"task {spec.name!r}: output type {spec.output_type!r} does not run methods (--method {canonical})"
             )
     return canonical
+
+
+class UnwritableOutputError(ValueError):
+    """The output folder cannot be created or written; raised before the model loads."""
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UnwritableOutputError(
+            f"output folder {out} is not writable ({e.strerror or e}); pass --output-dir DIR with a writable folder"
+        ) from None
+
+
+def _add_metadata(
+    results: dict, name: str, model_args: Mapping[str, Any] | None, batch_size: int, limit: int | None,
+    params: Any, obj: Any, method: str | None, start_time: float, pending: list[str],
+) -> None:
+    """The run's config and provenance; ``tasks_pending`` lists the tasks not evaluated yet (partial results)."""
+    end_time = time.time()
+    results["config"] = {
+        "model": name, "model_args": dict(model_args or {}), "batch_size": batch_size, "limit": limit,
+        "parameters": params, "device": _device(obj), "method": method,
+    }  # fmt: skip
+    results |= {
+        "model_name": name,
+        "model_name_sanitized": _sanitize(name),
+        "git_hash": _git_hash(),
+        "date": datetime.fromtimestamp(start_time, tz=timezone.utc).strftime("%Y%m%d_%H%M%S"),
+        "start_time": start_time,
+        "end_time": end_time,
+        "total_evaluation_time_seconds": str(round(end_time - start_time, 3)),
+        "environment": _versions(),
+    }
+    if pending:
+        results["tasks_pending"] = pending
+    else:
+        results.pop("tasks_pending", None)
 
 
 def _write(out: Path, results: dict, samples: Mapping[str, list[dict]], table: str) -> None:

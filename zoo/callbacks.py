@@ -5,6 +5,7 @@
 * :class:`StageClock`: training wall time summed over resumed sessions (kept in the checkpoint).
 * :class:`MetricsCSV`: ``metrics.csv`` rows every ``log_every_n_steps`` (rows past a resumed step are redone).
 * :class:`StepProgressBar`: a TQDM bar whose total is the stage's micro-batches.
+* :class:`NonFiniteGuard`: stops a stage whose loss is nan/inf for ``patience`` micro-batches in a row.
 
 This module imports Lightning; ``zoo.train`` imports it only when a stage runs, so recipe validation stays light.
 """
@@ -19,10 +20,33 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 from zoo.registry import atomic_write
+from zoo.train import RunError
 
-__all__ = ["AtomicCheckpointIO", "StageCheckpoint", "StageClock", "MetricsCSV", "StepProgressBar"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "StageCheckpoint",
+    "StageClock",
+    "MetricsCSV",
+    "StepProgressBar",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "nonfinite_parameters",
+]
+
+
+class NonFiniteLossError(RunError):
+    """A stage's loss stayed nan/inf: it diverged, and its weights must not be exported or trained from."""
+
+
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters of ``module`` holding a nan or inf (empty when all are finite).
+
+    Buffers are not checked: some hold -inf on purpose (additive attention masks).
+    """
+    return [n for n, p in module.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,7 +61,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StageCheckpoint(Callback):
-    """Save ``last.ckpt`` every ``every`` optimizer steps and at the last step (all ranks call; rank 0 writes)."""
+    """Save ``last.ckpt`` every ``every`` optimizer steps and at the last step (all ranks call; rank 0 writes).
+
+    A checkpoint is not written while the weights hold a nan/inf: the last good one stays for a resume with a
+    smaller learning rate.
+    """
 
     def __init__(self, path: Path, every: int):
         self.path, self.every = path, every
@@ -47,7 +75,41 @@ class StageCheckpoint(Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         if step % self.every == 0 or step >= trainer.max_steps:
+            bad = nonfinite_parameters(pl_module)
+            if bad:
+                rank_zero_warn(f"step {step}: not checkpointing, {len(bad)} tensors hold nan/inf (e.g. {bad[0]}); "
+                               f"{self.path} keeps the last good weights")
+                return
             trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class NonFiniteGuard(Callback):
+    """Raise :class:`NonFiniteLossError` once the loss is nan/inf for ``patience`` micro-batches in a row.
+
+    A single bad micro-batch can be survivable (mixed precision skips such steps), a run of them is divergence;
+    without this the stage would train on to the end and export nan weights that the next stage starts from.
+    """
+
+    def __init__(self, stage_name: str, patience: int, checkpoint: Path):
+        self.stage_name, self.patience, self.checkpoint = stage_name, patience, checkpoint
+        self.bad_in_a_row = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or bool(torch.isfinite(torch.as_tensor(loss).detach()).all()):
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row >= self.patience:
+            kept = (
+                f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.is_file() else "no checkpoint was kept"
+            )
+            raise NonFiniteLossError(
+                f"stage {self.stage_name}: loss is {float(torch.as_tensor(loss).detach().float().mean())} at step "
+                f"{trainer.global_step} ({self.bad_in_a_row} micro-batches in a row, trainer.nonfinite_patience = "
+                f"{self.patience}); the run diverged, stopping without exporting weights. {kept}; lower optim.lr or "
+                "set trainer.gradient_clip_val, then rerun the stage with --force"
+            )
 
 
 class StageClock(Callback):

@@ -15,13 +15,62 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointMismatchError", "load_state_dict_strict", "load_file_strict", "sha256_file"]
+__all__ = [
+    "CheckpointMismatchError",
+    "UnreadableWeightsError",
+    "load_state_dict_strict",
+    "load_file_strict",
+    "read_safetensors",
+    "torch_load_safely",
+    "sha256_file",
+]
 
 SHOWN_KEYS = 8  # how many keys of each kind the error lists; the counts are always complete
 
 
 class CheckpointMismatchError(ValueError):
     """A state dict whose keys or shapes differ from the model's."""
+
+
+class UnreadableWeightsError(ValueError):
+    """A weights file that cannot be read safely: truncated, empty, not that format, or a pickle holding code."""
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` with an error that names the file when it is truncated, empty or not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        size = Path(path).stat().st_size
+        raise UnreadableWeightsError(
+            f"{path}: not a readable safetensors file ({size} bytes: {e}); it is probably truncated or empty: "
+            "export, convert or copy it again"
+        ) from None
+
+
+def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False, allow: tuple[type, ...] = ()) -> object:
+    """``torch.load`` with ``weights_only=True`` (plus the classes in ``allow``); refusals name the file.
+
+    A file that needs other classes is refused, never loaded with the safe unpickler switched off: unpickling
+    arbitrary classes can run code.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("Please file an issue")[0]
+        wanted = [line.strip() for line in detail.splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise UnreadableWeightsError(
+            f"{path}: refused: the file holds Python objects other than tensors and plain containers "
+            f"({'; '.join(wanted)[:300] or 'not a weights-only pickle'}); mmzoo reads only weights-only "
+            "checkpoints, since unpickling other objects can run code. Re-save the state dict alone "
+            "(torch.save(model.state_dict(), path)) where the file was made"
+        ) from None
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
@@ -76,12 +125,10 @@ def load_file_strict(
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """:func:`load_state_dict_strict` from a ``.safetensors`` file (read onto ``device``)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
-    return load_state_dict_strict(model, load_file(str(path), device=str(device)), path, architecture)
+    return load_state_dict_strict(model, read_safetensors(path, device), path, architecture)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

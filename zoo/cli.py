@@ -39,6 +39,10 @@ behaviour:
   Finished stages are skipped; an interrupted stage resumes from its last checkpoint and ends with the same
   metrics as an uninterrupted run (data order and RNG are functions of seed and step). Distributed training
   comes from Lightning: set e.g. stages.NAME.trainer.strategy=ddp and trainer.devices=2.
+  Safety: one `zoo train` per run folder (RUNS/<recipe>/.lock holds its pid; a dead owner's lock is taken over);
+  nothing is written or deleted outside RUNS; resuming with changed training settings is refused (use --force
+  to start the stage over); a loss that stays nan/inf for trainer.nonfinite_patience micro-batches stops the
+  stage, and weights holding nan/inf are never exported.
 
 examples:
   zoo train recipes/clip/shapes_tiny.yaml
@@ -105,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_stage_name(recipe, stage: str | None) -> None:
+    """An unknown ``--stage`` fails here, before the stage types (and torch, Lightning) are imported."""
+    from zoo.recipe import RecipeError
+
+    names = [s.name for s in recipe.stages]
+    if stage is not None and stage not in names:
+        raise RecipeError([f"{recipe.path}: --stage {stage!r}: no such stage (stages: {', '.join(names)})"])
+
+
 def _train(args: argparse.Namespace) -> int:
     from zoo.recipe import RecipeError, check_stage_configs, load_recipe
 
@@ -113,6 +126,7 @@ def _train(args: argparse.Namespace) -> int:
             importlib.import_module(module)
         if args.check:
             recipe = load_recipe(args.recipe, args.overrides, check_stage_types=False)
+            _check_stage_name(recipe, args.stage)
             check_stage_configs(recipe)
             print(f"{args.recipe}: valid; recipe {recipe.recipe!r}")
             for s in recipe.stages:
@@ -121,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"  {s.name}: {s.type}, {steps} steps, batch {s.batch_size}{src}")
             return 0
         # Fail fast on the runner's own keys before the heavy imports in zoo.train.
-        load_recipe(args.recipe, args.overrides, check_stage_types=False)
+        _check_stage_name(load_recipe(args.recipe, args.overrides, check_stage_types=False), args.stage)
         from zoo.train import train
 
         train(
@@ -136,6 +150,15 @@ def _train(args: argparse.Namespace) -> int:
     except RecipeError as e:
         print(f"zoo train: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError, ValueError) as e:
+        # RunError (lock held, changed config on resume, diverged loss, path outside or unwritable runs folder), an
+        # earlier stage not run, unreadable weights: each message names the file and what to do; no traceback.
+        from zoo.train import RunError
+
+        if isinstance(e, RuntimeError) and not isinstance(e, RunError):
+            raise
+        print(f"zoo train: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -68,6 +69,12 @@ InputPath = Annotated[Path, MustExist()]
 # Keys that recipes written for an earlier mmzoo used: (config class, old key) -> new key, named in the error.
 # A stage's kind was `task:` until "task" came to mean only a benchmark (eval/tasks); it is now `type:`.
 RENAMED_KEYS = {("StageSpec", "task"): "type"}
+
+
+# Recipe and stage names become folders under the runs folder: no '.', '..', slashes or hidden names, which would
+# put outputs (and --force's deletions) outside it.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+SAFE_NAME_RULE = "use letters, digits, '_', '-', '.', starting with a letter, digit or '_'"
 
 
 class RecipeError(ValueError):
@@ -124,6 +131,10 @@ class TrainerConfig:
     ckpt_every_n_steps: int = field(default=50, metadata={"min": 1})
     deterministic: bool = False
     enable_progress_bar: bool = True
+    nonfinite_patience: int = field(
+        default=3,
+        metadata={"min": 1, "help": "stop the stage after this many consecutive micro-batches with a nan/inf loss"},
+    )
 
 
 @dataclass(kw_only=True)
@@ -261,11 +272,15 @@ class _Checker:
             # PyYAML reads `1e-3` (no dot) as a string; accept numeric strings rather than surprise people.
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    value = float(value)
                 except ValueError:
                     pass
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self.fail(path, f"expected a number, got {_show(value)}")
+                return None
+            if not math.isfinite(float(value)):
+                # A nan / inf learning rate (or any other float) trains to NaN weights that later stages inherit.
+                self.fail(path, f"expected a finite number, got {value!r}")
                 return None
             return float(value)
         if tp is str:
@@ -509,8 +524,8 @@ def load_recipe(
                     checker.fail(f"{sp}.{section}", f"expected a mapping, got {_show(s.get(section))}")
             name = s.get("name")
             if isinstance(name, str):
-                if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                    checker.fail(f"{sp}.name", f"{name!r}: use letters, digits, '_', '-', '.' (it names a folder)")
+                if not SAFE_NAME.fullmatch(name):
+                    checker.fail(f"{sp}.name", f"{name!r}: {SAFE_NAME_RULE} (it names a folder)")
                 if name in seen:
                     checker.fail(f"{sp}.name", f"duplicate stage name {name!r} (also stages[{seen[name]}])")
                 seen.setdefault(name, i)
@@ -536,8 +551,8 @@ def load_recipe(
     if checker.problems:
         raise RecipeError(checker.problems)
     recipe = Recipe(recipe=top.recipe, description=top.description, stages=stages, path=path)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe.recipe):
-        raise RecipeError([f"{file}: recipe: {recipe.recipe!r}: use letters, digits, '_', '-', '.' (it names a folder)"])
+    if not SAFE_NAME.fullmatch(recipe.recipe):
+        raise RecipeError([f"{file}: recipe: {recipe.recipe!r}: {SAFE_NAME_RULE} (it names a folder)"])
     if check_stage_types:
         check_stage_configs(recipe)
     return recipe

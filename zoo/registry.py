@@ -158,8 +158,8 @@ def is_zoo_checkpoint(path: str | os.PathLike) -> bool:
     if not cfg_file.is_file():
         return False
     try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
     return isinstance(config, dict) and "architecture" in config
 
@@ -201,12 +201,17 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
         return load_released(path, fmt, **overrides)
     cfg_file = path / CONFIG_NAME
     config = json.loads(cfg_file.read_text())
-    if "model_args" not in config:
-        raise ValueError(f"{cfg_file}: missing field 'model_args'")
+    if not isinstance(config.get("model_args"), dict):
+        raise ValueError(f"{cfg_file}: field 'model_args' is missing or not a mapping")
     weights_file = path / WEIGHTS_NAME
     if not weights_file.exists():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
-    model = create_model(config["architecture"], **{**config["model_args"], **overrides})
+    try:
+        model = create_model(config["architecture"], **{**config["model_args"], **overrides})
+    except (KeyError, TypeError) as e:
+        # An unknown architecture, or model_args its builder does not take (a typo, or a config from another version).
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ValueError(f"{cfg_file}: cannot build {config['architecture']!r} from its model_args: {msg}") from None
     from zoo.checkpoint import load_file_strict
 
     load_file_strict(model, weights_file, config["architecture"], device=map_location)

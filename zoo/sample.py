@@ -24,13 +24,13 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
     for part in spec.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out += list(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
+            low, _, high = part.partition("-")
+            ids = list(range(int(low), int(high) + 1)) if high else [int(part)]
         except ValueError:
             raise ValueError(f"--classes {spec!r}: {part!r} is not a class id or a range like 0-9") from None
+        if not ids:
+            raise ValueError(f"--classes {spec!r}: the range {part!r} is empty (write it low-high, e.g. 0-9)")
+        out += ids
     bad = [c for c in out if not 0 <= c < num_classes]
     if bad:
         raise ValueError(f"--classes {spec!r}: unknown class id(s) {bad}; this model knows 0..{num_classes - 1}")
@@ -53,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory, to decode latent models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    for flag, value in (("--per-class", args.per_class), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")  # checked before the model loads
 
     import zoo
 
     try:
         model = zoo.load(args.model).to(args.device).eval()
-    except (KeyError, FileNotFoundError) as e:
-        print(f"zoo sample: {e}", file=sys.stderr)
+    except (KeyError, FileNotFoundError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"zoo sample: {msg}", file=sys.stderr)
         return 2
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(model, "sample"):

@@ -15,6 +15,12 @@ For each stage of a validated recipe (see :mod:`zoo.recipe`), in order:
    ``summary.json`` (metrics, steps, wall time, samples/s, parameter counts), which marks the stage finished.
 
 The runs root is ``--runs-dir``, else ``$MMZOO_RUNS``, else ``./runs``.
+
+Safety: recipe and stage names are safe folder names (``zoo.recipe.SAFE_NAME``) and every path the runner writes or
+deletes must resolve inside the runs root (symlinks followed), else :class:`RunError`. ``runs/<recipe>/.lock`` (the
+owner's pid and host) admits one ``zoo train`` per run folder; a lock whose process is gone is taken over. A resumed
+stage whose training config changed is refused (the differing keys are named). A loss that stays nan/inf stops the
+stage (``trainer.nonfinite_patience``), and weights holding a nan/inf are never exported to ``final/``.
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +47,105 @@ import yaml
 from zoo.recipe import Recipe, RecipeError, StageSpec, check_stage_configs, load_recipe, to_plain
 from zoo.registry import atomic_write
 
-__all__ = ["train", "runs_root", "stage_dir", "resolve_init_source", "apply_param_globs", "format_results"]
+__all__ = [
+    "train",
+    "RunError",
+    "run_lock",
+    "runs_root",
+    "stage_dir",
+    "resolve_init_source",
+    "apply_param_globs",
+    "format_results",
+]
 
 log = logging.getLogger("zoo.train")
 
 CHECKPOINT_NAME = "last.ckpt"
+LOCK_NAME = ".lock"
+
+
+class RunError(RuntimeError):
+    """A run cannot start or go on; the message says why and what to do (``zoo train`` prints it on one line)."""
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """``path`` resolved (symlinks followed); :class:`RunError` unless it lies inside the resolved ``root``."""
+    resolved, top = path.resolve(), root.resolve()
+    if resolved != top and top not in resolved.parents:
+        raise RunError(f"refusing to write or delete {path}: it resolves to {resolved}, outside the runs folder {top}")
+    return resolved
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and a scratch file in it, so an unwritable runs folder fails before any training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise RunError(f"the runs folder {folder} is not writable ({e.strerror or e}); pass --runs-dir DIR "
+                       "or set $MMZOO_RUNS to a writable folder") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[Path]:
+    """Hold ``folder/.lock`` (``pid host``) while training; refuse when another live process holds it.
+
+    A lock left by a process that no longer exists on this host (kill -9, a crash) is stale and taken over.
+    """
+    lock = folder / LOCK_NAME
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid_text, _, host = lock.read_text().strip().partition(" ")
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, host = -1, ""  # unreadable or half-written: nobody holds it in a usable way
+            if pid > 0 and (host != socket.gethostname() or _pid_alive(pid)):
+                raise RunError(
+                    f"{folder} is in use by another `zoo train` (pid {pid} on {host or 'this host'}, lock file "
+                    f"{lock}); wait for it to finish, or delete the lock file if that process is gone"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    else:
+        raise RunError(f"could not take the lock {lock}: another process keeps recreating it")
+    try:
+        yield lock
+    finally:
+        try:
+            if lock.read_text().strip() == me:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+def _remove_stale_temp_files(out: Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a killed ``atomic_write`` (checkpoint, metrics, summary) left behind."""
+    removed = []
+    for folder in (out, out / "checkpoints", out / "final"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                if tmp.is_file():
+                    tmp.unlink()
+                    removed.append(tmp)
+    return removed
 
 
 def runs_root(runs_dir: str | os.PathLike | None = None) -> Path:
@@ -139,11 +243,20 @@ def _git_commit() -> str | None:
         return None
 
 
+# Stage keys that may change between a run and its resume: they do not affect steps, data order or the weights.
+RESUME_FREE_KEYS = {"out_dir", "description", "trainer.enable_progress_bar", "num_workers"}
+
+
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """``key.path: old -> new`` for each value that differs between the saved config ``a`` and the new one ``b``.
+
+    Keys present on one side only are settings added to (or removed from) mmzoo since ``a`` was written, at their
+    defaults: they do not count, so runs started by an older mmzoo still resume.
+    """
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        for k in sorted(set(a) & set(b)):
+            out += _diff(a[k], b[k], f"{path}.{k}" if path else str(k))
         return out
     return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
 
@@ -169,8 +282,12 @@ def run_stage(
     ckpt = out / "checkpoints" / CHECKPOINT_NAME
     rank = _global_rank()
 
-    if force and rank == 0 and out.exists():
-        shutil.rmtree(out)
+    if rank == 0:
+        _inside(root, out)
+        if force and (out.exists() or out.is_symlink()):
+            shutil.rmtree(out)
+        for tmp in _remove_stale_temp_files(out):
+            _say(rank, f"stage {stage.name}: removed {tmp.name}, left by a write that was killed")
     _barrier()
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
@@ -179,7 +296,16 @@ def run_stage(
 
     import lightning as L
 
-    from zoo.callbacks import AtomicCheckpointIO, MetricsCSV, StageCheckpoint, StageClock, StepProgressBar
+    # Lazy: Lightning is heavy, and zoo.callbacks imports RunError from this module (an import cycle otherwise).
+    from zoo.callbacks import (
+        AtomicCheckpointIO,
+        MetricsCSV,
+        NonFiniteGuard,
+        StageCheckpoint,
+        StageClock,
+        StepProgressBar,
+        nonfinite_parameters,
+    )
     from zoo.stages import get_stage_type
 
     resuming = ckpt.is_file()
@@ -192,14 +318,19 @@ def run_stage(
         "stage": to_plain(stage),
     }
     cfg_file = out / "config.yaml"
-    if rank == 0:
-        if resuming and cfg_file.is_file():
-            before = yaml.safe_load(cfg_file.read_text()).get("stage", {})
-            changed = [d for d in _diff(before, resolved["stage"]) if not d.startswith("out_dir")]
-            if changed:
-                warnings.warn(f"stage {stage.name}: resuming with a changed config: {'; '.join(changed)}", stacklevel=2)
-        else:
-            atomic_write(cfg_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(resolved, sort_keys=False)))
+    if resuming and cfg_file.is_file():
+        # Checked on every rank (they read the same file), so under torchrun no rank waits for one that stopped.
+        before = yaml.safe_load(cfg_file.read_text()).get("stage", {})
+        changed = [d for d in _diff(before, resolved["stage"]) if d.split(":")[0] not in RESUME_FREE_KEYS]
+        if changed:
+            # Steps, schedule and data order are functions of the config: continuing would mix two runs.
+            raise RunError(
+                f"stage {stage.name}: cannot resume {ckpt}: the config changed since it was written "
+                f"({'; '.join(changed)}). To continue, restore those values (they are in {cfg_file}); "
+                f"to start this stage over, rerun with --force"
+            )
+    elif rank == 0:
+        atomic_write(cfg_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(resolved, sort_keys=False)))
 
     L.seed_everything(stage.seed, workers=True, verbose=False)
     module_cls = get_stage_type(stage.type)
@@ -218,6 +349,8 @@ def run_stage(
     clock = StageClock()
     plugins = [] if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
     cbs = [
+        # The guard runs before the checkpoint so a diverged step never overwrites the last good checkpoint.
+        NonFiniteGuard(stage.name, t.nonfinite_patience, ckpt),
         StageCheckpoint(ckpt, t.ckpt_every_n_steps),
         clock,
         MetricsCSV(out / "metrics.csv", t.log_every_n_steps, clock),
@@ -261,11 +394,19 @@ def run_stage(
         # The stream is resumable by construction (a function of seed and step), so this warning does not apply.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(module, ckpt_path=str(ckpt) if resuming else None)
+        # weights_only: a resumed checkpoint is read with torch's safe unpickler whatever the environment says.
+        trainer.fit(module, ckpt_path=str(ckpt) if resuming else None, weights_only=True)
     if trainer.interrupted or trainer.global_step < max_steps:
         raise RuntimeError(f"stage {stage.name}: training stopped at step {trainer.global_step} of {max_steps}")
 
     rank = trainer.global_rank
+    # Every rank checks (data-parallel ranks hold the same weights), so all of them stop together.
+    bad = nonfinite_parameters(module.model)
+    if bad:
+        raise RunError(
+            f"stage {stage.name}: not exporting {out / 'final'}: {len(bad)} tensors hold nan/inf "
+            f"(e.g. {', '.join(bad[:3])}); lower optim.lr and rerun the stage with --force"
+        )
     if rank == 0:
         import torch
 
@@ -275,6 +416,9 @@ def run_stage(
             metrics = {k: float(v) for k, v in module.evaluate(out).items()}
         eval_s = time.perf_counter() - t0
         module.export(out / "final")
+        skipped = module.skipped_samples()
+        if skipped:
+            _say(rank, f"stage {stage.name}: skipped {_skip_text(skipped)} (data.on_error: skip)")
         wall = clock.elapsed()
         samples = max_steps * stage.batch_size * trainer.world_size * t.accumulate_grad_batches
         summary = {
@@ -291,12 +435,22 @@ def run_stage(
             "params": {"trainable": counts.trainable, "frozen": counts.frozen},
             "init_from": str(source) if source else None,
             "metrics": metrics,
+            # Samples the data side skipped as unreadable (on_error: skip), from StageModule.skipped_samples().
+            "skipped": skipped,
             "final_dir": str(out / "final"),
         }
         atomic_write(summary_file, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     _barrier()
     summary = json.loads(summary_file.read_text())
     return {**summary, "status": "trained"}
+
+
+def _skip_text(skipped: int | dict[str, int]) -> str:
+    """``3 samples`` or ``3 samples (truncated image: 2, bad record: 1)``."""
+    if isinstance(skipped, dict):
+        total = sum(skipped.values())
+        return f"{total} samples ({', '.join(f'{k}: {v}' for k, v in skipped.items())})"
+    return f"{skipped} samples"
 
 
 def _say(rank: int, msg: str) -> None:
@@ -362,9 +516,18 @@ def train(
     if resume and not (root / recipe.recipe).is_dir():
         raise FileNotFoundError(f"--resume: nothing to resume, {root / recipe.recipe} does not exist")
     selected = [s for s in recipe.stages if stage is None or s.name == stage]
+    run_folder = root / recipe.recipe
     rows = []
-    for s in selected:
-        rows.append(run_stage(recipe, s, root, force=force, callbacks=callbacks))
+    if _global_rank() == 0:
+        _check_writable(root)
+        _inside(root, run_folder)
+        _check_writable(run_folder)
+        with run_lock(run_folder):
+            for s in selected:
+                rows.append(run_stage(recipe, s, root, force=force, callbacks=callbacks))
+    else:  # rank 0 holds the lock for the whole run; Lightning's other ranks run the same stages under it
+        for s in selected:
+            rows.append(run_stage(recipe, s, root, force=force, callbacks=callbacks))
     if _global_rank() == 0:
         print(f"\nresults: {recipe.recipe} ({root / recipe.recipe})\n" + format_results(rows), flush=True)
     return rows

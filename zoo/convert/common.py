@@ -37,12 +37,12 @@ def config_model_type(src: str | os.PathLike) -> str | None:
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from zoo.checkpoint import read_safetensors, torch_load_safely
 
-        return load_file(str(path))
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     # Official .bin files are plain state dicts; weights_only refuses anything that is not tensors/containers.
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    return torch_load_safely(path)
 
 
 def read_state_dict(src: str | os.PathLike) -> dict[str, torch.Tensor]:

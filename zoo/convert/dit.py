@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from zoo.checkpoint import torch_load_safely
 from zoo.convert import register_converter
 from zoo.models.dit import (
     DIT_MOE_VARIANTS,
@@ -45,12 +46,17 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 _DIT_KEYS = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
 
 
+# DiT's own train.py saves {"model", "ema", "opt", "args"} with its argparse.Namespace under "args": that one class
+# is allowed to the safe unpickler (it holds only the command-line values); the EMA weights are the ones converted.
+TRAINING_CHECKPOINT_CLASSES = (argparse.Namespace,)
+
+
 def _read(src: str | Path) -> Mapping[str, Any]:
     # mmap: detection and conversion of a multi-GB file read only the tensors they touch.
     try:
-        return torch.load(str(src), map_location="cpu", weights_only=True, mmap=True)
+        return torch_load_safely(src, mmap=True, allow=TRAINING_CHECKPOINT_CLASSES)
     except RuntimeError:  # the pre-zip (legacy) torch.save format cannot be memory-mapped
-        return torch.load(str(src), map_location="cpu", weights_only=True)
+        return torch_load_safely(src, allow=TRAINING_CHECKPOINT_CLASSES)
 
 
 def is_dit_checkpoint(src: Path) -> bool:

@@ -493,6 +493,26 @@ class MoE(nn.Module):
         return terms[0] if len(terms) == 1 else sum(terms[1:], terms[0])
 
     # ---- forward -------------------------------------------------------------------------------------------
+    def _forward_no_tokens(self, x2: Tensor, logits: Tensor, idx: Tensor) -> Tensor:
+        """An empty batch (zero tokens): an empty output, zero aux loss and stats with nothing routed.
+
+        The aux loss is ``0 * logits.sum()`` rather than None so the router still takes part in the backward
+        pass (DDP expects every rank to produce gradients for the same parameters).
+        """
+        y = torch.zeros_like(x2)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x2)
+        cfg = self.cfg
+        has_loss = bool(cfg.balance_loss is not None and cfg.balance_loss_coef) or bool(cfg.z_loss_coef)
+        self.aux_loss = logits.sum() * 0.0 if self.training and has_loss else None
+        zeros = torch.zeros(cfg.routed_experts, dtype=torch.long, device=x2.device)
+        cap = self.capacity(0)
+        self.last_stats = MoEStats(
+            top_k_indices=idx.detach(), top_k_weights=torch.zeros(idx.shape, device=x2.device), expert_load=zeros,
+            expert_demand=zeros, drop_rate=0.0, dropped_tokens=0, capacity=cap,
+        )
+        return y
+
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.cfg
         if x.shape[-1] != cfg.hidden_size:
@@ -504,6 +524,8 @@ class MoE(nn.Module):
         T, k, E = x2.shape[0], cfg.routed_top_k, cfg.routed_experts
 
         logits, probs, idx = self.route(x2)
+        if T == 0:
+            return self._forward_no_tokens(x2, logits, idx).reshape(shape)
         top_p = probs.gather(1, idx)  # [T, k] fp32
 
         # Stable sort of the choice-major flattening: inside each expert, all first choices precede second choices,

@@ -155,6 +155,14 @@ class StageModule(L.LightningModule, ABC):
         """Numbers for summary.json and the results table, computed after training on global rank 0."""
         return {}
 
+    def skipped_samples(self) -> int | dict[str, int]:
+        """Training samples skipped as unreadable (``data.on_error: skip``), summed over DataLoader workers.
+
+        An int, or counts by reason (``{"truncated image": 3}``). The runner prints it at the end of the stage and
+        records it as ``skipped`` in ``summary.json``. Default: 0 (a stage type whose data never skips).
+        """
+        return 0
+
     def init_from(self, source: Path) -> None:
         """Load an exported directory (``config.json`` + ``model.safetensors``) into ``self.model``, strictly."""
         import json
