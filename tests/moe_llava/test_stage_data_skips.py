@@ -63,10 +63,10 @@ def test_drops_in_dataloader_workers_reach_the_summary(tmp_path, monkeypatch):
 
     rows = train(_setup(tmp_path, monkeypatch, steps=1), runs_dir=tmp_path / "runs")
     # The one batch holds all 8 records (batch_size 8): 4 reach the model, 4 are dropped in a worker.
-    assert rows[0]["metrics"]["data_skipped_records"] == 4.0
+    assert rows[0]["skipped"] == 4
     out = tmp_path / "runs" / "skips" / "align"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["metrics"]["data_skipped_records"] == 4.0 and summary["steps"] == 1
+    assert summary["skipped"] == 4 and summary["steps"] == 1
     # The checkpoint carries the drops, so a resumed run still counts the ones seen before it stopped.
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert sorted(d[1] for d in ckpt["moe_llava_dropped_samples"]) == ["image"] * 4
@@ -91,4 +91,4 @@ def test_a_resumed_stage_counts_each_bad_record_once(tmp_path, monkeypatch):
     # The resumed run's check skips the 4 broken records up front; the checkpoint says the same 4 were dropped
     # before the interruption: still 4 records, not 8.
     rows = train(recipe, runs_dir=tmp_path / "runs", resume=True)
-    assert rows[0]["steps"] == 2 and rows[0]["metrics"]["data_skipped_records"] == 4.0
+    assert rows[0]["steps"] == 2 and rows[0]["skipped"] == 4

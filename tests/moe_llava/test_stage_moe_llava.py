@@ -1,4 +1,4 @@
-"""MoELLaVATask: the three stages through the recipe runner at toy size, init_from semantics, data wiring."""
+"""MoELLaVAStage: the three stages through the recipe runner at toy size, init_from semantics, data wiring."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from zoo.recipe import load_recipe
-from zoo.stages.moe_llava import MoELLaVATask, summarise_eval
+from zoo.stages.moe_llava import MoELLaVAStage, summarise_eval
 
 VISION = {"kind": "hf", "config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                                    "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32,
@@ -107,7 +107,7 @@ def test_upcycled_model_reproduces_the_dense_model(toy_runs):
     recipe = load_recipe(root.parent.parent / "toy.yaml")
     stage = recipe.stages[2]
     stage.out_dir = root / "moe_check"
-    task = MoELLaVATask(stage.model, stage.data, stage.eval, stage)
+    task = MoELLaVAStage(stage.model, stage.data, stage.eval, stage)
     task.init_from(root / "sft" / "final")
     dense = load(root / "sft" / "final")
     e = task.model.state_dict()
@@ -132,7 +132,7 @@ def test_init_from_rejects_moe_into_dense(toy_runs):
     recipe = load_recipe(root.parent.parent / "toy.yaml")
     stage = recipe.stages[1]
     stage.out_dir = root / "dense_check"
-    task = MoELLaVATask(stage.model, stage.data, stage.eval, stage)
+    task = MoELLaVAStage(stage.model, stage.data, stage.eval, stage)
     with pytest.raises(ValueError, match="holds an MoE model but this stage builds a dense one"):
         task.init_from(root / "moe" / "final")
 
@@ -142,7 +142,7 @@ def test_training_data_has_no_unknown_words(toy_runs):
     recipe = load_recipe(root.parent.parent / "toy.yaml")
     stage = recipe.stages[1]
     stage.out_dir = root / "data_check"
-    task = MoELLaVATask(stage.model, stage.data, stage.eval, stage)
+    task = MoELLaVAStage(stage.model, stage.data, stage.eval, stage)
     ds = task.train_dataset()
     unk = task.model.tokenizer.unk_token_id
     assert len(ds) >= 2 * 12 and all(unk not in e.input_ids for e in ds.encoded)

@@ -4,7 +4,7 @@ A stage module is *model + loss + data + evaluation* for one kind of stage. Subc
 class owns the training loop plumbing so that every family resumes, shards and schedules the same way::
 
     @register_stage("my_stage")
-    class MyTask(StageModule):
+    class MyStage(StageModule):
         ModelConfig = MyModelConfig        # dataclasses: the recipe's `model:`, `data:` and `eval:` sections are
         DataConfig = MyDataConfig          # validated against them (unknown key / wrong type -> error naming the
         EvalConfig = MyEvalConfig          # file and key path) and passed in as instances

@@ -41,7 +41,7 @@ from data.shapes_clip import WorldCaptions
 from zoo.stages import register_stage
 from zoo.stages.base import StageModule
 
-__all__ = ["ClipModelConfig", "ClipDataConfig", "ClipEvalConfig", "ClipContrastiveTask", "make_world"]
+__all__ = ["ClipModelConfig", "ClipDataConfig", "ClipEvalConfig", "ClipContrastiveStage", "make_world"]
 
 # Class-name prompts that may stand in for part of the training captions (data.prompt_prob > 0).
 TRAIN_TEMPLATES = ("a {}.", "a photo of a {}.", "a {} shape.")
@@ -112,7 +112,7 @@ def make_world(cfg: ClipDataConfig) -> Any:
 
 
 @register_stage("clip_contrastive")
-class ClipContrastiveTask(StageModule):
+class ClipContrastiveStage(StageModule):
     ModelConfig = ClipModelConfig
     DataConfig = ClipDataConfig
     EvalConfig = ClipEvalConfig

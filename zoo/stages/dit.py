@@ -34,7 +34,7 @@ __all__ = [
     "DiTModelConfig",
     "DiTDataConfig",
     "DiTEvalConfig",
-    "DiTDiffusionTask",
+    "DiTDiffusionStage",
     "sample_labels",
     "evaluate_generator",
     "digits_metrics",
@@ -101,7 +101,7 @@ def sample_labels(num_classes: int, per_class: int) -> Tensor:
 
 
 @register_stage("dit_diffusion")
-class DiTDiffusionTask(StageModule):
+class DiTDiffusionStage(StageModule):
     ModelConfig = DiTModelConfig
     DataConfig = DiTDataConfig
     EvalConfig = DiTEvalConfig

@@ -34,7 +34,7 @@ from zoo.moe.upcycle import MoESettings
 from zoo.stages import register_stage
 from zoo.stages.base import StageModule
 
-__all__ = ["MoELLaVAModelConfig", "MoELLaVADataConfig", "MoELLaVAEvalConfig", "MoELLaVATask"]
+__all__ = ["MoELLaVAModelConfig", "MoELLaVADataConfig", "MoELLaVAEvalConfig", "MoELLaVAStage"]
 
 
 @dataclass(kw_only=True)
@@ -95,7 +95,7 @@ class MoELLaVADataConfig:
     on_error: Literal["raise", "skip"] = field(
         default="raise",
         metadata={"help": "bad records (malformed, bad image, over-long, truncated shard): raise before step 1, or "
-                          "skip them and count them (printed, and data_skipped_records in summary.json)"},
+                          "skip them and count them (printed at the end of the stage and recorded as summary.json's skipped)"},
     )
     check_images: bool = field(
         default=True,
@@ -112,7 +112,7 @@ class MoELLaVAEvalConfig:
 
 
 @register_stage("moe_llava")
-class MoELLaVATask(StageModule):
+class MoELLaVAStage(StageModule):
     ModelConfig = MoELLaVAModelConfig
     DataConfig = MoELLaVADataConfig
     EvalConfig = MoELLaVAEvalConfig
@@ -355,8 +355,6 @@ class MoELLaVATask(StageModule):
         }
         if self._t_train > 0:
             metrics["train_tokens_per_s"] = self._tokens / self._t_train
-        # Also recorded here, so summary.json has it whatever the runner records.
-        metrics["data_skipped_records"] = float(self.skipped_samples())
         if not self.eval_cfg.tasks:
             return metrics
         import eval as zoo_eval
