@@ -15,7 +15,7 @@ of silence between them), then adds white noise at ``snr_db`` relative to the mi
 distinct within a clip, so a shape word names one sound.
 
 Questions (single-word answers):
-  order   "Which sound comes first, the red circle or the blue square?" -> a shape
+  order   "Does the red circle sound come before or after the blue square?" -> before / after
   exist   "Is there a green star sound?" -> yes / no (half each; a "no" names a pair absent from the clip)
   count   "How many sounds are there?" -> a digit
 
@@ -253,9 +253,10 @@ class AudioWorld:
         qa = []
         if len(events) >= 2:
             i, j = sorted(int(x) for x in rng.choice(len(events), size=2, replace=False))
-            first, second = events[i], events[j]
-            a, b = (first, second) if rng.random() < 0.5 else (second, first)
-            qa.append(QA(f"Which sound comes first, the {a.name} or the {b.name}?", first.shape, "order"))
+            # The answer is a word the question does not contain, so the question text alone gives no hint.
+            a, b = (events[i], events[j]) if rng.random() < 0.5 else (events[j], events[i])
+            answer = "before" if a.start < b.start else "after"
+            qa.append(QA(f"Does the {a.name} sound come before or after the {b.name}?", answer, "order"))
         present = {e.name for e in events}
         if rng.random() < 0.5:
             name = str(rng.choice(sorted(present)))
