@@ -383,6 +383,12 @@ def run(
             if output_dir is not None and rank == 0 and callable(write_artifacts):
                 results.setdefault("artifacts", {})[spec.name] = write_artifacts(Path(output_dir))
             samples[spec.name] = records
+            if output_dir is not None and rank == 0 and any(d.media for d in scorer.example_docs):
+                from eval.examples import write_examples
+
+                results.setdefault("examples", {})[spec.name] = write_examples(
+                    Path(output_dir), spec.name, scorer.example_docs, records
+                )
             log.info("%s: %s = %.2f", spec.name, scorer.primary, metrics.get(scorer.primary, float("nan")))
     finally:
         if was_training:
@@ -402,7 +408,9 @@ def run(
         "total_evaluation_time_seconds": str(round(end_time - start_time, 3)),
         "environment": _versions(),
     }
-    table = format_table(results)
+    from eval.examples import examples_markdown
+
+    table = format_table(results) + examples_markdown(results.get("examples"))
     if output_dir is not None and rank == 0:
         _write(Path(output_dir), results, samples if log_samples else {}, table)
     if print_table and rank == 0:

@@ -23,6 +23,7 @@ DISPATCH = {
     "chat": ("zoo.chat", "chat with a multimodal model (see `zoo chat --help`)"),
     "sample": ("zoo.sample", "sample images from a diffusion model (see `zoo sample --help`)"),
     "convert": ("zoo.convert", "convert official checkpoints to zoo layout (see `zoo convert --help`)"),
+    "show": ("zoo.show", "write a video as GIF / strip PNG, audio as a spectrogram PNG (see `zoo show --help`)"),
 }
 
 TRAIN_EPILOG = """\
