@@ -33,6 +33,7 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -349,12 +350,7 @@ class UniMoEWebDatasetReader(_Reader):
                         raise RecordError(url, name, "json", f"not valid JSON ({err})") from err
                     _check_unimoe_record(record, url, name)
 
-                    def member(ref: str, where: str, raw=raw, name=name) -> bytes:
-                        ext = ref.partition(".")[2]
-                        if ext not in raw:
-                            raise RecordError(url, name, where, f"the record names {ref!r} but the shard has no such member")
-                        return raw[ext]
-
+                    member = partial(_member, raw, url, name)
                     yield _sample(
                         record,
                         None if "image" not in record else _decode_image(
@@ -371,6 +367,14 @@ class UniMoEWebDatasetReader(_Reader):
                     )  # fmt: skip
                 except RecordError as err:
                     yield err
+
+
+def _member(raw: dict[str, bytes], url: str, name: str, ref: str, where: str) -> bytes:
+    """The bytes of the shard member a record field names (``<key>.<ext>``)."""
+    ext = ref.partition(".")[2]
+    if ext not in raw:
+        raise RecordError(url, name, where, f"the record names {ref!r} but the shard has no such member")
+    return raw[ext]
 
 
 def _sample(record: dict, image, video, voice, index: int) -> UniMoESample:

@@ -12,6 +12,7 @@ Public API::
     clip.tracks        # list[Track]: per object its colour per frame (None = not visible) and centre per frame
     clip.caption       # "the red circle moves left; a blue square appears; the green star turns cyan."
     clip.qa            # list[QA(question, answer, kind)], kinds in VIDEO_QA_KINDS
+    world.questions(index, split)   # the same QA list without painting frames (fast)
     clip.to_record()   # JSON-able dict of everything but the pixels
 
 What happens in a clip:
@@ -163,6 +164,14 @@ class VideoWorld:
             id=f"video_{split}_{index:06d}", split=split, index=index, frames=frames, tracks=tracks,
             caption=_caption(tracks), qa=self._questions(rng, tracks),
         )  # fmt: skip
+
+    def questions(self, index: int, split: str = "train") -> list[QA]:
+        """``clip(index, split).qa`` without painting the frames (painting draws no random numbers)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        rng = np.random.default_rng(mix_seed(self._seed, SPLITS.index(split), index))
+        tracks = self._tracks(rng)
+        return self._questions(rng, tracks)
 
     def clips(self, split: str, n: int, start: int = 0) -> list[VideoClip]:
         return list(self.iter_clips(split, n, start))
