@@ -383,7 +383,7 @@ def run(
             if output_dir is not None and rank == 0 and callable(write_artifacts):
                 results.setdefault("artifacts", {})[spec.name] = write_artifacts(Path(output_dir))
             samples[spec.name] = records
-            if output_dir is not None and rank == 0 and any(d.media for d in scorer.example_docs):
+            if output_dir is not None and rank == 0 and scorer.example_docs:
                 from eval.examples import write_examples
 
                 results.setdefault("examples", {})[spec.name] = write_examples(

@@ -28,7 +28,6 @@ from typing import Any
 
 from torchmetrics import Metric
 
-from eval.examples import EXAMPLES_PER_TASK
 from eval.metrics import (
     MME_COGNITION,
     MME_PERCEPTION,
@@ -61,8 +60,8 @@ class Scorer(ABC):
     def __init__(self, spec: TaskSpec, docs: Sequence[Doc], **args: Any) -> None:
         self.spec = spec
         self.args = args
-        # The first documents: the run report shows those with media (eval.examples).
-        self.example_docs = list(docs[:EXAMPLES_PER_TASK])
+        # The documents the run report shows with their media (``TaskSpec.examples``, eval/examples.py).
+        self.example_docs = list(docs[: spec.examples])
         self.metric: Metric = self.build_metric(docs)
 
     @abstractmethod
