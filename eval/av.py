@@ -464,9 +464,12 @@ def simple_tokenize(text: str) -> str:
 def caption_scores(samples: Sequence[tuple[str, Sequence[str]]], tokenizer: str = "simple",
                    meteor: bool = False) -> dict[str, float]:  # fmt: skip
     """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR) with pycocoevalcap, as coco-caption computes them (x100)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError as err:
+        raise ImportError("captioning scores need pycocoevalcap: pip install 'mmzoo[captions]'") from err
 
     if tokenizer == "ptb":
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -485,10 +488,8 @@ def caption_scores(samples: Sequence[tuple[str, Sequence[str]]], tokenizer: str 
         from pycocoevalcap.meteor.meteor import Meteor
 
         scorer = Meteor()
-        try:
-            out["meteor"] = 100.0 * scorer.compute_score(gts, res)[0]
-        finally:
-            scorer.close()
+        out["meteor"] = 100.0 * scorer.compute_score(gts, res)[0]
+        del scorer  # its __del__ stops the Java process
     out["n_samples"] = float(len(samples))
     return out
 

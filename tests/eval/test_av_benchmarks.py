@@ -289,3 +289,25 @@ def test_every_av_fixture_task_with_an_oracle(tmp_path):
     assert got["clotho_v2_eval"] > 100 and got["audiocaps_test"] > 100
     md = (tmp_path / "results.md").read_text()
     assert md.count("examples/activitynet_qa/") >= 2 and (tmp_path / "examples/clotho_v2_eval/0_audio0.png").is_file()
+
+
+@pytest.mark.slow  # the METEOR jar loads its paraphrase tables: about 45 s on the 2-core machine
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="METEOR and the PTB tokenizer run Java")
+def test_meteor_and_ptb_tokenizer_with_java():
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    _, docs = _docs("clotho_v2_eval", "clotho")
+    samples = [("Birds chirp in the morning.", docs[0].target), ("Cars pass on a busy road!", docs[1].target)]
+    got = av.caption_scores(samples, tokenizer="ptb", meteor=True)
+    ptb = PTBTokenizer()
+    res = ptb.tokenize({i: [{"caption": c}] for i, (c, _) in enumerate(samples)})
+    gts = ptb.tokenize({i: [{"caption": r} for r in refs] for i, (_, refs) in enumerate(samples)})
+    assert res[0] == ["birds chirp in the morning"]
+    meteor = Meteor()
+    expected = 100 * meteor.compute_score(gts, res)[0]
+    del meteor  # stops its Java process
+    assert got["meteor"] == pytest.approx(expected)
+    assert 0 < got["meteor"] < 100
+    # On plain sentences the Python tokenizer gives the PTB tokens, so the n-gram metrics agree.
+    assert got["cider_d"] == pytest.approx(av.caption_scores(samples)["cider_d"])
