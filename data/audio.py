@@ -16,6 +16,7 @@ distinct within a clip, so a shape word names one sound.
 
 Questions (single-word answers):
   order   "Does the red circle sound come before or after the blue square?" -> before / after
+  first   "Which shape makes the first sound?" -> a shape (clips of two or more sounds)
   exist   "Is there a green star sound?" -> yes / no (half each; a "no" names a pair absent from the clip)
   count   "How many sounds are there?" -> a digit
 
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 16_000
-AUDIO_QA_KINDS: tuple[str, ...] = ("order", "exist", "count")
+AUDIO_QA_KINDS: tuple[str, ...] = ("order", "first", "exist", "count")
 COLOR_PITCH_HZ: dict[str, float] = {
     name: 220.0 * 2 ** (4 * k / 12)
     for k, name in enumerate(("red", "green", "blue", "yellow", "purple", "cyan", "orange", "white"))
@@ -257,6 +258,7 @@ class AudioWorld:
             a, b = (events[i], events[j]) if rng.random() < 0.5 else (events[j], events[i])
             answer = "before" if a.start < b.start else "after"
             qa.append(QA(f"Does the {a.name} sound come before or after the {b.name}?", answer, "order"))
+            qa.append(QA("Which shape makes the first sound?", events[0].shape, "first"))
         present = {e.name for e in events}
         if rng.random() < 0.5:
             name = str(rng.choice(sorted(present)))

@@ -60,6 +60,7 @@ __all__ = [
     "audio_qa_sample",
     "audio_caption_sample",
     "speech_vqa_sample",
+    "spoken_video_qa_sample",
     "spoken_instruction_sample",
 ]
 
@@ -118,6 +119,16 @@ def speech_vqa_sample(scene: Scene, k: int) -> UniMoESample:
         id=f"{scene.id}_sq{k}", conversations=_turns(f"<image>\n<audio>\n{SHORT_ANSWER}", qa.answer),
         image=scene.image, voice=[speak(qa.question)],
         meta={"kind": qa.kind, "task": "speech_vqa", "transcript": qa.question},
+    )  # fmt: skip
+
+
+def spoken_video_qa_sample(clip: VideoClip, k: int) -> UniMoESample:
+    """The video question asked by voice: ``<audio>`` then ``<video>``, the order of Uni-MoE's data samples."""
+    qa = clip.qa[k]
+    return UniMoESample(
+        id=f"{clip.id}_sq{k}", conversations=_turns(f"<audio>\n<video>\n{SHORT_ANSWER}", qa.answer),
+        video=list(clip.frames), voice=[speak(qa.question)],
+        meta={"kind": qa.kind, "task": "spoken_video_qa", "transcript": qa.question},
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from data.unimoe import (
     export_unimoe_webdataset,
     speech_vqa_sample,
     spoken_instruction_sample,
+    spoken_video_qa_sample,
     video_qa_sample,
 )
 from data.video import VideoWorld
@@ -34,6 +35,7 @@ def samples():
     return [
         video_qa_sample(video, 0), audio_qa_sample(audio, 0), audio_caption_sample(audio),
         speech_vqa_sample(scene, 0), spoken_instruction_sample(scene, "Describe the image briefly."),
+        spoken_video_qa_sample(video, 0),
     ]  # fmt: skip
 
 
@@ -59,8 +61,9 @@ def test_json_and_shards_give_identical_samples(samples, tmp_path):
     # The written audio is the 16-bit quantisation of the original waveform.
     assert np.abs(from_json[1].voice[0] - samples[1].voice[0]).max() < 1 / 16000
     assert from_json[0].video[0].tobytes() == samples[0].video[0].tobytes()
-    record = json.loads(json_path.read_text())[3]
-    assert record["conversations"][0]["value"].startswith("<image>\n<audio>\n") and len(record["voice"]) == 1
+    records = json.loads(json_path.read_text())
+    assert records[3]["conversations"][0]["value"].startswith("<image>\n<audio>\n") and len(records[3]["voice"]) == 1
+    assert records[5]["conversations"][0]["value"].startswith("<audio>\n<video>\n") and len(records[5]["video"]) == 4
     # Same samples, same bytes.
     again = export_unimoe_webdataset(samples, tmp_path / "wds2", "train", shard_size=2)
     assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in again]
@@ -124,8 +127,8 @@ def test_bad_shard_member_is_named(samples, tmp_path):
 
 def test_collate_stacks_present_media_only(samples):
     batch = collate_media(samples)
-    assert batch.videos.shape == (1, 4, 3, 32, 32) and batch.video_owner.tolist() == [0]
+    assert batch.videos.shape == (2, 4, 3, 32, 32) and batch.video_owner.tolist() == [0, 5]
     assert batch.images.shape == (2, 3, 32, 32) and batch.image_owner.tolist() == [3, 4]
-    assert batch.audio.shape == (4, 80, 3000) and batch.audio_owner.tolist() == [1, 2, 3, 4]
+    assert batch.audio.shape == (5, 80, 3000) and batch.audio_owner.tolist() == [1, 2, 3, 4, 5]
     only_video = collate_media(samples[:1])
     assert only_video.images is None and only_video.audio is None and only_video.audio_owner.numel() == 0

@@ -217,7 +217,7 @@ def test_shapes_audio_and_speech_docs():
 
     spec = replace(get_task("shapes_audio_qa"), reader_args={"num_clips": 3, "seed": 0})
     docs = READERS["shapes_audio_qa"](spec, {})
-    assert {d.fields["kind"] for d in docs} <= {"order", "exist", "count"}
+    assert {d.fields["kind"] for d in docs} <= {"order", "first", "exist", "count"}
     assert docs[0].load_media()["audio"][0].dtype == np.float32
     spec = replace(get_task("shapes_speech_vqa"), reader_args={"num_scenes": 2, "seed": 0})
     docs = READERS["shapes_speech_vqa"](spec, {})
