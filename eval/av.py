@@ -304,7 +304,7 @@ def _first(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ synthetic tasks
 
 
-def _short(spec: TaskSpec, n_key: str, default: int) -> int:
+def _count(spec: TaskSpec, n_key: str, default: int) -> int:
     return int(spec.reader_args.get(n_key, default))
 
 
@@ -315,7 +315,7 @@ def read_shapes_video_qa(spec: TaskSpec, files: Mapping[str, Path], limit: int |
     args = {k: v for k, v in spec.reader_args.items() if k != "num_clips"}
     world = VideoWorld(VideoConfig(**args))
     docs: list[Doc] = []
-    for clip in world.iter_clips(spec.split, _short(spec, "num_clips", 200)):
+    for clip in world.iter_clips(spec.split, _count(spec, "num_clips", 200)):
         if limit is not None and len(docs) >= limit:
             break
         for k, qa in enumerate(clip.qa):
@@ -333,7 +333,7 @@ def read_shapes_audio_qa(spec: TaskSpec, files: Mapping[str, Path], limit: int |
     args = {k: v for k, v in spec.reader_args.items() if k != "num_clips"}
     world = AudioWorld(AudioConfig(**args))
     docs: list[Doc] = []
-    for clip in world.iter_clips(spec.split, _short(spec, "num_clips", 200)):
+    for clip in world.iter_clips(spec.split, _count(spec, "num_clips", 200)):
         if limit is not None and len(docs) >= limit:
             break
         for k, qa in enumerate(clip.qa):
