@@ -44,11 +44,11 @@ Conventions:
   these weights, as POPE's popular split takes the most frequent COCO categories.
 * Answers are single words: a colour, a shape, a count as digits ("2"), "left"/"right"/"above"/"below", "yes"/"no".
 
-Extension point (future modalities): ``Scene.media`` is a dict keyed by modality name. Images live in
-``Scene.image``; a later issue adds ``"video"`` (frames of the same objects moving along seeded straight-line
-paths) and ``"audio"`` (a tone per object, pitch from shape, loudness from size) through a
-``ShapesWorld.render_media(scene, modality)`` step filling this dict, and the exporters write each entry under its
-modality key (webdataset) or as a side file (LLaVA JSON). Nothing fills it yet.
+Other modalities: moving shapes and their sounds are seeded worlds of their own with the same palette and shapes
+(``data/video.py``: clips where objects move, appear, leave and change colour; ``data/audio.py``: a sound per
+colour and shape), because their questions are about time, which a still scene has none of. Spoken questions about
+these scenes come from ``data/speech.py``; ``data/unimoe.py`` writes any mix of them in Uni-MoE's format.
+``Scene.media`` (a dict keyed by modality name) stays empty here.
 """
 
 from __future__ import annotations

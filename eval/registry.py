@@ -77,7 +77,7 @@ __all__ = [
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 # Modules imported with the built-in tasks because they call register_task themselves (see "How to add").
-PLUGIN_MODULES: tuple[str, ...] = ("eval.generation.tasks",)
+PLUGIN_MODULES: tuple[str, ...] = ("eval.generation.tasks", "eval.av")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +186,8 @@ class TaskSpec:
     generation: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 16, "do_sample": False})
     scorer_args: Mapping[str, Any] = field(default_factory=dict)
     group: str | None = None
+    # How many of the first documents the run report shows with their media (eval/examples.py); 0 = none.
+    examples: int = 0
     version: int | str = 1
     description: str = ""
     source: str = ""

@@ -401,6 +401,12 @@ def run(
             if output_dir is not None and rank == 0 and callable(write_artifacts):
                 results.setdefault("artifacts", {})[spec.name] = write_artifacts(Path(output_dir))
             samples[spec.name] = records
+            if output_dir is not None and rank == 0 and scorer.example_docs:
+                from eval.examples import write_examples
+
+                results.setdefault("examples", {})[spec.name] = write_examples(
+                    Path(output_dir), spec.name, scorer.example_docs, records
+                )
             log.info("%s: %s = %.2f", spec.name, scorer.primary, metrics.get(scorer.primary, float("nan")))
             if output_dir is not None and rank == 0:
                 # Each finished task is on disk at once: a crash or kill in a later task loses only that task.
@@ -414,7 +420,9 @@ def run(
     _add_metadata(results, name, model_args, batch_size, limit, params, obj, method, start_time, [])
     if attention_log is not None:
         results["attention_log"] = attention_log.summary()
-    table = format_table(results)
+    from eval.examples import examples_markdown
+
+    table = format_table(results) + examples_markdown(results.get("examples"))
     if output_dir is not None and rank == 0:
         _write(Path(output_dir), results, {}, table)  # every task's samples file was written as it finished
     if print_table and rank == 0:

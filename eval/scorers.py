@@ -60,6 +60,8 @@ class Scorer(ABC):
     def __init__(self, spec: TaskSpec, docs: Sequence[Doc], **args: Any) -> None:
         self.spec = spec
         self.args = args
+        # The documents the run report shows with their media (``TaskSpec.examples``, eval/examples.py).
+        self.example_docs = list(docs[: spec.examples])
         self.metric: Metric = self.build_metric(docs)
 
     @abstractmethod

@@ -24,6 +24,7 @@ DISPATCH = {
     "attend": ("zoo.attend", "draw where a model looks, per layer, before and after VAR (see `zoo attend --help`)"),
     "sample": ("zoo.sample", "sample images from a diffusion model (see `zoo sample --help`)"),
     "convert": ("zoo.convert", "convert official checkpoints to zoo layout (see `zoo convert --help`)"),
+    "show": ("zoo.show", "write a video as GIF / strip PNG, audio as a spectrogram PNG (see `zoo show --help`)"),
 }
 
 TRAIN_EPILOG = """\

@@ -66,8 +66,10 @@ SYNTHETIC_GOLDEN = {
 
 
 def test_every_text_task_has_a_golden_prompt():
+    from tests.eval.test_av_prompts import AV_GOLDEN, AV_SYNTHETIC_GOLDEN
+
     text_tasks = {t for t in list_tasks() if get_task(t).output_type == "generate_until"}
-    assert set(GOLDEN) | set(SYNTHETIC_GOLDEN) == text_tasks
+    assert set(GOLDEN) | set(SYNTHETIC_GOLDEN) | set(AV_GOLDEN) | set(AV_SYNTHETIC_GOLDEN) == text_tasks
 
 
 @pytest.mark.parametrize("task", sorted(GOLDEN))
