@@ -265,7 +265,7 @@ def test_skipped_samples_are_printed_and_recorded(tmp_path, tiny_stage, capsys):
     from zoo.train import train
 
     @register_stage("runner_tiny_skipping")
-    class Skipping(tiny_stage.TinyRegressionTask):
+    class Skipping(tiny_stage.TinyRegressionStage):
         def skipped_samples(self):
             return {"truncated image": 2, "bad record": 1}
 

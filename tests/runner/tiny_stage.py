@@ -64,7 +64,7 @@ class TinyEvalConfig:
 
 
 @register_stage("runner_tiny_regression")
-class TinyRegressionTask(StageModule):
+class TinyRegressionStage(StageModule):
     ModelConfig = TinyModelConfig
     DataConfig = TinyDataConfig
     EvalConfig = TinyEvalConfig
