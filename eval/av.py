@@ -308,40 +308,39 @@ def _count(spec: TaskSpec, n_key: str, default: int) -> int:
     return int(spec.reader_args.get(n_key, default))
 
 
-@register_reader("shapes_video_qa")
-def read_shapes_video_qa(spec: TaskSpec, files: Mapping[str, Path], limit: int | None = None) -> list[Doc]:
-    from data.video import VideoConfig, VideoWorld
-
-    args = {k: v for k, v in spec.reader_args.items() if k != "num_clips"}
-    world = VideoWorld(VideoConfig(**args))
+def _clip_world_docs(spec: TaskSpec, world: Any, modality: str, media_of: Any, limit: int | None) -> list[Doc]:
+    """One document per question of each clip of a synthetic video or audio world (clips drawn in order)."""
     docs: list[Doc] = []
     for clip in world.iter_clips(spec.split, _count(spec, "num_clips", 200)):
         if limit is not None and len(docs) >= limit:
             break
         for k, qa in enumerate(clip.qa):
             docs.append(Doc(
-                doc_id=f"{clip.index}/{k}", question=qa.question, target=qa.answer, media={"video": [clip.frames]},
-                fields={"kind": qa.kind, "clip": clip.index}, source=f"shapes video {spec.split} clip {clip.index} qa[{k}]",
+                doc_id=f"{clip.index}/{k}", question=qa.question, target=qa.answer, media={modality: [media_of(clip)]},
+                fields={"kind": qa.kind, "clip": clip.index},
+                source=f"shapes {modality} {spec.split} clip {clip.index} qa[{k}]",
             ))  # fmt: skip
     return docs
+
+
+def _world_args(spec: TaskSpec) -> dict[str, Any]:
+    return {k: v for k, v in spec.reader_args.items() if k != "num_clips"}
+
+
+@register_reader("shapes_video_qa")
+def read_shapes_video_qa(spec: TaskSpec, files: Mapping[str, Path], limit: int | None = None) -> list[Doc]:
+    from data.video import VideoConfig, VideoWorld
+
+    world = VideoWorld(VideoConfig(**_world_args(spec)))
+    return _clip_world_docs(spec, world, "video", lambda clip: clip.frames, limit)
 
 
 @register_reader("shapes_audio_qa")
 def read_shapes_audio_qa(spec: TaskSpec, files: Mapping[str, Path], limit: int | None = None) -> list[Doc]:
     from data.audio import AudioConfig, AudioWorld
 
-    args = {k: v for k, v in spec.reader_args.items() if k != "num_clips"}
-    world = AudioWorld(AudioConfig(**args))
-    docs: list[Doc] = []
-    for clip in world.iter_clips(spec.split, _count(spec, "num_clips", 200)):
-        if limit is not None and len(docs) >= limit:
-            break
-        for k, qa in enumerate(clip.qa):
-            docs.append(Doc(
-                doc_id=f"{clip.index}/{k}", question=qa.question, target=qa.answer, media={"audio": [clip.waveform]},
-                fields={"kind": qa.kind, "clip": clip.index}, source=f"shapes audio {spec.split} clip {clip.index} qa[{k}]",
-            ))  # fmt: skip
-    return docs
+    world = AudioWorld(AudioConfig(**_world_args(spec)))
+    return _clip_world_docs(spec, world, "audio", lambda clip: clip.waveform, limit)
 
 
 @register_reader("shapes_speech_vqa")
