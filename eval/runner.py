@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -449,14 +448,13 @@ class UnwritableOutputError(ValueError):
 
 
 def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
+    from zoo.registry import writable_folder_error
+
+    why = writable_folder_error(out)
+    if why is not None:
         raise UnwritableOutputError(
-            f"output folder {out} is not writable ({e.strerror or e}); pass --output-dir DIR with a writable folder"
-        ) from None
+            f"output folder {out} is not writable ({why}); pass --output-dir DIR with a writable folder"
+        )
 
 
 def _add_metadata(

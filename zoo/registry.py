@@ -219,6 +219,17 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
     return model
 
 
+def writable_folder_error(folder: str | os.PathLike) -> str | None:
+    """Create ``folder`` and a scratch file in it; None if that worked, else why not (for a one-line error)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return str(e.strerror or e)
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``, so readers never see a half-written file."""
     path = Path(path)

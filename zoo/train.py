@@ -33,7 +33,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ from typing import Any
 import yaml
 
 from zoo.recipe import Recipe, RecipeError, StageSpec, check_stage_configs, load_recipe, to_plain
-from zoo.registry import atomic_write
+from zoo.registry import atomic_write, writable_folder_error
 
 __all__ = [
     "train",
@@ -78,13 +77,10 @@ def _inside(root: Path, path: Path) -> Path:
 
 def _check_writable(folder: Path) -> None:
     """Create ``folder`` and a scratch file in it, so an unwritable runs folder fails before any training."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise RunError(f"the runs folder {folder} is not writable ({e.strerror or e}); pass --runs-dir DIR "
-                       "or set $MMZOO_RUNS to a writable folder") from None
+    why = writable_folder_error(folder)
+    if why is not None:
+        raise RunError(f"the runs folder {folder} is not writable ({why}); pass --runs-dir DIR "
+                       "or set $MMZOO_RUNS to a writable folder")
 
 
 def _pid_alive(pid: int) -> bool:
