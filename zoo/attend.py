@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{args.model} | {what} | Q: {question} | A: {plain!r} -> VAR: {edited!r} | "
              f"{method.spec().replace(',record=True', '')}")  # fmt: skip
     pad = bool(getattr(getattr(model, "cfg", None), "pad_to_square", True))
-    path = save_attention_figure(args.out, image, method.last_state, 0, title, pad)
+    out = args.out if args.out.suffix else args.out.with_suffix(".png")  # a bare name still gets a viewable file
+    path = save_attention_figure(out, image, method.last_state, 0, title, pad)
     print(f"wrote {path}")
     return 0
 
