@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("recipe", help="recipe YAML file (e.g. recipes/clip/shapes_tiny.yaml)")
+    p.add_argument(
+        "recipe",
+        help="recipe YAML file, or a shipped recipe's name (e.g. recipes/clip/shapes_tiny.yaml or clip/shapes_tiny; "
+        "`zoo list --recipes`)",
+    )
     p.add_argument("--stage", metavar="NAME", help="run only this stage (the stages it starts from must be finished)")
     p.add_argument(
         "--resume",
@@ -106,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from zoo.recipe import RecipeError, check_stage_configs, load_recipe
+    from zoo.resources import find_recipe, list_recipes
 
+    args.recipe = find_recipe(args.recipe)
+    if not args.recipe.is_file():
+        known = ", ".join(list_recipes()) or "none installed"
+        print(f"zoo train: {args.recipe}: no such recipe file or shipped recipe name (shipped: {known})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         for module in args.imports:
             importlib.import_module(module)
