@@ -134,7 +134,8 @@ def test_every_shipped_weight_is_listed_and_loads_in_a_fresh_interpreter():
         "print('eval imported:', any(k == 'eval' or k.startswith('eval.') for k in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    listed = set(out[:-4])
+    listed = {line.split()[0] for line in out[:-4]}
+    assert any(line.split()[0] == "digit_cnn.digits" and "offline" in line for line in out[:-4])
     for name in (*SHIPPED, "moe_llava_phi2_4e.official", "dit_moe_xl_2_8e2a.official"):
         assert name in listed
     assert out[-4:] == [

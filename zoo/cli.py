@@ -96,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered models, pretrained weights, benchmark tasks or training stage types")
     p.add_argument("pattern", nargs="?", default="*", help="glob on names (default: *)")
-    p.add_argument("--pretrained", action="store_true", help="list weights names (arch.tag) instead of architectures")
+    p.add_argument("--pretrained", action="store_true",
+                   help="list weights names (arch.tag) and whether each is available offline")  # fmt: skip
     p.add_argument("--tasks", action="store_true", help="list benchmark (evaluation) task names instead of models")
     p.add_argument(
         "--stage-types", action="store_true", help="list training stage types (a recipe stage's `type:`)"
     )
+    p.add_argument("--recipes", action="store_true", help="list the shipped recipes (names `zoo train` accepts)")
 
     for name, (_module, text) in DISPATCH.items():
         p = sub.add_parser(name, help=text, add_help=False)
@@ -150,23 +152,34 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    # Names come from the fast indexes (zoo.model_index, eval.task_index, the weights table), never from importing
+    # the families: `zoo list` answers without importing torch.
+    rows: list[str]
     if args.stage_types:
         from zoo.stages import list_stage_types
 
-        names = [n for n in list_stage_types() if fnmatch.fnmatch(n, args.pattern)]
+        rows = [n for n in list_stage_types() if fnmatch.fnmatch(n, args.pattern)]
     elif args.tasks:
-        from eval.registry import (
-            list_tasks,  # the application layer may import eval (lazily, as every command)
-        )
+        from eval.task_index import TASKS  # the application layer may import eval (lazily, as every command)
 
-        names = [n for n in list_tasks() if fnmatch.fnmatch(n, args.pattern)]
+        rows = [n for n in sorted(TASKS) if fnmatch.fnmatch(n, args.pattern)]
+    elif args.recipes:
+        from zoo.resources import list_recipes
+
+        rows = [n for n in list_recipes() if fnmatch.fnmatch(n, args.pattern)]
+    elif args.pretrained:
+        from zoo.registry import list_pretrained, weights_availability
+
+        names = list_pretrained(args.pattern)
+        width = max((len(n) for n in names), default=0)
+        rows = [f"{n:{width}s}  {weights_availability(n)}" for n in names]
     else:
-        from zoo.registry import list_models, list_pretrained
+        from zoo.model_index import MODEL_FAMILIES
 
-        names = list_pretrained(args.pattern) if args.pretrained else list_models(args.pattern)
-    for n in names:
-        print(n)
-    if not names:
+        rows = [n for n in sorted(MODEL_FAMILIES) if fnmatch.fnmatch(n, args.pattern)]
+    for row in rows:
+        print(row)
+    if not rows:
         print(f"(nothing matches {args.pattern!r})", file=sys.stderr)
     return 0
 

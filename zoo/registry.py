@@ -27,10 +27,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is built, so `zoo list` and name checks stay fast
+    import torch
+    from torch import nn
 
 __all__ = [
     "WeightsCfg",
@@ -118,13 +119,19 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
+def _ensure_weights_registered() -> None:
+    # Every weights name is in zoo/weights_table.py, which imports neither torch nor a family: listing and
+    # checking names stays fast. Lazy for the same cycle as above (zoo.registry <-> zoo.weights_table).
+    import zoo.weights_table  # noqa: F401
+
+
 def list_pretrained(pattern: str = "*") -> list[str]:
-    _ensure_registered()
+    _ensure_weights_registered()
     return sorted(n for n in _WEIGHTS if fnmatch.fnmatch(n, pattern))
 
 
 def get_weights_cfg(name: str) -> WeightsCfg:
-    _ensure_registered()
+    _ensure_weights_registered()
     if name not in _WEIGHTS:
         raise KeyError(f"no weights named {name!r}; known: {', '.join(list_pretrained()) or 'none'}")
     return _WEIGHTS[name]
@@ -228,6 +235,21 @@ def fetch_official(name: str, revision: str | None = None, **options: Any) -> Pa
     return out
 
 
+def weights_availability(name: str) -> str:
+    """One line for `zoo list --pretrained`: shipped, converted / fetched into the local caches, or hub-only."""
+    cfg = get_weights_cfg(name)
+    if cfg.file is not None:
+        return "offline: shipped with mmzoo"
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE") or _hf_home() / "hub")
+    commit = _cached_commit(hub_cache, cfg.hf_hub_id or "", cfg.revision)
+    converted = converted_cache_dir() / "converted" / name
+    if commit and any(is_zoo_checkpoint(p) for p in converted.glob(f"{commit}*")):
+        return f"offline: converted in {converted}"
+    if commit:
+        return f"offline: in the hub cache ({cfg.hf_hub_id}), converted on first load"
+    return f"hub: {cfg.hf_hub_id}{'/' + cfg.filename if cfg.filename else ''} (downloaded on first load)"
+
+
 def _cached_commit(hub_cache: Path, repo_id: str, revision: str | None) -> str | None:
     """The commit a revision names in a huggingface_hub cache (refs/<branch or tag>), without asking the hub."""
     if revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
@@ -271,17 +293,19 @@ def _check_sha256(weights_file: Path, expected: str) -> None:
         )
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16"}  # fmt: skip
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (None stays None)."""
+    import torch
+
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def load(
