@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(msg: object) -> int:
+def _error(msg: object, code: int = 2) -> int:
+    """One clear line on stderr; 2 for a bad command line, 1 for bad input found while running."""
     print(f"zoo eval: error: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _unknown(kind: str, name: str, known: list[str], where: str) -> str:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                       model_args=model_args or None)  # fmt: skip
     except (FileNotFoundError, KeyError, ValueError, NotGenerativeError) as e:
         # Bad input (unknown task or model, missing data, malformed record): one clear line, not a traceback.
-        return _error(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        return _error(e.args[0] if isinstance(e, KeyError) and e.args else e, code=1)
     from eval.runner import format_table
 
     sys.stderr.flush()  # the progress bars are done: the table never shares a line with them

@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 __all__ = ["main", "parse_classes"]
 
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by DiT
@@ -51,13 +49,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="guide only channels 0..2, as the original DiT sampler (for reproducing its FIDs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory, to decode latent models")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default auto: cuda when there is one)")
+    args = p.parse_args(argv)  # torch is imported after parsing, so --help and a bad flag answer at once
+
+    import torch
+    from tqdm.auto import tqdm
 
     import zoo
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = zoo.load(args.model).to(args.device).eval()
+        with tqdm(total=1, desc=f"loading {args.model}", unit="model", leave=False) as bar:
+            model = zoo.load(args.model).to(args.device).eval()
+            bar.update(1)
     except (KeyError, FileNotFoundError) as e:
         print(f"zoo sample: {e}", file=sys.stderr)
         return 2
@@ -77,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = model.sample(labels.to(args.device), num_steps=steps, cfg_scale=cfg_scale, generator=gen,
-                     sampler=args.sampler, guidance_channels=3 if args.three_channel_guidance else None)
+    from zoo.diffusion import sample as diffusion_sample
+
+    with tqdm(total=steps, desc="sampling", unit="step") as bar:  # the sampler reports each step it finishes
+        x = diffusion_sample(model, labels.to(args.device), num_steps=steps, cfg_scale=cfg_scale, generator=gen,
+                             sampler=args.sampler, guidance_channels=3 if args.three_channel_guidance else None,
+                             callback=lambda step, t: bar.update(step + 1 - bar.n))
     if cfg.in_channels == 4:
         from diffusers import AutoencoderKL
 
