@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="import MODULE first (registers stage types defined outside zoo/stages). Repeatable.",
     )
     p.add_argument("--check", action="store_true", help="only validate the recipe and print the stage plan")
+    p.add_argument("--print-config", action="store_true",
+                   help="validate, then print the resolved recipe (every default filled in, --set applied) as YAML "
+                        "and exit, as LightningCLI's --print_config does")  # fmt: skip
 
     p = sub.add_parser("list", help="list registered models, pretrained weights, benchmark tasks or training stage types")
     p.add_argument("pattern", nargs="?", default="*", help="glob on names (default: *)")
@@ -123,6 +126,21 @@ def _train(args: argparse.Namespace) -> int:
     try:
         for module in args.imports:
             importlib.import_module(module)
+        if args.print_config:
+            import yaml
+
+            from zoo.recipe import to_plain
+
+            recipe = load_recipe(args.recipe, args.overrides, check_stage_types=False)
+            check_stage_configs(recipe)
+            plain = to_plain(recipe)
+            plain.pop("path", None)
+            for stage in plain.get("stages", []):
+                for runner_only in ("out_dir", "init_source"):  # filled in by the runner, not recipe keys
+                    stage.pop(runner_only, None)
+                stage["trainer"].update(stage["trainer"].pop("extra", {}))  # written as the recipe writes them
+            print(f"# {args.recipe}, resolved\n" + yaml.safe_dump(plain, sort_keys=False, width=110), end="")
+            return 0
         if args.check:
             recipe = load_recipe(args.recipe, args.overrides, check_stage_types=False)
             check_stage_configs(recipe)
