@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zoo",
         description="mmzoo: a multimodal mixture-of-experts model zoo (models, staged recipes, evaluation, weights).",
     )
+    from zoo import __version__
+
+    parser.add_argument("--version", action="version", version=f"mmzoo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

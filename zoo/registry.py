@@ -137,9 +137,21 @@ def get_weights_cfg(name: str) -> WeightsCfg:
     return _WEIGHTS[name]
 
 
+def default_weights(arch: str) -> str | None:
+    """The default weights of an architecture, as timm's default tag: its first entry in zoo/weights_table.py."""
+    _ensure_weights_registered()
+    return next((n for n in _WEIGHTS if n.rpartition(".")[0] == arch), None)
+
+
 def create_model(name: str, pretrained: bool = False, **model_args: Any) -> nn.Module:
-    """Build a registered architecture; with ``pretrained=True`` ``name`` must be ``arch.tag``."""
+    """Build a registered architecture; ``pretrained=True`` loads ``name`` if it is ``arch.tag``, else the
+    architecture's default weights (its first entry in the weights table, as timm picks a default tag)."""
     _ensure_registered()
+    if pretrained and name not in _WEIGHTS and name in _MODELS:
+        tag = default_weights(name)
+        if tag is None:
+            raise KeyError(f"architecture {name!r} has no registered weights; see `zoo list --pretrained`")
+        name = tag
     if pretrained or name in _WEIGHTS:
         return load(name, **model_args)
     if name not in _MODELS:

@@ -36,7 +36,7 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoo sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="zoo sample", description=__doc__.replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="weights name (see `zoo list --pretrained`) or a model directory")
     p.add_argument("--classes", default="0-9", help="class ids: '0-9', '1,3,5' (default 0-9)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (one grid column each; default 8)")
