@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.in_channels == 4 and not args.vae:
         print("zoo sample: this is a latent-space model; pass --vae DIR (a local diffusers AutoencoderKL)", file=sys.stderr)
         return 2
+    if cfg.in_channels == 4:
+        import importlib.util
+
+        if importlib.util.find_spec("diffusers") is None:
+            print("zoo sample: --vae decodes with diffusers' AutoencoderKL, which is not installed "
+                  "(pip install 'mmzoo[diffusers]')", file=sys.stderr)  # fmt: skip
+            return 2
     steps = args.steps or (50 if cfg.objective == "rectified_flow" else 250)
     cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
