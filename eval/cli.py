@@ -105,6 +105,8 @@ def check_names(model: str, tasks: str) -> str | None:
     if not os.path.exists(model):
         weights = list_pretrained()
         if model not in weights and model not in MODEL_FAMILIES:
+            if os.sep in model:
+                return f"--model {model}: no such checkpoint directory"
             return _unknown("model", model, [*weights, *MODEL_FAMILIES], "zoo list --pretrained")
     for name in filter(None, (t.strip() for t in tasks.split(","))):
         if name not in TASKS and name not in GROUPS:
