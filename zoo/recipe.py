@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -147,17 +148,35 @@ class TrainerConfig:
 
     @staticmethod
     def extra_key_problem(key: str) -> str | None:
-        """None when ``key`` is a lightning.Trainer argument a recipe may set, else why not. Lightning is imported
-        only here, when a trainer block has a key that is not one of the fields above."""
-        import inspect
-
-        import lightning
-
+        """None when ``key`` is a lightning.Trainer argument a recipe may set; why not when the runner owns it;
+        "" when it is no Trainer argument at all (reported as an unknown key)."""
         if key in TRAINER_OWNED:
             return f"set by the runner ({TRAINER_OWNED[key]}), not by a recipe"
-        if key not in inspect.signature(lightning.Trainer.__init__).parameters:
-            return "neither a key of this block nor a lightning.Trainer argument"
-        return None
+        return None if key in trainer_arguments() else ""
+
+
+@functools.cache
+def trainer_arguments() -> frozenset[str]:
+    """The keyword arguments of ``lightning.Trainer.__init__``, read from its source with ``ast`` so that checking a
+    recipe never imports Lightning (seconds); if the source is not where Lightning keeps it, from the signature."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("lightning")  # a top-level spec: nothing is imported
+    if spec is not None and spec.origin:
+        source = Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py"
+        if source.is_file():
+            for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+                    for item in node.body:
+                        if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                            args = item.args
+                            return frozenset(a.arg for a in [*args.args, *args.kwonlyargs] if a.arg != "self")
+    import inspect
+
+    import lightning
+
+    return frozenset(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
 
 
 # lightning.Trainer arguments zoo.train sets itself, and why.
@@ -366,16 +385,18 @@ class _Checker:
                 problem = cls.extra_key_problem(str(key))
                 if problem is None:
                     kwargs.setdefault("extra", {})[key] = item
-                else:
+                    continue
+                if problem:
                     self.fail(key_path, f"{problem}. Keys of this block: {', '.join(fields)}")
-                continue
+                    continue
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 renamed = RENAMED_KEYS.get((cls.__name__, str(key)))
                 if renamed is not None and renamed in fields:
                     hint = f" It was renamed {renamed!r}."
-                self.fail(key_path, f"unknown key.{hint} Allowed keys: {', '.join(fields)}")
+                also = " and the arguments of lightning.Trainer" if hasattr(cls, "extra_key_problem") else ""
+                self.fail(key_path, f"unknown key.{hint} Allowed keys: {', '.join(fields)}{also}")
                 continue
             if key in skip:
                 kwargs[key] = item

@@ -61,7 +61,8 @@ def test_trainer_block_is_checked_against_the_trainer_signature(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(_write(tmp_path, bad), check_stage_types=False)
     text = str(e.value)
-    assert "trainer.benchmarc: neither a key of this block nor a lightning.Trainer argument" in text
+    assert "trainer.benchmarc: unknown key. Did you mean 'benchmark'?" not in text  # not one of the block's own
+    assert "trainer.benchmarc: unknown key." in text and "and the arguments of lightning.Trainer" in text
     assert "trainer.callbacks: set by the runner" in text
     assert "trainer.loggers" in text and "optim.name 'radam'" in text
     ok = load_recipe(_write(tmp_path), check_stage_types=False)
