@@ -93,3 +93,33 @@ def test_the_model_carries_its_image_preprocessing():
     assert pixels.shape == (3, 64, 64)
     inputs = model.build_generation_inputs([image], ["What color?"])
     assert (inputs["pixel_values"][0] == pixels).all()  # exactly what generate feeds the tower
+
+
+def test_zoo_chat_keeps_the_conversation_until_reset(monkeypatch, capsys):
+    import io
+
+    import zoo
+    from zoo.chat import main
+    from zoo.conversation import get_template
+
+    class Recorder:
+        template = get_template("phi_nosystem")
+
+        def __init__(self):
+            self.prompts, self.applied = [], []
+
+        def generate(self, images, prompts, max_new_tokens=16, apply_template=True, **gen):
+            self.prompts += prompts
+            self.applied.append(apply_template)
+            return [f"answer{len(self.prompts)}"]
+
+    model = Recorder()
+    monkeypatch.setattr(zoo.registry, "load", lambda name, **kw: model)
+    monkeypatch.setattr("sys.stdin", io.StringIO("what color?\nhow many?\n/reset\nwhat shape?\n"))
+    assert main(["--scene", "test:0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.split() == ["answer1", "answer2", "answer3"]
+    first, second, third = model.prompts
+    assert model.applied == [False] * 3  # the conversation is rendered here, with the model's template
+    assert first == model.template.prompt("<image>\nwhat color?")
+    assert second.startswith(first) and "answer1" in second and second.count("<image>") == 1
+    assert third == model.template.prompt("<image>\nwhat shape?")  # /reset: a new conversation, image again
