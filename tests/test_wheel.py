@@ -33,6 +33,13 @@ def _shipped_files() -> list[str]:
     return names
 
 
+def _run(cmd: list[str], **kwargs) -> str:
+    """Run ``cmd``; on failure the assertion shows its output (pip's reasons are in stderr)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(the built wheel, the fresh environment's bin folder)."""
@@ -45,18 +52,17 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
             {"ignore": junk} if (ROOT / name).is_dir() else {}))  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist"),
-                    str(src)], check=True, env=env, cwd=tmp, capture_output=True)  # fmt: skip
+    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist"), str(src)],
+         env=env, cwd=tmp)
     (wheel,) = (tmp / "dist").glob("mmzoo-*.whl")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=env)
     vpython = venv / "bin" / "python"
-    purelib = subprocess.run([str(vpython), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    purelib = _run([str(vpython), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
     Path(purelib, "_outer_site_packages.pth").write_text("\n".join(sorted(ours)) + "\n")
-    subprocess.run([*pip, "--python", str(vpython), "install", "--no-deps", "--no-index", "--ignore-installed", "-q",
-                    str(wheel)], check=True, env=env, cwd=tmp, capture_output=True)  # fmt: skip
+    _run([*pip, "--python", str(vpython), "install", "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel)],
+         env=env, cwd=tmp)
     return wheel, venv / "bin"
 
 
