@@ -505,7 +505,10 @@ def format_table(results: Mapping[str, Any]) -> str:
         others = [
             f"{k.split(',')[0]}={_fmt(v)}" for k, v in entry.items()
             if k.endswith(",none") and "_stderr" not in k and not k.startswith("n_") and k.split(",")[0] != primary
-        ][:6]  # fmt: skip
+        ]  # fmt: skip
+        # Whole-task numbers (MME's cognition total, POPE's precision) before per-subtask ones (artwork_acc_plus),
+        # which are named <subtask>_<metric>: the six that fit are the ones a reader looks for.
+        others = sorted(others, key=lambda text: "_" in text.split("=")[0])[:6]
         lines.append(
             f"| {task} | {primary} | {_fmt(entry.get(f'{primary},none'))} | {', '.join(others) or '-'} "
             f"| {_fmt(entry.get('n_samples,none'), 0)} | {_fmt(entry.get('n_unparsed,none'), 0)} "

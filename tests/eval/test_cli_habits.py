@@ -146,3 +146,13 @@ def test_routing_by_modality_counts_every_choice_of_every_token(tmp_path):
     assert not np.array_equal(counts["image"], counts["text"])  # the two modalities route differently
     png = save_routing_by_modality(counts, tmp_path / "routing.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_shows_mme_totals_before_its_subtasks():
+    from eval.runner import format_table
+
+    entry = {f"{t}_{m},none": 50.0 for t in ("artwork", "celebrity", "code_reasoning") for m in ("acc", "acc_plus")}
+    entry |= {"perception,none": 1234.5, "cognition,none": 321.0, "n_samples,none": 10}
+    table = format_table({"results": {"mme": entry}, "primary_metric": {"mme": "perception"}})
+    row = next(line for line in table.splitlines() if line.startswith("| mme |"))
+    assert "| perception | 1234.50 | cognition=321.00, artwork_acc=50.00" in row
