@@ -60,8 +60,10 @@ class GenerativeModel(Protocol):
     ) -> list[str]: ...
 
 
-def resolve_model(model: Any) -> tuple[Any, str]:
+def resolve_model(model: Any, **load_kwargs: Any) -> tuple[Any, str]:
     """A model object, a weights name, a checkpoint directory or an architecture name -> (model, display name).
+
+    ``load_kwargs`` (``device=``, ``dtype=``) go to ``zoo.load`` and move a randomly initialised model the same way.
 
     A bare architecture name (``zoo list``) builds the model with random weights, for smoke runs before any weights
     exist; the display name then says so.
@@ -76,8 +78,12 @@ def resolve_model(model: Any) -> tuple[Any, str]:
         log.warning("%s is an architecture without weights: evaluating a randomly initialised model", name)
         built = zoo.create_model(name)
         built.eval()
+        if load_kwargs.get("device") is not None or load_kwargs.get("dtype") is not None:
+            from zoo.registry import parse_dtype
+
+            built.to(device=load_kwargs.get("device"), dtype=parse_dtype(load_kwargs.get("dtype")))
         return built, f"{name} (random init)"
-    return zoo.load(name), name
+    return zoo.load(name, **load_kwargs), name
 
 
 class NotGenerativeError(TypeError):

@@ -231,6 +231,7 @@ def _evaluate_task(
     progress: bool,
     method: str | None,
     on_batch: Callable[[TaskSpec, list[Doc], list[str]], None] | None = None,
+    count_original: bool = False,
 ) -> tuple[dict[str, float], list[dict], dict[str, Any], int | None, int, Any]:
     for table, key, kind in ((READERS, spec.reader, "reader"), (PROMPTS, spec.prompt, "prompt builder"),
                              (SCORERS, spec.scorer, "scorer"), (OUTPUT_TYPES, spec.output_type, "output type")):  # fmt: skip
@@ -243,8 +244,11 @@ def _evaluate_task(
     # Readers that can stop early (generated data) take the limit.
     takes_limit = "limit" in inspect.signature(reader).parameters
     docs = reader(spec, files, limit=limit) if takes_limit else reader(spec, files)
-    # A reader that stopped early does not know the full size: recorded as unknown rather than guessed.
-    n_original = None if takes_limit and limit is not None else len(docs)
+    # A reader that stopped early does not know the full size: counted by a full read when asked (zoo eval does;
+    # it costs about a second for a generated task), else recorded as unknown rather than guessed.
+    n_original = len(docs)
+    if takes_limit and limit is not None:
+        n_original = len(reader(spec, files)) if count_original else None
     if limit is not None:
         docs = docs[:limit]
     rank, world = _dist()
@@ -305,6 +309,8 @@ def run(
     print_table: bool = False,
     method: str | None = None,
     log_attention: int = 0,
+    count_original: bool = False,
+    load_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``tasks`` and return the results dict (also written to ``output_dir`` if given).
 
@@ -327,6 +333,9 @@ def run(
             own behaviour, and ``generate`` gets no ``method`` argument.
         log_attention: write attention pictures for the first N documents of each task to
             ``output_dir/attention/`` (``eval.attention_log``; needs ``output_dir`` and a LLaVA-like model).
+        count_original: with a ``limit``, also count the documents a generated task would have without it, for
+            ``n-samples.original`` (a full read of the task; otherwise that count is None for generated tasks).
+        load_kwargs: passed to ``zoo.load`` when ``model`` is a name or directory (``device=``, ``dtype=``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -350,7 +359,7 @@ def run(
     rank, _ = _dist()
     if output_dir is not None and rank == 0:
         _check_writable(Path(output_dir))  # before the model loads and the tasks run, not after
-    obj, resolved_name = resolve_model(model)
+    obj, resolved_name = resolve_model(model, **dict(load_kwargs or {}))
     name = model_name or resolved_name
     if any(s.output_type == "generate_until" for s in specs):
         check_generative(obj, name)
@@ -377,7 +386,7 @@ def run(
         for spec in specs:
             metrics, records, eff, n_orig, n_eff, scorer = _evaluate_task(
                 obj, spec, limit=limit, batch_size=batch_size, data_root=data_root, data_roots=data_roots,
-                progress=progress, method=method, on_batch=attention_log,
+                progress=progress, method=method, on_batch=attention_log, count_original=count_original,
             )  # fmt: skip
             entry: dict[str, Any] = {"alias": spec.name}
             for key, value in metrics.items():
@@ -416,6 +425,9 @@ def run(
     finally:
         if was_training:
             obj.train()
+    groups = group_scores(results)
+    if groups:
+        results["groups"] = groups
     _add_metadata(results, name, model_args, batch_size, limit, params, obj, method, start_time, [])
     if attention_log is not None:
         results["attention_log"] = attention_log.summary()
@@ -427,6 +439,32 @@ def run(
     if print_table and rank == 0:
         print(table, flush=True)
     return results
+
+
+def group_scores(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """lmms-eval's ``groups``: per group evaluated with two or more member tasks, the mean over its members of each
+    metric they all report (ShapesPOPE's and POPE's F1 over their three splits). Members weigh equally, as the
+    papers average POPE's splits; ``members`` and the summed ``n_samples`` are recorded beside the means."""
+    members: dict[str, list[str]] = {}
+    for task in results["results"]:
+        group = results["configs"].get(task, {}).get("group")
+        if group and group != task:
+            members.setdefault(group, []).append(task)
+    out: dict[str, dict[str, Any]] = {}
+    for group, tasks in members.items():
+        if len(tasks) < 2:  # a group of one task would repeat its numbers
+            continue
+        entries = [results["results"][t] for t in tasks]
+        common = [k for k in entries[0] if k.endswith(",none") and "_stderr" not in k and not k.startswith("n_")
+                  and all(isinstance(e.get(k), int | float) for e in entries)]  # fmt: skip
+        entry: dict[str, Any] = {"alias": group, "members": tasks}
+        for key in common:
+            entry[key] = sum(e[key] for e in entries) / len(entries)
+        entry["n_samples,none"] = sum(e.get("n_samples,none", 0) for e in entries)
+        primaries = {results["primary_metric"].get(t) for t in tasks}
+        entry["primary_metric"] = primaries.pop() if len(primaries) == 1 else None
+        out[group] = entry
+    return out
 
 
 def _check_method(method: str, specs: Sequence[TaskSpec]) -> str:
@@ -526,11 +564,22 @@ def format_table(results: Mapping[str, Any]) -> str:
         others = [
             f"{k.split(',')[0]}={_fmt(v)}" for k, v in entry.items()
             if k.endswith(",none") and "_stderr" not in k and not k.startswith("n_") and k.split(",")[0] != primary
-        ][:6]  # fmt: skip
+        ]  # fmt: skip
+        # Whole-task numbers (MME's cognition total, POPE's precision) before per-subtask ones (artwork_acc_plus),
+        # which are named <subtask>_<metric>: the six that fit are the ones a reader looks for.
+        others = sorted(others, key=lambda text: "_" in text.split("=")[0])[:6]
         lines.append(
             f"| {task} | {primary} | {_fmt(entry.get(f'{primary},none'))} | {', '.join(others) or '-'} "
             f"| {_fmt(entry.get('n_samples,none'), 0)} | {_fmt(entry.get('n_unparsed,none'), 0)} "
             f"| {_fmt(eff.get('prefill_latency_ms'))} | {_fmt(eff.get('decode_latency_ms'))} "
             f"| {_fmt(eff.get('tokens_per_second'), 1)} | {_fmt(eff.get('samples_per_second'), 1)} |"
+        )
+    for group, entry in results.get("groups", {}).items():
+        primary = entry.get("primary_metric") or "-"
+        others = [f"{k.split(',')[0]}={_fmt(v)}" for k, v in entry.items() if k.endswith(",none")
+                  and not k.startswith("n_") and k.split(",")[0] != primary][:6]  # fmt: skip
+        lines.append(
+            f"| **{group}** (mean of {len(entry['members'])}) | {primary} | {_fmt(entry.get(f'{primary},none'))} "
+            f"| {', '.join(others) or '-'} | {_fmt(entry.get('n_samples,none'), 0)} | - | - | - | - | - |"
         )
     return "\n".join(lines)

@@ -64,10 +64,12 @@ def test_unknown_names_are_clear():
         registry.load("no_such.tag")
 
 
-def test_hub_only_weights_never_download(tiny_arch):
+def test_hub_weights_offline_read_only_the_cache(tiny_arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach the network (tests/test_hub_weights.py: the cache)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
     registry.register_weights(tiny_arch, "hub", registry.WeightsCfg(hf_hub_id="org/repo", filename="model.safetensors"))
     try:
-        with pytest.raises(FileNotFoundError, match="never downloads"):
+        with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set and org/repo/model.safetensors"):
             registry.load(f"{tiny_arch}.hub")
     finally:
         registry._WEIGHTS.pop(f"{tiny_arch}.hub")
@@ -132,7 +134,8 @@ def test_every_shipped_weight_is_listed_and_loads_in_a_fresh_interpreter():
         "print('eval imported:', any(k == 'eval' or k.startswith('eval.') for k in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    listed = set(out[:-4])
+    listed = {line.split()[0] for line in out[:-4]}
+    assert any(line.split()[0] == "digit_cnn.digits" and "offline" in line for line in out[:-4])
     for name in (*SHIPPED, "moe_llava_phi2_4e.official", "dit_moe_xl_2_8e2a.official"):
         assert name in listed
     assert out[-4:] == [

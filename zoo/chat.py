@@ -3,11 +3,14 @@
     zoo chat --image scene.png "What color is the circle?"          # the shipped demo weights
     zoo chat --model runs/moe_llava_shapes_tiny/moe/final --image scene.png "How many objects are there?"
     zoo chat --scene test:3 "Is there a red star in the image?"    # a synthetic scene (saved with --save-image)
-    zoo chat --image scene.png                                      # one question per line on stdin
+    zoo chat --image scene.png                                      # a conversation: one question per line
     zoo chat --scene test:3 --method none "What shape is red?"      # through a zoo.methods method
+    zoo chat --model moe_llava_phi2_4e.official --image photo.jpg --device cuda --dtype bf16
 
-The model is a weights name (``zoo list --pretrained``) or a checkpoint directory; its conversation template and
-tokenizer come from its config. Greedy decoding unless ``--temperature`` > 0.
+The model is a weights name (`zoo list --pretrained`) or a checkpoint directory; its conversation template and
+tokenizer come from its config. Greedy decoding unless --temperature > 0. Without a question on the command line,
+questions are read one per line from stdin and form one conversation (each answer sees the earlier turns, as in
+LLaVA's CLI); a line /reset starts a new conversation about the same image.
 """
 
 from __future__ import annotations
@@ -28,19 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zoo chat",
         description="Answer questions about an image with a multimodal model (MoE-LLaVA family).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[0],
+        epilog="examples:\n" + __doc__.split("\n\n", 1)[1],
     )
     p.add_argument("question", nargs="*", help="the question (omit to read one question per line from stdin)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"weights name or checkpoint dir (default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...)")
     src.add_argument("--scene", metavar="SPLIT:INDEX", help="a synthetic shapes-world scene, e.g. test:3")
-    p.add_argument("--image-size", type=int, default=64, help="synthetic scene size in px (with --scene)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="synthetic scene size in px (with --scene). The world is drawn for its size: test:2 at 64 px "
+                        "and test:2 at 128 px are different scenes (the demo model knows the 64 px world)")  # fmt: skip
     p.add_argument("--save-image", type=Path, help="write the synthetic scene to this file (with --scene)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default auto: cuda when there is one)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 / bf16, float16 / fp16 (default: the weights')")
     p.add_argument(
         "--method",
         metavar="NAME[:k=v,...]",
@@ -102,9 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"zoo chat: --method {args.method}: {e}", file=sys.stderr)
             return 2
     image = _load_image(args)
+    from tqdm.auto import tqdm
+
+    load_kwargs: dict[str, Any] = {} if args.dtype is None else {"dtype": args.dtype}
+    device = ("cuda" if torch.cuda.is_available() else None) if args.device == "auto" else args.device
+    if device is not None:
+        load_kwargs["device"] = device
     try:
-        model = zoo.load(args.model)
-    except (KeyError, FileNotFoundError) as e:
+        with tqdm(total=1, desc=f"loading {args.model}", unit="model", leave=False) as bar:
+            model = zoo.load(args.model, **load_kwargs)
+            bar.update(1)
+    except (KeyError, FileNotFoundError, ValueError) as e:
         print(f"zoo chat: cannot load --model {args.model!r}: {e}", file=sys.stderr)
         return 2
     if not hasattr(model, "generate"):
@@ -116,12 +131,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature > 0:
         gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(args.seed))
-    questions = [" ".join(args.question)] if args.question else (q.strip() for q in sys.stdin)
-    for q in questions:
-        if q:
-            prompt = f"{q}\n{SHORT_ANSWER}" if args.short_answer else q
-            print(answer(model, image, prompt, **gen), flush=True)
+    if args.question:
+        q = " ".join(args.question)
+        print(answer(model, image, f"{q}\n{SHORT_ANSWER}" if args.short_answer else q, **gen), flush=True)
+        return 0
+    conversation = Conversation(model)
+    for line in sys.stdin:
+        q = line.strip()
+        if q == "/reset":
+            conversation.reset()
+            print("(new conversation)", file=sys.stderr, flush=True)
+        elif q:
+            print(conversation.ask(image, f"{q}\n{SHORT_ANSWER}" if args.short_answer else q, **gen), flush=True)
     return 0
+
+
+class Conversation:
+    """Multi-turn chat about one image: every question is asked after the earlier turns, rendered with the
+    model's conversation template (the image placeholder in the first question, as LLaVA's CLI does). A model
+    without a template answers each question on its own."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.turns: list[Any] = []
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def ask(self, image: Any, question: str, **gen: Any) -> str:
+        template = getattr(self.model, "template", None)
+        if template is None:
+            return answer(self.model, image, question, **gen)
+        from zoo.conversation import IMAGE_PLACEHOLDER, Turn
+
+        text = question if self.turns or image is None else f"{IMAGE_PLACEHOLDER}\n{question}"
+        prompt = template.prompt(text, self.turns)
+        reply = self.model.generate([image], [prompt], apply_template=False, **gen)[0]
+        self.turns += [Turn("human", text), Turn("gpt", reply)]
+        return reply
 
 
 if __name__ == "__main__":

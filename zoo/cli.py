@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zoo",
         description="mmzoo: a multimodal mixture-of-experts model zoo (models, staged recipes, evaluation, weights).",
     )
+    from zoo import __version__
+
+    parser.add_argument("--version", action="version", version=f"mmzoo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -68,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("recipe", help="recipe YAML file (e.g. recipes/clip/shapes_tiny.yaml)")
+    p.add_argument(
+        "recipe",
+        help="recipe YAML file, or a shipped recipe's name (e.g. recipes/clip/shapes_tiny.yaml or clip/shapes_tiny; "
+        "`zoo list --recipes`)",
+    )
     p.add_argument("--stage", metavar="NAME", help="run only this stage (the stages it starts from must be finished)")
     p.add_argument(
         "--resume",
@@ -95,14 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="import MODULE first (registers stage types defined outside zoo/stages). Repeatable.",
     )
     p.add_argument("--check", action="store_true", help="only validate the recipe and print the stage plan")
+    p.add_argument("--print-config", action="store_true",
+                   help="validate, then print the resolved recipe (every default filled in, --set applied) as YAML "
+                        "and exit, as LightningCLI's --print_config does")  # fmt: skip
 
     p = sub.add_parser("list", help="list registered models, pretrained weights, benchmark tasks or training stage types")
     p.add_argument("pattern", nargs="?", default="*", help="glob on names (default: *)")
-    p.add_argument("--pretrained", action="store_true", help="list weights names (arch.tag) instead of architectures")
+    p.add_argument("--pretrained", action="store_true",
+                   help="list weights names (arch.tag) and whether each is available offline")  # fmt: skip
     p.add_argument("--tasks", action="store_true", help="list benchmark (evaluation) task names instead of models")
     p.add_argument(
         "--stage-types", action="store_true", help="list training stage types (a recipe stage's `type:`)"
     )
+    p.add_argument("--recipes", action="store_true", help="list the shipped recipes (names `zoo train` accepts)")
 
     for name, (_module, text) in DISPATCH.items():
         p = sub.add_parser(name, help=text, add_help=False)
@@ -121,10 +133,32 @@ def _check_stage_name(recipe, stage: str | None) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from zoo.recipe import RecipeError, check_stage_configs, load_recipe
+    from zoo.resources import find_recipe, list_recipes
 
+    args.recipe = find_recipe(args.recipe)
+    if not args.recipe.is_file():
+        known = ", ".join(list_recipes()) or "none installed"
+        print(f"zoo train: {args.recipe}: no such recipe file or shipped recipe name (shipped: {known})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         for module in args.imports:
             importlib.import_module(module)
+        if args.print_config:
+            import yaml
+
+            from zoo.recipe import to_plain
+
+            recipe = load_recipe(args.recipe, args.overrides, check_stage_types=False)
+            check_stage_configs(recipe)
+            plain = to_plain(recipe)
+            plain.pop("path", None)
+            for stage in plain.get("stages", []):
+                for runner_only in ("out_dir", "init_source"):  # filled in by the runner, not recipe keys
+                    stage.pop(runner_only, None)
+                stage["trainer"].update(stage["trainer"].pop("extra", {}))  # written as the recipe writes them
+            print(f"# {args.recipe}, resolved\n" + yaml.safe_dump(plain, sort_keys=False, width=110), end="")
+            return 0
         if args.check:
             recipe = load_recipe(args.recipe, args.overrides, check_stage_types=False)
             _check_stage_name(recipe, args.stage)
@@ -164,23 +198,34 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    # Names come from the fast indexes (zoo.model_index, eval.task_index, the weights table), never from importing
+    # the families: `zoo list` answers without importing torch.
+    rows: list[str]
     if args.stage_types:
         from zoo.stages import list_stage_types
 
-        names = [n for n in list_stage_types() if fnmatch.fnmatch(n, args.pattern)]
+        rows = [n for n in list_stage_types() if fnmatch.fnmatch(n, args.pattern)]
     elif args.tasks:
-        from eval.registry import (
-            list_tasks,  # the application layer may import eval (lazily, as every command)
-        )
+        from eval.task_index import TASKS  # the application layer may import eval (lazily, as every command)
 
-        names = [n for n in list_tasks() if fnmatch.fnmatch(n, args.pattern)]
+        rows = [n for n in sorted(TASKS) if fnmatch.fnmatch(n, args.pattern)]
+    elif args.recipes:
+        from zoo.resources import list_recipes
+
+        rows = [n for n in list_recipes() if fnmatch.fnmatch(n, args.pattern)]
+    elif args.pretrained:
+        from zoo.registry import list_pretrained, weights_availability
+
+        names = list_pretrained(args.pattern)
+        width = max((len(n) for n in names), default=0)
+        rows = [f"{n:{width}s}  {weights_availability(n)}" for n in names]
     else:
-        from zoo.registry import list_models, list_pretrained
+        from zoo.model_index import MODEL_FAMILIES
 
-        names = list_pretrained(args.pattern) if args.pretrained else list_models(args.pattern)
-    for n in names:
-        print(n)
-    if not names:
+        rows = [n for n in sorted(MODEL_FAMILIES) if fnmatch.fnmatch(n, args.pattern)]
+    for row in rows:
+        print(row)
+    if not rows:
         print(f"(nothing matches {args.pattern!r})", file=sys.stderr)
     return 0
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -94,7 +95,11 @@ class RecipeError(ValueError):
 class OptimConfig:
     """Optimizer over the trainable parameters (weight decay applies to tensors with ndim >= 2 only)."""
 
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    # a short name, or the import path of any torch.optim.Optimizer subclass (e.g. torch.optim.RAdam), which is
+    # built as cls(param_groups, lr=lr, **args)
+    name: str = "adamw"
+    args: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of an optimizer "
+                                                                          "given by import path"})
     lr: float = field(default=1.0e-3, metadata={"min": 0.0})
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
     betas: tuple[float, float] = (0.9, 0.999)
@@ -103,6 +108,17 @@ class OptimConfig:
     # Learning-rate multipliers by parameter-name glob (names as in ``trainable``), e.g. {"vision_tower.*": 0.1}
     # to tune a pretrained tower gently as LLaVA-NeXT does; the first matching glob wins, unmatched names get 1.
     lr_scale: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in SHORT_OPTIMIZERS and "." not in self.name:
+            raise ValueError(f"optim.name {self.name!r}: use {', '.join(SHORT_OPTIMIZERS)} or an import path such "
+                             "as torch.optim.RAdam")  # fmt: skip
+        if self.args and self.name in SHORT_OPTIMIZERS:
+            raise ValueError(f"optim.args applies to an optimizer given by import path, not {self.name!r} (set its "
+                             "lr / betas / eps / momentum keys)")  # fmt: skip
+
+
+SHORT_OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass(kw_only=True)
@@ -135,6 +151,53 @@ class TrainerConfig:
         default=3,
         metadata={"min": 1, "help": "stop the stage after this many consecutive micro-batches with a nan/inf loss"},
     )
+    # Lightning loggers besides metrics.csv (always written): tensorboard and/or wandb, when installed.
+    loggers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    # Any other lightning.Trainer argument written in the block (checked against its signature); runner-owned ones
+    # (callbacks, logger, checkpointing...) are refused.
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"yaml": False})
+
+    @staticmethod
+    def extra_key_problem(key: str) -> str | None:
+        """None when ``key`` is a lightning.Trainer argument a recipe may set; why not when the runner owns it;
+        "" when it is no Trainer argument at all (reported as an unknown key)."""
+        if key in TRAINER_OWNED:
+            return f"set by the runner ({TRAINER_OWNED[key]}), not by a recipe"
+        return None if key in trainer_arguments() else ""
+
+
+@functools.cache
+def trainer_arguments() -> frozenset[str]:
+    """The keyword arguments of ``lightning.Trainer.__init__``, read from its source with ``ast`` so that checking a
+    recipe never imports Lightning (seconds); if the source is not where Lightning keeps it, from the signature."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("lightning")  # a top-level spec: nothing is imported
+    if spec is not None and spec.origin:
+        source = Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py"
+        if source.is_file():
+            for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+                    for item in node.body:
+                        if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                            args = item.args
+                            return frozenset(a.arg for a in [*args.args, *args.kwonlyargs] if a.arg != "self")
+    import inspect
+
+    import lightning
+
+    return frozenset(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+
+
+# lightning.Trainer arguments zoo.train sets itself, and why.
+TRAINER_OWNED = {
+    "callbacks": "checkpoints, metrics.csv and the progress bar", "logger": "use trainer.loggers",
+    "plugins": "atomic checkpoint writes", "enable_checkpointing": "checkpoints/last.ckpt",
+    "max_epochs": "max_epochs is converted to max_steps", "default_root_dir": "the stage folder",
+    "use_distributed_sampler": "the step sampler shards by rank", "enable_model_summary": "the stage summary",
+    "num_sanity_val_steps": "no validation loop", "limit_val_batches": "no validation loop",
+}  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -332,13 +395,23 @@ class _Checker:
         before = len(self.problems)
         for key, item in value.items():
             key_path = f"{path}.{key}" if path else str(key)
+            if key not in fields and hasattr(cls, "extra_key_problem"):
+                # Blocks that mirror a library's own arguments (TrainerConfig) accept those too, into `extra`.
+                problem = cls.extra_key_problem(str(key))
+                if problem is None:
+                    kwargs.setdefault("extra", {})[key] = item
+                    continue
+                if problem:
+                    self.fail(key_path, f"{problem}. Keys of this block: {', '.join(fields)}")
+                    continue
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 renamed = RENAMED_KEYS.get((cls.__name__, str(key)))
                 if renamed is not None and renamed in fields:
                     hint = f" It was renamed {renamed!r}."
-                self.fail(key_path, f"unknown key.{hint} Allowed keys: {', '.join(fields)}")
+                also = " and the arguments of lightning.Trainer" if hasattr(cls, "extra_key_problem") else ""
+                self.fail(key_path, f"unknown key.{hint} Allowed keys: {', '.join(fields)}{also}")
                 continue
             if key in skip:
                 kwargs[key] = item

@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 __all__ = ["main", "parse_classes"]
 
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by DiT
@@ -38,7 +36,7 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoo sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="zoo sample", description=__doc__.replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="weights name (see `zoo list --pretrained`) or a model directory")
     p.add_argument("--classes", default="0-9", help="class ids: '0-9', '1,3,5' (default 0-9)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (one grid column each; default 8)")
@@ -51,16 +49,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="guide only channels 0..2, as the original DiT sampler (for reproducing its FIDs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="local diffusers AutoencoderKL directory, to decode latent models")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default auto: cuda when there is one)")
+    args = p.parse_args(argv)  # torch is imported after parsing, so --help and a bad flag answer at once
     for flag, value in (("--per-class", args.per_class), ("--steps", args.steps)):
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")  # checked before the model loads
 
+    import torch
+    from tqdm.auto import tqdm
+
     import zoo
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = zoo.load(args.model).to(args.device).eval()
+        with tqdm(total=1, desc=f"loading {args.model}", unit="model", leave=False) as bar:
+            model = zoo.load(args.model).to(args.device).eval()
+            bar.update(1)
     except (KeyError, FileNotFoundError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"zoo sample: {msg}", file=sys.stderr)
@@ -77,12 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.in_channels == 4 and not args.vae:
         print("zoo sample: this is a latent-space model; pass --vae DIR (a local diffusers AutoencoderKL)", file=sys.stderr)
         return 2
+    if cfg.in_channels == 4:
+        import importlib.util
+
+        if importlib.util.find_spec("diffusers") is None:
+            print("zoo sample: --vae decodes with diffusers' AutoencoderKL, which is not installed "
+                  "(pip install 'mmzoo[diffusers]')", file=sys.stderr)  # fmt: skip
+            return 2
     steps = args.steps or (50 if cfg.objective == "rectified_flow" else 250)
     cfg_scale = 1.5 if args.cfg_scale is None else args.cfg_scale
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = model.sample(labels.to(args.device), num_steps=steps, cfg_scale=cfg_scale, generator=gen,
-                     sampler=args.sampler, guidance_channels=3 if args.three_channel_guidance else None)
+    from zoo.diffusion import sample as diffusion_sample
+
+    with tqdm(total=steps, desc="sampling", unit="step") as bar:  # the sampler reports each step it finishes
+        x = diffusion_sample(model, labels.to(args.device), num_steps=steps, cfg_scale=cfg_scale, generator=gen,
+                             sampler=args.sampler, guidance_channels=3 if args.three_channel_guidance else None,
+                             callback=lambda step, t: bar.update(step + 1 - bar.n))
     if cfg.in_channels == 4:
         from diffusers import AutoencoderKL
 

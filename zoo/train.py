@@ -361,6 +361,7 @@ def run_stage(
             raise RecipeError([f"{recipe.path}: stage {stage.name}: max_epochs needs an integer or list `devices`"])
         per_step = stage.batch_size * world * t.accumulate_grad_batches
         max_steps = max(1, int(-(-t.max_epochs * len(module.get_train_dataset()) // per_step)))
+    _quiet_lightning()
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=-1,
@@ -376,13 +377,14 @@ def run_stage(
         enable_progress_bar=t.enable_progress_bar,
         enable_checkpointing=False,  # StageCheckpoint owns checkpoints/last.ckpt
         enable_model_summary=False,
-        logger=False,
+        logger=_loggers(t.loggers, recipe, stage, out) or False,
         callbacks=cbs,
         plugins=plugins,
         use_distributed_sampler=False,  # StepBatchSampler shards by rank itself
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(out),
+        **t.extra,  # the recipe's other lightning.Trainer arguments, checked against its signature by zoo.recipe
     )
     if resuming:
         _say(rank, f"stage {stage.name}: resuming from {ckpt}")
@@ -390,6 +392,9 @@ def run_stage(
         # The stream is resumable by construction (a function of seed and step), so this warning does not apply.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        if not _verbose():  # library deprecation notices are for their developers, not for a recipe's user
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
         # weights_only: a resumed checkpoint is read with torch's safe unpickler whatever the environment says.
         trainer.fit(module, ckpt_path=str(ckpt) if resuming else None, weights_only=True)
     if trainer.interrupted or trainer.global_step < max_steps:
@@ -525,5 +530,46 @@ def train(
         for s in selected:
             rows.append(run_stage(recipe, s, root, force=force, callbacks=callbacks))
     if _global_rank() == 0:
+        from zoo.loss_plot import plot_stage_losses
+
+        for s in selected:
+            png = plot_stage_losses(stage_dir(root, recipe, s))
+            if png is not None:
+                print(f"loss curves: {png}", flush=True)
         print(f"\nresults: {recipe.recipe} ({root / recipe.recipe})\n" + format_results(rows), flush=True)
     return rows
+
+
+def _verbose() -> bool:
+    return os.environ.get("MMZOO_LOGLEVEL", "WARNING").upper() in {"INFO", "DEBUG"}
+
+
+def _quiet_lightning() -> None:
+    """Lightning's hardware lines ("GPU available: ...", "TPU available: ...", the CUDA_VISIBLE_DEVICES line) and
+    its tips are INFO records: shown only with MMZOO_LOGLEVEL=INFO or DEBUG. Warnings and errors always show."""
+    if _verbose():
+        return
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.rank_zero", "lightning.pytorch.trainer.connectors.signal_connector"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _loggers(names: list[str], recipe: Recipe, stage: StageSpec, out: Path) -> list[Any]:
+    """The Lightning loggers a stage's ``trainer.loggers`` names (metrics.csv is written whatever they are)."""
+    import importlib.util
+
+    loggers: list[Any] = []
+    for name in names:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+        if importlib.util.find_spec(module) is None:
+            raise RecipeError([f"{recipe.path}: stage {stage.name}: trainer.loggers names {name}, which is not "
+                               f"installed (pip install 'mmzoo[loggers]')"])  # fmt: skip
+        if name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+        else:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project=recipe.recipe, name=stage.name, save_dir=str(out)))
+    return loggers

@@ -3,8 +3,9 @@
 ``zoo.registry`` imports this module on first use (``zoo list --pretrained``, ``zoo.load(name)``), so each name
 below resolves in a fresh interpreter without importing ``eval`` or a family module first. A shipped entry records
 the sha256 of its ``model.safetensors``; ``zoo.load`` refuses a file whose hash differs (re-shipping weights means
-updating the hash here). Official releases carry a hub id and are never downloaded: fetch one yourself, then
-``zoo.load(<its directory or .pt>)`` or ``zoo convert auto SRC OUT``.
+updating the hash here). Official releases carry a hub id: ``zoo.load(name)`` fetches one through huggingface_hub
+and converts it on first use (``zoo.registry.fetch_official``); a release fetched by hand loads with
+``zoo.load(<its directory or .pt>)`` or converts with ``zoo convert auto SRC OUT``.
 
 ``moe_llava_tiny.shapes``: the tiny recipe's stage-III (MoE) model, float16 (``zoo.load`` rebuilds it in float32).
 ``metrics`` holds the run's own evaluation (first 1000 documents per task, in percent) and, under ``demo64/``, what

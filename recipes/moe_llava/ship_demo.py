@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = model.num_parameters()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     save_pretrained(model.half(), args.out, src["architecture"], src["model_args"],
-                    source=str(args.final_dir), dtype="float16", commit=commit)
+                    # the run-relative stage folder, not the absolute path of the machine that made it
+                    source="/".join(args.final_dir.resolve().parts[-4:]), dtype="float16", commit=commit)
     shipped = zoo.load(args.out)
     scores = demo_scores(shipped)
     size = (args.out / "model.safetensors").stat().st_size / 2**20

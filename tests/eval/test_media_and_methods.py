@@ -176,9 +176,11 @@ def test_zoo_eval_method_flag(monkeypatch, tmp_path, capsys, doubles):
     assert main(["--list-methods"]) == 0
     assert "none" in capsys.readouterr().out.split()
     assert main(["--model", "x", "--method", "bogus"]) == 2
-    assert "zoo eval: error: --method bogus: unknown method 'bogus'; known: none" in capsys.readouterr().out
+    assert "zoo eval: error: --method bogus: unknown method 'bogus'; known: none" in capsys.readouterr().err
     import zoo
+    from zoo import registry
 
+    monkeypatch.setitem(registry._WEIGHTS, "fake", registry.WeightsCfg(file="/nonexistent"))  # a known name
     model = MethodAware(_oracle(doubles))
     monkeypatch.setattr(zoo, "load", lambda name: model)
     out = tmp_path / "out"

@@ -176,8 +176,10 @@ def test_cli(monkeypatch, tmp_path, capsys, doubles):
     assert "shapes_pope_adversarial" in capsys.readouterr().out
     assert main([]) == 2
     import zoo
+    from zoo import registry
 
     monkeypatch.setattr(zoo, "load", lambda name: doubles["constant"]("no"))
+    monkeypatch.setitem(registry._WEIGHTS, "fake.tag", registry.WeightsCfg(file="/nonexistent"))  # a known name
     out = tmp_path / "out"
     assert main(["--model", "fake.tag", "--tasks", SHAPES, "--limit", "8", "--batch-size", "4",
                  "--output-dir", str(out)]) == 0  # fmt: skip
@@ -190,7 +192,7 @@ def test_cli(monkeypatch, tmp_path, capsys, doubles):
     monkeypatch.delenv("MMZOO_DATA", raising=False)
     monkeypatch.delenv("MMZOO_VQAV2", raising=False)
     assert main(["--model", "fake.tag", "--tasks", "vqav2_val", "--output-dir", str(out)]) == 1
-    assert "MMZOO_VQAV2" in capsys.readouterr().out
+    assert "MMZOO_VQAV2" in capsys.readouterr().err
 
 
 def test_predictions_are_stripped_like_llava():

@@ -441,7 +441,7 @@ def test_cli_convert_and_bad_releases(tmp_path, capsys) -> None:
     assert math.isfinite(float(loaded.num_parameters()["active"]))
 
 
-def test_load_released_in_memory_and_official_weights_listed(tmp_path) -> None:
+def test_load_released_in_memory_and_official_weights_listed(tmp_path, monkeypatch) -> None:
     from zoo.convert import load_released
     from zoo.registry import get_weights_cfg, list_pretrained
 
@@ -454,5 +454,7 @@ def test_load_released_in_memory_and_official_weights_listed(tmp_path) -> None:
         torch.testing.assert_close(loaded(ids, mask, px)[1], model(ids, mask, px)[1], atol=1e-5, rtol=1e-5)
     assert "moe_llava_phi2_4e.official" in list_pretrained("moe_llava*")
     assert get_weights_cfg("moe_llava_phi2_4e.official").hf_hub_id == "LanguageBind/MoE-LLaVA-Phi2-2.7B-4e"
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an empty hub cache, offline: a clear error, no network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set and LanguageBind/MoE-LLaVA-Phi2-2.7B-4e"):
         load("moe_llava_phi2_4e.official")

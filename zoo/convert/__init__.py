@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in _CONVERTERS and _CONVERTERS[argv[0]].cli is not None:
         return int(_CONVERTERS[argv[0]].cli(argv[1:]) or 0)
     p = argparse.ArgumentParser(
-        prog="zoo convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="zoo convert", description=__doc__.replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("format", choices=["auto", *sorted(_CONVERTERS)], help="source layout")
     p.add_argument("src", help="released checkpoint (a model directory, or a DiT .pt file)")

@@ -180,7 +180,7 @@ def convert_dit(arch: str, src: str | Path, out: str | Path, **model_args: Any) 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="zoo convert dit", description=__doc__,
+    p = argparse.ArgumentParser(prog="zoo convert dit", description=__doc__.replace("``", "`"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("arch", help="registered architecture, e.g. dit_xl_2, dit_moe_xl_2_8e2a (see `zoo list dit*`)")
     p.add_argument("src", help="official .pt checkpoint")

@@ -299,6 +299,11 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
         p = next(self.vision_tower.parameters(), None)
         return p.dtype if p is not None else torch.float32
 
+    def preprocess(self, image: Any) -> torch.Tensor:
+        """The model's own image transform (PIL -> normalised ``[3, S, S]``: the tower's size, mean and std, padded
+        to a square when ``pad_to_square``), the one ``generate`` applies; stack its outputs for ``pixel_values``."""
+        return self._image_to_tensor(image)
+
     def _image_to_tensor(self, image: Any) -> torch.Tensor:
         if not hasattr(image, "convert"):
             raise TypeError(f"image is a {type(image).__name__}, expected a PIL.Image")

@@ -247,12 +247,28 @@ class StageModule(L.LightningModule, ABC):
             opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
         elif optim.name == "adam":
             opt = torch.optim.Adam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-        else:
+        elif optim.name == "sgd":
             opt = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+        else:
+            opt = import_optimizer(optim.name)(groups, lr=optim.lr, **optim.args)
         total = self.trainer.max_steps
         lr_lambda = build_lr_lambda(sched.name, sched.warmup_steps, total, sched.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def import_optimizer(path: str) -> type:
+    """``"torch.optim.RAdam"`` (any importable ``module.Class``) -> the optimizer class, checked to be one."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"optim.name {path!r}: cannot import it ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"optim.name {path!r} is not a torch.optim.Optimizer subclass")
+    return cls
 
 
 def param_groups(

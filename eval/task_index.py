@@ -1,0 +1,54 @@
+"""The names, groups and descriptions of the registered benchmark tasks, written out so that `zoo eval --list`,
+`zoo list --tasks` and a misspelt `--tasks` answer without importing torch, the readers or any model (the full task
+registry imports them: seconds; this file: milliseconds).
+
+Generated from the live registry by ``python -m eval.task_index``; tests/test_model_index.py fails, naming that
+command, when a task is added or dropped without regenerating it. ``eval.registry`` stays the authority.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+__all__ = ["TASKS", "GROUPS", "render"]
+
+# task name -> (group, description)
+TASKS: dict[str, tuple[str, str]] = {
+    'digits_gen': ('generation', "class-conditional digits (16x16): FID/KID/IS in the shipped digit classifier's feature space against all 1797 sklearn digits, share of samples classified as their class; routing heatmaps for MoE"),
+    'gqa_testdev_balanced': ('gqa', 'GQA testdev balanced questions, exact match (LLaVA convert_gqa_for_eval + GQA eval.py accuracy)'),
+    'mmbench_en_dev': ('mmbench', 'MMBench-EN dev, circular evaluation (rotated options), rule-based answer extraction'),
+    'mme': ('mme', 'MME perception (10 subtasks) and cognition (4), acc + acc+ per subtask'),
+    'pope_adversarial': ('pope', 'POPE adversarial split (coco_pope_adversarial.json over COCO val2014), POPE/LLaVA yes-no parsing'),
+    'pope_popular': ('pope', 'POPE popular split (coco_pope_popular.json over COCO val2014), POPE/LLaVA yes-no parsing'),
+    'pope_random': ('pope', 'POPE random split (coco_pope_random.json over COCO val2014), POPE/LLaVA yes-no parsing'),
+    'scienceqa_img': ('scienceqa', 'ScienceQA test, image subset (IMG-Accuracy), LLaVA letter extraction'),
+    'shapes_pope_adversarial': ('shapes_pope', 'synthetic ShapesPOPE, adversarial negatives (test split), POPE parser and metrics'),
+    'shapes_pope_popular': ('shapes_pope', 'synthetic ShapesPOPE, popular negatives (test split), POPE parser and metrics'),
+    'shapes_pope_random': ('shapes_pope', 'synthetic ShapesPOPE, random negatives (test split), POPE parser and metrics'),
+    'shapes_vqa': ('shapes', 'synthetic ShapesVQA (test split), VQA accuracy with the single ground truth repeated 10x'),
+    'textvqa_val': ('textvqa', 'TextVQA 0.5.1 val, OCR tokens in the prompt, MMF soft VQA accuracy'),
+    'vizwiz_val': ('vizwiz', 'VizWiz-VQA val (Annotations/val.json), unanswerable as an ordinary answer'),
+    'vqav2_val': ('vqav2', "VQAv2 val2014 (official questions + annotations JSON), VQA accuracy after LLaVA's answer processor"),
+}
+
+# group name -> its tasks (a group name is accepted wherever a task name is)
+GROUPS: dict[str, list[str]] = {}
+for _task, (_group, _) in TASKS.items():
+    if _group:
+        GROUPS.setdefault(_group, []).append(_task)
+
+
+def render() -> str:
+    """This file's text with TASKS taken from the live registry."""
+    from eval.registry import get_task, list_tasks
+
+    rows = "".join(f"    {n!r}: ({get_task(n).group or ''!r}, {get_task(n).description!r}),\n" for n in list_tasks())
+    text = Path(__file__).read_text()
+    head, rest = text.split("TASKS: dict[str, tuple[str, str]] = {\n", 1)
+    return head + "TASKS: dict[str, tuple[str, str]] = {\n" + rows + rest[rest.index("}\n"):]
+
+
+if __name__ == "__main__":
+    Path(__file__).write_text(render())
+    print(f"wrote {Path(__file__)}", file=sys.stderr)
