@@ -306,44 +306,6 @@ def _load_builtin() -> None:
             importlib.import_module(module)
 
 
-def declared_task_names() -> set[str]:
-    """Task and group names known without importing a module, so a misspelt ``--tasks`` fails before torch loads.
-
-    The task YAMLs' ``name`` / ``group``, the string literals of ``TaskSpec(name=..., group=...)`` in
-    ``PLUGIN_MODULES`` (read with ``ast``, not imported; as ``zoo.stages`` finds stage types), and any task
-    registered already. A YAML that does not parse is left to ``_load_builtin``, which reports it.
-    """
-    import ast
-
-    names = set(_TASKS) | {s.group for s in _TASKS.values() if s.group}
-    for path in sorted(TASKS_DIR.rglob("*.yaml")):
-        if path.name.startswith("_"):
-            continue
-        try:
-            raw = _read_yaml(path)
-        except (OSError, ValueError):
-            continue
-        names |= {v for k, v in raw.items() if k in ("name", "task", "group") and isinstance(v, str)}
-    for module in PLUGIN_MODULES:
-        # find_spec("a.b.c") would import the packages a.b (and torch with them): locate the file from the top one.
-        top, *rest = module.split(".")
-        top_spec = importlib.util.find_spec(top)
-        if top_spec is None or not top_spec.submodule_search_locations:
-            continue
-        base = Path(next(iter(top_spec.submodule_search_locations))).joinpath(*rest)
-        source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
-        if not source.is_file():
-            continue
-        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "TaskSpec":
-                names |= {
-                    kw.value.value
-                    for kw in node.keywords
-                    if kw.arg in ("name", "group") and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)
-                }
-    return names
-
-
 def get_task(name: str) -> TaskSpec:
     _load_builtin()
     if name not in _TASKS:

@@ -72,7 +72,8 @@ def test_sample_cli_reports_a_damaged_model_in_one_line(exported, capsys):
     (exported / "model.safetensors").write_bytes(b"")
     assert main(["--model", str(exported), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("zoo sample: ") and "not a readable safetensors file" in err and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the loading bar
+    assert last.startswith("zoo sample: ") and "not a readable safetensors file" in last and "Traceback" not in err
 
 
 class Planted:

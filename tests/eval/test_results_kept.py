@@ -38,11 +38,13 @@ def test_cli_reports_an_unwritable_folder_in_one_line(tmp_path, monkeypatch, cap
     from eval.cli import main
 
     model = CountingModel()
-    monkeypatch.setattr(zoo, "load", lambda name: model)
+    monkeypatch.setattr(zoo, "load", lambda name, **load_kwargs: model)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert main(["--model", "fake.tag", "--tasks", SHAPES, "--limit", "4", "--output-dir", str(blocker / "o")]) == 1
-    assert "is not writable" in capsys.readouterr().out and model.calls == 0
+    args = ["--model", "moe_llava_tiny.shapes", "--tasks", SHAPES, "--limit", "4", "--output-dir", str(blocker / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "Traceback" not in err and model.calls == 0
 
 
 def test_finished_tasks_are_on_disk_when_a_later_task_crashes(tmp_path):
