@@ -207,3 +207,37 @@ def test_routers_save_load_roundtrip_and_official_keys(tmp_path) -> None:
         torch.testing.assert_close(imported(i, x), routers(i, x))
     with pytest.raises(ValueError, match="no 'visual_gates' keys"):
         import_visual_gates({"model.embed_tokens.weight": torch.zeros(2, 2)})
+
+
+def test_fastv_keeps_the_most_attended_visual_tokens() -> None:
+    from zoo.components.attention import CAPTURE_ATTENTION, AttentionCapture, media_key_positions, use_attention
+
+    model = _model()
+    batch = _inputs(model)
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    media = model.media_mask(ids)
+    keys = media_key_positions(media)
+    with torch.no_grad():
+        embeds = model.embed_multimodal(ids, pixels)
+        # the reference: capture layer 1's last-query attention on the plain model, then drop by hand after layer 1
+        capture = AttentionCapture(layers=[1], keys=keys, queries="last")
+        with use_attention(model, CAPTURE_ATTENTION):
+            model.llm(inputs_embeds=embeds, attention_mask=mask, layer_kwargs={"attention_capture": capture})
+        top = capture.maps[1][0].mean(1)[:, 0].topk(4, dim=-1).indices
+        keep = mask.bool() & ~media
+        for b in range(ids.shape[0]):
+            keep[b, keys[b, top[b]]] = True
+
+        def drop(i, state):
+            return model.llm.drop_tokens(state, keep) if i == 1 else None
+
+        expected = model.llm(inputs_embeds=embeds, attention_mask=mask, hooks=[drop]).logits[:, -1]
+        method = build_method("fastv:layer=1,keep=0.25")
+        tokens = model.generate_ids(ids, mask, max_new_tokens=1, method=method, pixel_values=pixels)
+    stats = model.last_generation_stats
+    assert torch.equal(tokens[:, 0], expected.argmax(-1))
+    n_prompt, n_image = stats.prompt_tokens, ids.shape[0] * model.num_image_tokens
+    assert stats.prefill_layer_tokens == (n_prompt,) * 2 + (n_prompt - n_image + ids.shape[0] * 4,) * 2
+    assert stats.extra["fastv/prefill_gflops_per_row"] > 0
+    with pytest.raises(ValueError, match="keep must be in"):
+        build_method("fastv:keep=1.5")
