@@ -210,7 +210,12 @@ def test_routers_save_load_roundtrip_and_official_keys(tmp_path) -> None:
 
 
 def test_fastv_keeps_the_most_attended_visual_tokens() -> None:
-    from zoo.components.attention import CAPTURE_ATTENTION, AttentionCapture, media_key_positions, use_attention
+    from zoo.components.attention import (
+        CAPTURE_ATTENTION,
+        AttentionCapture,
+        media_key_positions,
+        use_attention,
+    )
 
     model = _model()
     batch = _inputs(model)
