@@ -250,11 +250,12 @@ def test_fastv_keeps_the_most_attended_visual_tokens() -> None:
 
 def test_shipped_routers_are_registered_for_the_shipped_model() -> None:
     import zoo
+    from zoo.registry import resolve_weights
 
     routers = load_routers("moe_llava_tiny.shapes")
     model = zoo.load("moe_llava_tiny.shapes")
     assert routers.cfg == ExitRouterConfig(hidden_size=model.llm.hidden_size, num_layers=4, router_hidden=256)
-    info = json.loads((zoo.registry.resolve_weights("moe_llava_tiny.shapes") / ROUTER_CONFIG).read_text())
+    info = json.loads((resolve_weights("moe_llava_tiny.shapes") / ROUTER_CONFIG).read_text())
     assert info["base"] == "moe_llava_tiny.shapes" and 0.0 < info["labels/layer0_exit_share"] < 1.0
     with pytest.raises(ValueError, match="this model's LM has 4 layers of width 32"):
         DyVTE(routers="moe_llava_tiny.shapes").plan(
