@@ -86,7 +86,7 @@ def toy_run(tmp_path_factory) -> Path:
     return tmp / "runs" / "toy_dyvte"
 
 
-@pytest.mark.slow  # two toy stages through the runner plus an eval: about 20 s on the shared 2-core machine
+@pytest.mark.slow  # two toy stages through the runner plus an eval: 5-20 s on the shared 2-core machine
 def test_router_stage_trains_only_routers_and_exports_them_beside_the_base(toy_run: Path) -> None:
     import zoo
     from zoo.methods.dyvte import ROUTER_FILE, load_routers
