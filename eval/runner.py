@@ -582,4 +582,16 @@ def format_table(results: Mapping[str, Any]) -> str:
             f"| **{group}** (mean of {len(entry['members'])}) | {primary} | {_fmt(entry.get(f'{primary},none'))} "
             f"| {', '.join(others) or '-'} | {_fmt(entry.get('n_samples,none'), 0)} | - | - | - | - | - |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + _method_metrics_table(results))
+
+
+def _method_metrics_table(results: Mapping[str, Any]) -> list[str]:
+    """What the method measured per task (``efficiency.<task>.method_metrics``: exit layer, prefill FLOPs, ...)."""
+    per_task = {t: e["method_metrics"] for t, e in results.get("efficiency", {}).items() if e.get("method_metrics")}
+    if not per_task:
+        return []
+    names = sorted({k for m in per_task.values() for k in m})
+    lines = ["", "| Task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for task, metrics in per_task.items():
+        lines.append(f"| {task} | " + " | ".join(_fmt(metrics.get(n), 4) for n in names) + " |")
+    return lines

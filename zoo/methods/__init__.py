@@ -114,15 +114,20 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 register_method("none")(Method)
 
 
-def _register_shipped() -> None:
-    """Import the methods shipped in ``zoo/methods/`` so that they register by name."""
+def _import_method_modules() -> None:
+    """Import every module of this package, so the methods they register are known by name (``dyvte``, ``var``...)."""
     # Lazy: these modules import this package (and zoo.components, which imports it back): a top-level import here
     # would close an import cycle.
-    from zoo.methods import var  # noqa: F401
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def list_methods() -> list[str]:
-    _register_shipped()
+    _import_method_modules()
     return sorted(_METHODS)
 
 
@@ -145,7 +150,8 @@ def build_method(spec: str | Method | None) -> Method:
     if isinstance(spec, Method):
         return spec
     name, options = parse_method_spec(spec or "none")
-    _register_shipped()
+    if name not in _METHODS:
+        _import_method_modules()
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
     cls = _METHODS[name]
