@@ -35,9 +35,9 @@ from torch import Tensor
 
 from zoo.stages import register_stage
 from zoo.stages.base import StageModule
-from zoo.stages.moe_llava import MoELLaVADataConfig, MoELLaVATask, summarise_eval
+from zoo.stages.moe_llava import MoELLaVADataConfig, MoELLaVAStage, summarise_eval
 
-__all__ = ["DyVTEModelConfig", "DyVTEEvalConfig", "DyVTERouterTask", "exit_labels"]
+__all__ = ["DyVTEModelConfig", "DyVTEEvalConfig", "DyVTERouterStage", "exit_labels"]
 
 IGNORE_INDEX = -100
 
@@ -87,7 +87,7 @@ def exit_labels(
 
 
 @register_stage("dyvte_routers")
-class DyVTERouterTask(StageModule):
+class DyVTERouterStage(StageModule):
     ModelConfig = DyVTEModelConfig
     DataConfig = MoELLaVADataConfig
     EvalConfig = DyVTEEvalConfig
@@ -143,7 +143,7 @@ class DyVTERouterTask(StageModule):
     def train_dataset(self):
         from data.llava import LlavaDataset, build_image_transform
 
-        records, folder = MoELLaVATask._records(self)  # reads only data_cfg and stage
+        records, folder = MoELLaVAStage._records(self)  # reads only data_cfg and stage
         dc = self.base.data_cfg
         ds = LlavaDataset(
             records,
