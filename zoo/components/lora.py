@@ -40,11 +40,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain linear computing the same function (in fp32, then cast back to the base's dtype)."""
+        """A plain linear computing the same function (folded in fp32 or wider, then cast to the base's dtype)."""
         w = self.base.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
         out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
                         device=w.device, dtype=w.dtype)
-        out.weight.copy_((w.float() + self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())).to(w.dtype))
+        out.weight.copy_((w.to(acc) + self.scale * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))).to(w.dtype))
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias)
         out.requires_grad_(False)

@@ -462,12 +462,13 @@ class ExpertLoRAExperts(nn.Module):
 
     @torch.no_grad()
     def merged_weights(self) -> dict[str, Tensor]:
-        """The ``Experts`` state dict with every LoRA delta folded in (W_e + scale * B_e @ A_e, in fp32)."""
+        """The ``Experts`` state dict with every LoRA delta folded in (W_e + scale * B_e @ A_e, in fp32 or wider)."""
         b = self.base
 
         def fold(w: Tensor, n: str) -> Tensor:
-            delta = torch.bmm(getattr(self, f"lora_B_{n}").float(), getattr(self, f"lora_A_{n}").float())
-            return (w.float() + self.scale * delta).to(w.dtype)
+            acc = torch.promote_types(w.dtype, torch.float32)
+            delta = torch.bmm(getattr(self, f"lora_B_{n}").to(acc), getattr(self, f"lora_A_{n}").to(acc))
+            return (w.to(acc) + self.scale * delta).to(w.dtype)
 
         if self.expert_type == "swiglu":
             h = b.hidden
