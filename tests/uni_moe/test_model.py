@@ -13,7 +13,7 @@ from unimoe_helpers import AUDIO, SPEECH, randomise_lora, small
 
 from zoo.components.lora import LoRALinear
 from zoo.models.uni_moe import UniMoESettings
-from zoo.moe import MoE, MoEConfig
+from zoo.moe import MoE
 from zoo.moe.layer import ExpertLoRAExperts, Experts
 from zoo.registry import load, save_pretrained
 
