@@ -212,9 +212,9 @@ def test_v1_layout_loads_strictly_and_matches_the_reference_forward(v1_release):
 
 def test_v1_detect_convert_and_reload(v1_release, tmp_path):
     r = v1_release
-    assert detect_format(r["src"]) == "uni_moe_v1"
+    assert detect_format(r["src"]) == "uni-moe-v1"
     # vision_config / whisper_config are Python-API options (the CLI reads the towers' configs from known ids)
-    out = get_converter("uni_moe_v1").convert(r["src"], tmp_path / "out", base=r["base"], vision_config=CLIP_VISION,
+    out = get_converter("uni-moe-v1").convert(r["src"], tmp_path / "out", base=r["base"], vision_config=CLIP_VISION,
                                               whisper_config=WHISPER)
     reloaded = load(out)
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_8e_layout_loads_strictly_keeps_expert_lora_and_matches_the_reference(tm
         torch.save(sd, src / f"{rank}_mlp_experts.bin")
     gates = {f"model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight": _rand(g, E, D, std=1.0) for i in range(LAYERS)}
     torch.save(gates, src / "mlp_gates.bin")
-    assert detect_format(src) == "uni_moe_8e"
+    assert detect_format(src) == "uni-moe-8e"
 
     model = load_uni_moe_8e(src, base=base, vision_config=CLIP_VISION, whisper_config=WHISPER)
     moe = model.cfg.uni_moe
@@ -298,3 +298,15 @@ def test_8e_layout_loads_strictly_keeps_expert_lora_and_matches_the_reference(tm
     (src / "0_mlp_experts.bin").rename(tmp_path / "moved0.bin")
     with pytest.raises(FileNotFoundError, match="mlp_experts"):
         load_uni_moe_8e(src, base=base, vision_config=CLIP_VISION, whisper_config=WHISPER)
+
+
+def test_cli_names_the_missing_pieces(v1_release, tmp_path, capsys):
+    from zoo.convert import main
+
+    r = v1_release
+    assert main(["auto", str(r["src"]), str(tmp_path / "a")]) == 2
+    assert "pass base=" in capsys.readouterr().err
+    # the tiny release names its vision tower by a local path that is not there: the error says which field
+    assert main(["uni-moe-v1", str(r["src"]), str(tmp_path / "b"), "--base", str(r["base"])]) == 2
+    assert "'mm_vision_tower'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

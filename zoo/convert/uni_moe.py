@@ -4,7 +4,7 @@ Facts: ``shared/reference/moe_llava_unimoe.md`` B4 and ``audio_video_benchmarks.
 fine-tuned directory ``SRC`` (the "-e2" release) read on top of a base directory (``base``: the "-base" release with
 ``config.json`` and the full LLaMA weights), in the official load order:
 
-``uni_moe_v1`` (4 experts; ``zoo convert uni_moe_v1 SRC OUT --base DIR``):
+``uni-moe-v1`` (4 experts; ``zoo convert uni-moe-v1 SRC OUT --base DIR``):
 1. base weights: ``model.layers.{L}.mlp.gate.weight`` [E, d] routers, ``model.layers.{L}.mlp.experts.{e}.
    {gate,up,down}_proj.weight`` experts (dense layers of the "interval" models keep ``mlp.{gate,up,down}_proj``);
 2. ``SRC/non_lora_trainables.bin``: ``base_model.`` stripped, then ``model.`` when keys start ``model.model.``;
@@ -14,7 +14,7 @@ fine-tuned directory ``SRC`` (the "-e2" release) read on top of a base directory
 4. ``SRC/mm_audio_aligner.bin``: the Whisper-decoder aligner (or the audio model's Q-Former) and query tokens;
 5. ``SRC/mlp_gates.bin``: routers, overriding the base's.
 
-``uni_moe_8e`` (8 experts, DeepSpeed MoE; ``zoo convert uni_moe_8e SRC OUT --base DIR``): as above, but the MoE
+``uni-moe-8e`` (8 experts, DeepSpeed MoE; ``zoo convert uni-moe-8e SRC OUT --base DIR``): as above, but the MoE
 keys are ``model.layers.{L}.mlp.deepspeed_moe.gate.wg.weight`` and ``...deepspeed_moe.experts.deepspeed_experts.{e}.
 {gate,up,down}_proj.weight`` plus loralib LoRA ``..._proj_lora_{A,B}.weight``, read from ``SRC/{rank}_mlp_experts.bin``
 files (local expert i of rank file r is global expert ``r * E / ranks + i``); the expert LoRA stays LoRA
@@ -386,10 +386,10 @@ _OPTIONS = {
 }
 
 register_converter(
-    "uni_moe_v1", detect=lambda p: _is_release(p, False), load=load_uni_moe_v1, convert=_converter(load_uni_moe_v1),
+    "uni-moe-v1", detect=lambda p: _is_release(p, False), load=load_uni_moe_v1, convert=_converter(load_uni_moe_v1),
     options=_OPTIONS, summary="official Uni-MoE v1 release (-e2 directory on top of its -base; PEFT adapter merged)",
 )
 register_converter(
-    "uni_moe_8e", detect=lambda p: _is_release(p, True), load=load_uni_moe_8e, convert=_converter(load_uni_moe_8e),
+    "uni-moe-8e", detect=lambda p: _is_release(p, True), load=load_uni_moe_8e, convert=_converter(load_uni_moe_8e),
     options=_OPTIONS, summary="official Uni-MoE 8-expert DeepSpeed release (rank expert files, gate wg, expert LoRA)",
 )
