@@ -37,7 +37,7 @@ def _ids(model, pieces: list) -> torch.Tensor:
 
 def _inputs(model, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ids = _ids(model, ["image", "what color", "video", "is", "speech", "audio", "the circle ?"])
+    ids = _ids(model, ["image", "what color", "video", "is", "audio", "sound", "the circle ?"])
     return dict(
         input_ids=ids,
         pixel_values=torch.rand(1, 3, 32, 32, generator=g),
@@ -55,7 +55,7 @@ def model():
 def test_every_modality_fills_its_positions_and_changes_the_logits(model):
     x = _inputs(model)
     assert {m: model.modalities[m].tokens_per_item for m in model.modalities} == {
-        "image": 16, "video": 16, "speech": 2 * SPEECH["num_query_tokens"], "audio": 3}
+        "image": 16, "video": 16, "audio": 2 * SPEECH["num_query_tokens"], "sound": 3}
     with torch.no_grad():
         _, logits, _ = model(**x)
         for key in ("pixel_values", "video_values", "speech_features", "audio_fbank"):
@@ -224,7 +224,7 @@ def test_routing_statistics_per_modality(model):
     with torch.no_grad():
         model(**x)
     stats = model.routing_by_modality(x["input_ids"])
-    assert set(stats) == {"text", "image", "video", "speech", "audio"}
+    assert set(stats) == {"text", "image", "video", "audio", "sound"}
     for share in stats.values():
         assert share.shape == (2, 4)
         torch.testing.assert_close(share.sum(-1), torch.ones(2))
@@ -236,7 +236,7 @@ def test_generate_with_any_mix_of_media(model):
     out = model.generate(
         [_image(0), None, None],
         ["what color ?", "<video>\nwhat <audio> moves ?", "what <sound> is it ?"],
-        media={"video": [None, [[_image(1)] * 3], None], "speech": [None, sound, None], "audio": [None, None, sound]},
+        media={"video": [None, [[_image(1)] * 3], None], "audio": [None, sound, None], "sound": [None, None, sound]},
         max_new_tokens=2,
     )
     assert len(out) == 3 and all(isinstance(s, str) for s in out)
@@ -253,3 +253,24 @@ def test_audio_front_end_lengths(model):
     assert whisper_chunks(np.zeros(16000 * 45, np.float32), 2).shape == (2, 80, 3000)
     with pytest.raises(ValueError, match="max_chunks=1"):
         whisper_chunks(np.zeros(16000 * 45, np.float32), 1)
+
+
+def test_the_av_benchmarks_run_on_the_model(tmp_path):
+    """The eval runner's media keys (image, video, audio) are the model's modality names: an untrained model runs
+    ShapesVideoQA, ShapesAudioQA and spoken-question VQA end to end (scores are not the point here)."""
+    from dataclasses import replace
+
+    import eval
+    from eval.registry import get_task
+
+    from data.video import VideoConfig
+
+    model = small(video_frames=VideoConfig().num_frames, audio=None, speech={**SPEECH, "max_chunks": 1})
+    tasks = [replace(get_task("shapes_video_qa"), reader_args={"num_clips": 1, "seed": 0}, examples=0),
+             replace(get_task("shapes_audio_qa"), reader_args={"num_clips": 1, "seed": 0}, examples=0),
+             replace(get_task("shapes_speech_vqa"), reader_args={"num_scenes": 1, "seed": 0}, examples=0)]
+    results = eval.run(model, tasks, limit=2, batch_size=2, progress=False)
+    assert set(results["results"]) == {"shapes_video_qa", "shapes_audio_qa", "shapes_speech_vqa"}
+    for entry in results["results"].values():
+        assert any(k.startswith("accuracy") and 0.0 <= v <= 100.0 for k, v in entry.items()
+                   if isinstance(v, float))

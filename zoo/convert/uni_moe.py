@@ -217,7 +217,7 @@ def official_config_to_model_args(src: str | os.PathLike, base: str | os.PathLik
     if any(k.startswith("model.mm_audio_aligner.qformer.") for k in sd):
         audio = dict(audio or AUDIO_PAPER)
         audio.setdefault("qformer", dict(qformer=QFORMER_UNIMOE, num_query_tokens=queries, projector=projector))
-        args.update(audio={**audio, "placeholder": "<audio>", "token_id": -300}, speech=None)
+        args.update(audio={**audio, "name": "audio", "placeholder": "<audio>", "token_id": -300}, speech=None)
     else:
         args["speech"] = dict(whisper=whisper_config or WHISPER_SMALL, num_query_tokens=queries, projector=projector)
     return args

@@ -17,9 +17,11 @@ In the LoRA stage each expert is its own frozen FFN plus its own LoRA (rank 8, a
 attention projections get LoRA from ``zoo.components.lora`` (our own LoRA code; peft is not used); routers train
 fully. ``merge_lora`` folds all LoRA into the weights for inference.
 
-Placeholders: ``<image>`` -200, ``<audio>`` -300 (speech; Uni-MoE's speech models read every voice file with
-Whisper), ``<video>`` -400, as the official code; the BEATs path takes ``<sound>`` (-500) so that one model may hold
-both audio paths (the official audio model uses ``<audio>`` for it: set ``audio.placeholder``).
+Modalities (name: placeholder, id): ``image``: ``<image>`` -200, ``audio``: ``<audio>`` -300 through the Whisper path
+(Uni-MoE's speech models read every voice file, speech or not, with Whisper), ``video``: ``<video>`` -400, as the
+official code; these names are the media keys of ``generate`` and of the eval tasks. The BEATs path is ``sound``:
+``<sound>`` -500 so that one model may hold both audio paths; the official audio model (BEATs only) names it
+``audio`` / ``<audio>`` / -300 (``AudioSettings.name``, ``placeholder``, ``token_id``).
 """
 
 from __future__ import annotations
@@ -164,11 +166,12 @@ class LoRASettings:
 class AudioSettings:
     """The non-speech audio path: BEATs (``beats``: a ``BEATsConfig`` dict) -> Q-Former (``qformer``: a
     ``QFormerConnectorConfig`` dict). ``seconds`` fixes each item's length (30 s per chunk in Uni-MoE: 2998 fbank
-    frames); ``placeholder`` / ``token_id`` name it in prompts."""
+    frames); ``name`` is its media key, ``placeholder`` / ``token_id`` name it in prompts."""
 
     beats: dict[str, Any] = field(default_factory=dict)
     qformer: dict[str, Any] = field(default_factory=dict)
     seconds: float = 30.0
+    name: str = "sound"
     placeholder: str = "<sound>"
     token_id: int = SOUND_TOKEN_ID
 
@@ -230,7 +233,7 @@ class UniMoE(MoELLaVA):
         if cfg.speech is not None:
             self.speech = WhisperSpeechConnector(WhisperSpeechConfig(**cfg.speech), d_lm)
             self.add_modality(Modality(
-                name="speech", placeholder="<audio>", token_id=cfg.speech_token_id,
+                name="audio", placeholder="<audio>", token_id=cfg.speech_token_id,
                 tokens_per_item=self.speech.tokens_per_item, input_key="speech_features",
                 prepare=self._speech_to_tensor, encode=self.speech))
         self.audio_encoder: BEATs | None = None
@@ -241,7 +244,7 @@ class UniMoE(MoELLaVA):
             self.audio_encoder.requires_grad_(False)
             self.audio_connector = QFormerConnector(QFormerConnectorConfig(**audio.qformer), d_lm)
             self.add_modality(Modality(
-                name="audio", placeholder=audio.placeholder, token_id=audio.token_id,
+                name=audio.name, placeholder=audio.placeholder, token_id=audio.token_id,
                 tokens_per_item=self.audio_connector.cfg.num_query_tokens, input_key="audio_fbank",
                 prepare=self._audio_to_tensor, encode=self.encode_audio))
         if cfg.uni_moe is not None:
@@ -351,6 +354,18 @@ class UniMoE(MoELLaVA):
             raise ValueError(f"a video item has {len(frames)} frames; this model takes video_frames="
                              f"{self.cfg.video_frames}")
         return torch.stack([self._image_to_tensor(f) for f in frames])
+
+    def _media_per_prompt(self, images: Any, prompts: list[str], media: dict[str, Any]) -> list[dict[str, list[Any]]]:
+        """As ``MoELLaVA``'s, except that a video item is itself a list of frames: a per-prompt ``video`` entry that
+        is a list of frames (as the eval runner passes one video) is one video; a list of lists is several."""
+        if media.get("video") is not None:
+            def one_or_many(entry: Any) -> Any:
+                if isinstance(entry, list | tuple) and entry and not isinstance(entry[0], list | tuple):
+                    return [entry]
+                return entry
+
+            media = {**media, "video": [one_or_many(e) for e in media["video"]]}
+        return super()._media_per_prompt(images, prompts, media)
 
     def _speech_to_tensor(self, waveform: Any) -> torch.Tensor:
         assert self.speech is not None
