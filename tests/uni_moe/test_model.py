@@ -13,7 +13,7 @@ from unimoe_helpers import AUDIO, SPEECH, randomise_lora, small
 
 from zoo.components.lora import LoRALinear
 from zoo.models.uni_moe import UniMoESettings
-from zoo.moe import MoE
+from zoo.moe import MoE, MoEConfig
 from zoo.moe.layer import ExpertLoRAExperts, Experts
 from zoo.registry import load, save_pretrained
 
@@ -261,9 +261,8 @@ def test_the_av_benchmarks_run_on_the_model(tmp_path):
     from dataclasses import replace
 
     import eval
-    from eval.registry import get_task
-
     from data.video import VideoConfig
+    from eval.registry import get_task
 
     model = small(video_frames=VideoConfig().num_frames, audio=None, speech={**SPEECH, "max_chunks": 1})
     tasks = [replace(get_task("shapes_video_qa"), reader_args={"num_clips": 1, "seed": 0}, examples=0),
@@ -274,3 +273,19 @@ def test_the_av_benchmarks_run_on_the_model(tmp_path):
     for entry in results["results"].values():
         assert any(k.startswith("accuracy") and 0.0 <= v <= 100.0 for k, v in entry.items()
                    if isinstance(v, float))
+
+
+def test_expert_lora_dropout_acts_in_training_only():
+    cfg = UniMoESettings(expert_lora_rank=2, expert_lora_alpha=4.0, expert_lora_dropout=0.5).moe_config(
+        8, 12, "swiglu", "silu")
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    randomise_lora(moe)
+    x = torch.randn(6, 8)
+    moe.eval()
+    a, b = moe(x), moe(x)
+    torch.testing.assert_close(a, b)
+    moe.train()
+    assert (moe(x) - a).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="lora_dropout"):
+        MoE(MoEConfig(hidden_size=8, expert_hidden_size=12, lora_rank=2, lora_dropout=0.1))  # shared base: no dropout

@@ -346,6 +346,16 @@ class DenseFFN(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _reset_lora(module: nn.Module, proj_names: tuple[str, ...]) -> None:
+    """LoRA init of stacked ``lora_A_<p>`` / ``lora_B_<p>``: A as PEFT/loralib (kaiming_uniform(a=sqrt(5)), i.e.
+    uniform with bound 1/sqrt(fan_in)), B zero, so fresh LoRA adds nothing."""
+    for n in proj_names:
+        a = getattr(module, f"lora_A_{n}")
+        bound = 1.0 / math.sqrt(a.shape[-1])
+        nn.init.uniform_(a, -bound, bound)
+        nn.init.zeros_(getattr(module, f"lora_B_{n}"))
+
+
 class LoRAExperts(nn.Module):
     """E LoRA experts over one frozen base FFN (MixLoRA / Uni-MoE style).
 
@@ -376,11 +386,7 @@ class LoRAExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for n in self.proj_names:
-            a = getattr(self, f"lora_A_{n}")
-            bound = 1.0 / math.sqrt(a.shape[-1])  # kaiming_uniform(a=sqrt(5)) as PEFT/loralib initialise A
-            nn.init.uniform_(a, -bound, bound)
-            nn.init.zeros_(getattr(self, f"lora_B_{n}"))
+        _reset_lora(self, self.proj_names)
 
     def _delta(self, x: Tensor, n: str, counts: list[int] | None, offsets: Tensor | None) -> Tensor:
         a = grouped_linear(x, getattr(self, f"lora_A_{n}"), None, counts, offsets)
@@ -439,7 +445,7 @@ class ExpertLoRAExperts(nn.Module):
             d_in, d_out = (hidden, d) if n in ("down", "fc2") else (d, hidden)
             self.register_parameter(f"lora_A_{n}", nn.Parameter(torch.empty(num_experts, r, d_in)))
             self.register_parameter(f"lora_B_{n}", nn.Parameter(torch.zeros(num_experts, d_out, r)))
-        LoRAExperts.reset_parameters(self)  # type: ignore[arg-type]  # same A/B init, same attribute names
+        _reset_lora(self, self.proj_names)
 
     def _delta(self, x: Tensor, n: str, counts: list[int] | None, offsets: Tensor | None) -> Tensor:
         a = grouped_linear(self.dropout(x), getattr(self, f"lora_A_{n}"), None, counts, offsets)
