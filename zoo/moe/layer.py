@@ -357,7 +357,7 @@ def _reset_lora(module: nn.Module, proj_names: tuple[str, ...]) -> None:
 
 
 class LoRAExperts(nn.Module):
-    """E LoRA experts over one frozen base FFN (MixLoRA / Uni-MoE style).
+    """E LoRA experts over one frozen base FFN (MixLoRA style; Uni-MoE's own-FFN experts are ``ExpertLoRAExperts``).
 
     Expert e computes the base FFN with every projection W replaced by W + (alpha / r) * B_e @ A_e. The base lives in
     ``base`` (a ``DenseFFN``, frozen); LoRA weights are stacked per projection:
@@ -428,7 +428,7 @@ class ExpertLoRAExperts(nn.Module):
     ``base`` is an ``Experts`` (stacked per-expert weights, frozen); LoRA weights are stacked per projection with the
     same names and shapes as ``LoRAExperts`` (``lora_A_<p> [E, r, in]``, ``lora_B_<p> [E, out, r]``). Expert e
     computes its own FFN with every projection W_e replaced by W_e + (alpha / r) * B_e @ A_e; dropout (training
-    only) acts on the LoRA branch's input, as PEFT's does. ``merged()`` folds the LoRA into plain ``Experts``.
+    only) acts on the LoRA branch's input, as PEFT's does. ``MoE.merge_lora`` folds the LoRA into plain ``Experts``.
     """
 
     def __init__(self, cfg: MoEConfig, num_experts: int, hidden: int) -> None:
