@@ -12,6 +12,7 @@ import torch
 
 import zoo
 from zoo import registry
+from zoo.models import uni_moe
 from zoo.models.dit import DiT, count_params
 from zoo.registry import SHIPPED_WEIGHTS_DIR, list_models, save_pretrained
 
@@ -21,15 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # word-level vocabulary, 162 words, is the one it was trained with, 8 more than build_tokenizer() gives today).
 _SHIPPED_TINY_ARGS = json.loads((SHIPPED_WEIGHTS_DIR / "moe_llava_tiny.shapes" / "config.json").read_text())["model_args"]
 
+# A complete Uni-MoE description (uni_moe_custom takes the whole model): the tiny model's parts, 160-word vocabulary.
+_UNI_MOE_CUSTOM_ARGS = dict(
+    vision=uni_moe.TINY_VISION, lm={**uni_moe.TINY_LM, "vocab_size": 160}, speech=uni_moe.TINY_SPEECH,
+    uni_moe=uni_moe.UniMoESettings().to_dict(), lora=uni_moe.STAGE3_LORA, video_frames=4,
+)
+
 # Arguments a builder needs (moe_llava_custom takes the whole model description) or that pick the README's variant.
 BUILD_ARGS: dict[str, dict] = {
     "moe_llava_tiny": _SHIPPED_TINY_ARGS,
     "moe_llava_custom": _SHIPPED_TINY_ARGS,
+    "uni_moe_custom": _UNI_MOE_CUSTOM_ARGS,
 }
 
 # Small enough to build for real on a CPU in a test (and open_clip towers cannot be built on the meta device).
 CPU_SIZED = {"clip_vit_tiny", "clip_vit_tiny4", "digit_cnn", "dit_tiny", "dit_moe_tiny", "moe_llava_tiny",
-             "moe_llava_custom"}
+             "moe_llava_custom", "uni_moe_tiny", "uni_moe_custom"}
 
 # name -> (total, activated) parameters; activated counts top-k of the routed experts of each MoE layer.
 EXPECTED_PARAMS: dict[str, tuple[int, int]] = {
@@ -63,6 +71,12 @@ EXPECTED_PARAMS: dict[str, tuple[int, int]] = {
     "moe_llava_stablelm_4e": (3_200_124_928, 2_369_652_736),
     "moe_llava_stablelm_4e_384": (3_325_105_216, 2_494_633_024),
     "moe_llava_qwen_4e": (3_364_126_720, 2_552_528_896),
+    "uni_moe_tiny": (3_152_832, 2_292_672),
+    "uni_moe_custom": (3_154_368, 2_294_208),
+    "uni_moe_speech_4e": (20_348_703_488, 11_668_460_288),
+    "uni_moe_speech_4e_interval": (13_832_459_008, 9_492_337_408),
+    "uni_moe_audio_4e": (13_780_275_312, 9_440_153_712),
+    "uni_moe_speech_8e": (37_709_714_176, 11_668_984_576),
 }
 # The paper (and the README) count MoE-LLaVA's language model only: name -> (LM total, LM activated).
 EXPECTED_LM_PARAMS: dict[str, tuple[int, int]] = {
@@ -143,5 +157,10 @@ def test_readme_model_table_quotes_the_tabled_counts() -> None:
         f"dense {_si(p['dit_tiny'][0], 'K', 0)}; MoE {_si(p['dit_moe_tiny'][0], 'K', 0)} / "
         f"{_si(p['dit_moe_tiny'][1], 'K', 0)}",
         f"| {_si(p['digit_cnn'][0], 'K', 0)} |",
+        f"{_si(p['uni_moe_tiny'][0], 'M', 2)} / {_si(p['uni_moe_tiny'][1], 'M', 2)}",
+        f"{_si(p['uni_moe_speech_4e'][0], 'B', 2)} / {_si(p['uni_moe_speech_4e'][1], 'B', 2)}; interval "
+        f"{_si(p['uni_moe_speech_4e_interval'][0], 'B', 2)} / {_si(p['uni_moe_speech_4e_interval'][1], 'B', 2)}",
+        f"{_si(p['uni_moe_audio_4e'][0], 'B', 2)} / {_si(p['uni_moe_audio_4e'][1], 'B', 2)}",
+        f"{_si(p['uni_moe_speech_8e'][0], 'B', 2)} / {_si(p['uni_moe_speech_8e'][1], 'B', 2)}",
     ]
     assert [q for q in quotes if q not in table] == []

@@ -11,6 +11,8 @@ Registered here:
 ``zoo convert moe-llava SRC OUT [--vision-weights DIR]``: an official MoE-LLaVA release directory.
 ``zoo convert llava-hf SRC OUT [--template NAME]``: a transformers ``LlavaForConditionalGeneration`` directory.
 ``zoo convert dit ARCH SRC.pt OUT [--input-size N]``: an official DiT / DiT-MoE ``.pt`` checkpoint.
+``zoo convert uni-moe-v1 SRC OUT --base DIR``: an official Uni-MoE v1 release (``-e2`` on top of ``-base``).
+``zoo convert uni-moe-8e SRC OUT --base DIR``: an official Uni-MoE 8-expert (DeepSpeed) release.
 ``zoo convert auto SRC OUT``: whichever registered converter recognises SRC (for a DiT ``.pt`` the architecture is
 read from the tensor shapes).
 
@@ -81,7 +83,7 @@ def register_converter(
 def _ensure_registered() -> None:
     # Lazy registration imports of the built-in converters (each imports its model family, which imports
     # zoo.registry, whose load() imports this package: importing them at the top would be a cycle).
-    from zoo.convert import dit, llava_hf, moe_llava  # noqa: F401
+    from zoo.convert import dit, llava_hf, moe_llava, uni_moe  # noqa: F401
 
 
 def list_converters() -> list[str]:

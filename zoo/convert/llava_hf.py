@@ -133,8 +133,11 @@ def convert_llava_hf(src: str | os.PathLike, out_dir: str | os.PathLike, templat
 
 
 def is_llava_hf(src: Path) -> bool:
-    """A transformers ``LlavaForConditionalGeneration`` directory (config.json ``model_type`` = ``llava``)."""
-    return src.is_dir() and config_model_type(src) == "llava"
+    """A transformers ``LlavaForConditionalGeneration`` directory (config.json ``model_type`` = ``llava`` with a
+    nested ``text_config``; Uni-MoE's flat LLaMA configs also say ``llava``)."""
+    if not (src.is_dir() and config_model_type(src) == "llava"):
+        return False
+    return "text_config" in read_config(src)
 
 
 register_converter(

@@ -21,8 +21,11 @@ Family settings:
   ``num_experts=4, top_k=2, capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0, normalize_top_k=True,
   balance_loss="top1", balance_loss_coef=0.01`` (optionally ``second_choice_noise=True`` for DeepSpeed's Gumbel
   second choice in training).
-* Uni-MoE / MixLoRA: ``lora_rank=8, lora_alpha=16`` (frozen base FFN shared by all experts, per-expert LoRA),
+* MixLoRA: ``lora_rank=8, lora_alpha=16`` (frozen base FFN shared by all experts, per-expert LoRA),
   ``balance_loss=None``.
+* Uni-MoE: ``lora_rank=8, lora_alpha=16, lora_dropout=0.05, lora_shared_base=False`` (every expert its own frozen
+  FFN, from the stage-2 modality fine-tunes, plus its own LoRA; ``MoE.merge_lora`` folds it for inference),
+  Mixtral routing (``balance_loss=None``) or DeepSpeed top-2 (``balance_loss="top1"``) for the 8-expert model.
 * DiT-MoE: SwiGLU, ``normalize_top_k=False``, ``num_shared_experts=2`` with ``shared_expert_hidden_size=2*D``,
   ``balance_loss="topk"`` (f counted over all T*k choices, times E, as DiT-MoE's code), ``balance_loss_coef=0.01``.
 * DeepSeek-V2 / Qwen2-MoE: ``routed_scaling``, ``num_groups``/``topk_groups``, ``shared_expert_gate=True``,
@@ -36,7 +39,8 @@ Parameter names and shapes (E = routed experts after the fine-grained split, h =
 * GELU experts: ``experts.fc1_weight [E, h, d]``, ``experts.fc1_bias [E, h]``, ``experts.fc2_weight [E, d, h]``,
   ``experts.fc2_bias [E, d]``
 * LoRA experts: frozen ``experts.base.{gate_proj,up_proj,down_proj}.weight`` (or ``experts.base.fc1/fc2``) plus
-  ``experts.lora_A_<p> [E, r, in]`` and ``experts.lora_B_<p> [E, out, r]`` for p in gate/up/down (or fc1/fc2)
+  ``experts.lora_A_<p> [E, r, in]`` and ``experts.lora_B_<p> [E, out, r]`` for p in gate/up/down (or fc1/fc2); with
+  per-expert bases the frozen part is ``experts.base.gate_up_proj`` / ``experts.base.down_proj`` (stacked, as above)
 * shared experts: ``shared_expert.{gate_proj,up_proj,down_proj}.weight`` (SwiGLU) or ``shared_expert.fc1/fc2``
   (GELU), ``shared_expert_gate.weight [1, d]``
 

@@ -13,6 +13,7 @@ Experts then run as grouped matmuls over contiguous segments, and results are sc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from zoo.moe.grouped import grouped_linear, sorted_experts_ffn, sorted_lora_experts_ffn
 
-__all__ = ["MoEConfig", "MoE", "MoEStats", "ACTIVATIONS", "capacity_for", "collect_aux_loss", "moe_layers"]
+__all__ = ["MoEConfig", "MoE", "MoEStats", "ExpertLoRAExperts", "ACTIVATIONS", "capacity_for", "collect_aux_loss", "moe_layers"]
 
 ExpertType = Literal["swiglu", "gelu"]
 BalanceLoss = Literal["top1", "topk"]
@@ -95,6 +96,9 @@ class MoEConfig:
         lora_rank: > 0 turns the experts into LoRA experts: one frozen base FFN shared by all experts plus
             per-expert LoRA A/B of this rank on each of its projections (MixLoRA, Uni-MoE stage 3).
         lora_alpha: LoRA scale numerator; the delta is (lora_alpha / lora_rank) * B @ A.
+        lora_shared_base: True: one frozen base FFN shared by all LoRA experts (MixLoRA); False: every expert has
+            its own frozen FFN plus its own LoRA (Uni-MoE, whose experts start from different stage-2 FFNs).
+        lora_dropout: dropout on the LoRA branch's input (PEFT's ``lora_dropout``); per-expert bases only.
         granularity: fine-grained split m: each expert becomes m experts of width h/m, and m*k are activated.
         router_init_std: None keeps nn.Linear's default init for the router; otherwise N(0, std).
         check_finite: raise on non-finite router logits (one reduction per forward).
@@ -127,6 +131,8 @@ class MoEConfig:
     second_choice_noise: bool = False
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    lora_shared_base: bool = True
+    lora_dropout: float = 0.0
     granularity: int = 1
     router_init_std: float | None = None
     check_finite: bool = True
@@ -190,6 +196,11 @@ class MoEConfig:
                 raise bad(f"{name}={value} must be > 0 (or None for dropless)")
         if self.eval_capacity_factor is not None and self.capacity_factor is None:
             raise bad("eval_capacity_factor is set but capacity_factor is None (dropless); set both or neither")
+        if self.lora_dropout and (self.lora_shared_base or not self.lora_rank):
+            raise bad(f"lora_dropout={self.lora_dropout} needs LoRA experts with per-expert bases "
+                      "(lora_rank > 0, lora_shared_base=False)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         if self.balance_loss not in (None, "top1", "topk"):
             raise bad(f"balance_loss={self.balance_loss!r} is unknown; use 'top1', 'topk' or None")
         if self.num_shared_experts < 0 or (self.shared_expert_gate and self.shared_hidden_size == 0):
@@ -335,8 +346,18 @@ class DenseFFN(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _reset_lora(module: nn.Module, proj_names: tuple[str, ...]) -> None:
+    """LoRA init of stacked ``lora_A_<p>`` / ``lora_B_<p>``: A as PEFT/loralib (kaiming_uniform(a=sqrt(5)), i.e.
+    uniform with bound 1/sqrt(fan_in)), B zero, so fresh LoRA adds nothing."""
+    for n in proj_names:
+        a = getattr(module, f"lora_A_{n}")
+        bound = 1.0 / math.sqrt(a.shape[-1])
+        nn.init.uniform_(a, -bound, bound)
+        nn.init.zeros_(getattr(module, f"lora_B_{n}"))
+
+
 class LoRAExperts(nn.Module):
-    """E LoRA experts over one frozen base FFN (MixLoRA / Uni-MoE style).
+    """E LoRA experts over one frozen base FFN (MixLoRA style; Uni-MoE's own-FFN experts are ``ExpertLoRAExperts``).
 
     Expert e computes the base FFN with every projection W replaced by W + (alpha / r) * B_e @ A_e. The base lives in
     ``base`` (a ``DenseFFN``, frozen); LoRA weights are stacked per projection:
@@ -365,11 +386,7 @@ class LoRAExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for n in self.proj_names:
-            a = getattr(self, f"lora_A_{n}")
-            bound = 1.0 / math.sqrt(a.shape[-1])  # kaiming_uniform(a=sqrt(5)) as PEFT/loralib initialise A
-            nn.init.uniform_(a, -bound, bound)
-            nn.init.zeros_(getattr(self, f"lora_B_{n}"))
+        _reset_lora(self, self.proj_names)
 
     def _delta(self, x: Tensor, n: str, counts: list[int] | None, offsets: Tensor | None) -> Tensor:
         a = grouped_linear(x, getattr(self, f"lora_A_{n}"), None, counts, offsets)
@@ -405,6 +422,69 @@ class LoRAExperts(nn.Module):
                                        counts, False, act_name, self.act, self.scale, inv)
 
 
+class ExpertLoRAExperts(nn.Module):
+    """E experts, each its own frozen FFN plus its own LoRA (Uni-MoE's LoRA experts).
+
+    ``base`` is an ``Experts`` (stacked per-expert weights, frozen); LoRA weights are stacked per projection with the
+    same names and shapes as ``LoRAExperts`` (``lora_A_<p> [E, r, in]``, ``lora_B_<p> [E, out, r]``). Expert e
+    computes its own FFN with every projection W_e replaced by W_e + (alpha / r) * B_e @ A_e; dropout (training
+    only) acts on the LoRA branch's input, as PEFT's does. ``MoE.merge_lora`` folds the LoRA into plain ``Experts``.
+    """
+
+    def __init__(self, cfg: MoEConfig, num_experts: int, hidden: int) -> None:
+        super().__init__()
+        self.expert_type = cfg.expert_type
+        self.act = ACTIVATIONS[cfg.act_name]
+        self.scale = cfg.lora_alpha / cfg.lora_rank
+        self.base = Experts(cfg, num_experts, hidden)
+        self.base.requires_grad_(False)
+        self.dropout = nn.Dropout(cfg.lora_dropout)
+        self.proj_names = ("gate", "up", "down") if cfg.expert_type == "swiglu" else ("fc1", "fc2")
+        d, r = cfg.hidden_size, cfg.lora_rank
+        for n in self.proj_names:
+            d_in, d_out = (hidden, d) if n in ("down", "fc2") else (d, hidden)
+            self.register_parameter(f"lora_A_{n}", nn.Parameter(torch.empty(num_experts, r, d_in)))
+            self.register_parameter(f"lora_B_{n}", nn.Parameter(torch.zeros(num_experts, d_out, r)))
+        _reset_lora(self, self.proj_names)
+
+    def _delta(self, x: Tensor, n: str, counts: list[int] | None, offsets: Tensor | None) -> Tensor:
+        a = grouped_linear(self.dropout(x), getattr(self, f"lora_A_{n}"), None, counts, offsets)
+        return grouped_linear(a, getattr(self, f"lora_B_{n}"), None, counts, offsets) * self.scale
+
+    def forward(self, x: Tensor, counts: list[int] | None, offsets: Tensor | None) -> Tensor:
+        """``x [N, d]`` rows sorted by expert -> ``[N, d]``."""
+        b = self.base
+        if self.expert_type == "swiglu":
+            h = b.hidden
+            gate = grouped_linear(x, b.gate_up_proj[:, :h], None, counts, offsets) + self._delta(x, "gate", counts,
+                                                                                                   offsets)
+            up = grouped_linear(x, b.gate_up_proj[:, h:], None, counts, offsets) + self._delta(x, "up", counts, offsets)
+            hid = self.act(gate) * up
+            return grouped_linear(hid, b.down_proj, None, counts, offsets) + self._delta(hid, "down", counts, offsets)
+        hid = self.act(grouped_linear(x, b.fc1_weight, b.fc1_bias, counts, offsets) + self._delta(x, "fc1", counts,
+                                                                                                  offsets))
+        return grouped_linear(hid, b.fc2_weight, b.fc2_bias, counts, offsets) + self._delta(hid, "fc2", counts,
+                                                                                           offsets)
+
+    @torch.no_grad()
+    def merged_weights(self) -> dict[str, Tensor]:
+        """The ``Experts`` state dict with every LoRA delta folded in (W_e + scale * B_e @ A_e, in fp32 or wider)."""
+        b = self.base
+
+        def fold(w: Tensor, n: str) -> Tensor:
+            acc = torch.promote_types(w.dtype, torch.float32)
+            delta = torch.bmm(getattr(self, f"lora_B_{n}").to(acc), getattr(self, f"lora_A_{n}").to(acc))
+            return (w.to(acc) + self.scale * delta).to(w.dtype)
+
+        if self.expert_type == "swiglu":
+            h = b.hidden
+            return {"gate_up_proj": torch.cat([fold(b.gate_up_proj[:, :h], "gate"), fold(b.gate_up_proj[:, h:], "up")],
+                                              dim=1),
+                    "down_proj": fold(b.down_proj, "down")}
+        return {"fc1_weight": fold(b.fc1_weight, "fc1"), "fc1_bias": b.fc1_bias.clone(),
+                "fc2_weight": fold(b.fc2_weight, "fc2"), "fc2_bias": b.fc2_bias.clone()}
+
+
 class MoE(nn.Module):
     """A sparse MoE FFN: ``y = MoE(cfg)(x)`` for ``x [..., d]``; a drop-in replacement for an MLP slot.
 
@@ -418,9 +498,13 @@ class MoE(nn.Module):
         self.cfg, self.name = cfg, name
         E, h = cfg.routed_experts, cfg.routed_hidden_size
         self.router = Router(cfg.hidden_size, E, cfg.router_init_std)
-        self.experts: Experts | LoRAExperts = (
-            LoRAExperts(cfg, E, h) if cfg.lora_rank else Experts(cfg, E, h)
-        )
+        self.experts: Experts | LoRAExperts | ExpertLoRAExperts
+        if not cfg.lora_rank:
+            self.experts = Experts(cfg, E, h)
+        elif cfg.lora_shared_base:
+            self.experts = LoRAExperts(cfg, E, h)
+        else:
+            self.experts = ExpertLoRAExperts(cfg, E, h)
         self.shared_expert = (
             DenseFFN(cfg.hidden_size, cfg.shared_hidden_size, cfg.expert_type, cfg.act_name)
             if cfg.shared_hidden_size else None
@@ -435,6 +519,23 @@ class MoE(nn.Module):
         return (f"name={self.name!r}, d={c.hidden_size}, experts={c.routed_experts}x{c.routed_hidden_size} "
                 f"{c.expert_type}/{c.act_name}, top_k={c.routed_top_k}, {mode}, shared={c.shared_hidden_size}, "
                 f"lora_rank={c.lora_rank}")
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold per-expert-base LoRA experts into plain ``Experts`` for inference (same outputs, no LoRA matmuls).
+
+        Routers and shared experts are untouched; ``cfg`` becomes the plain-experts config (``lora_rank=0``).
+        """
+        ex = self.experts
+        if not isinstance(ex, ExpertLoRAExperts):
+            raise TypeError(f"MoE layer '{self.name}': merge_lora needs LoRA experts with per-expert bases, "
+                            f"not {type(ex).__name__}")
+        cfg = dataclasses.replace(self.cfg, lora_rank=0, lora_dropout=0.0, lora_shared_base=True)
+        ref = ex.base.down_proj if ex.expert_type == "swiglu" else ex.base.fc2_weight
+        merged = Experts(cfg, cfg.routed_experts, cfg.routed_hidden_size).to(device=ref.device, dtype=ref.dtype)
+        merged.load_state_dict(ex.merged_weights())
+        merged.requires_grad_(False)
+        self.cfg, self.experts = cfg, merged
 
     # ---- routing -------------------------------------------------------------------------------------------
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
