@@ -45,6 +45,12 @@ MODEL_FAMILIES: dict[str, str] = {
     'moe_llava_stablelm_4e': 'moe_llava',
     'moe_llava_stablelm_4e_384': 'moe_llava',
     'moe_llava_tiny': 'moe_llava',
+    'uni_moe_audio_4e': 'uni_moe',
+    'uni_moe_custom': 'uni_moe',
+    'uni_moe_speech_4e': 'uni_moe',
+    'uni_moe_speech_4e_interval': 'uni_moe',
+    'uni_moe_speech_8e': 'uni_moe',
+    'uni_moe_tiny': 'uni_moe',
 }
 
 
