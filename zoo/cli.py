@@ -21,6 +21,7 @@ __all__ = ["main", "build_parser"]
 DISPATCH = {
     "eval": ("eval.cli", "evaluate a model on benchmarks (see `zoo eval --help`)"),
     "chat": ("zoo.chat", "chat with a multimodal model (see `zoo chat --help`)"),
+    "ground": ("zoo.ground", "segment what a referring expression names, F-LMM (see `zoo ground --help`)"),
     "sample": ("zoo.sample", "sample images from a diffusion model (see `zoo sample --help`)"),
     "convert": ("zoo.convert", "convert official checkpoints to zoo layout (see `zoo convert --help`)"),
 }
