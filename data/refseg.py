@@ -33,7 +33,7 @@ import io
 import json
 import pickle
 import pickletools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,7 +453,3 @@ def read_png(
             ))  # fmt: skip
     return out
 
-
-def iter_batches(samples: Sequence[RefSegSample], size: int) -> Iterator[Sequence[RefSegSample]]:
-    for start in range(0, len(samples), size):
-        yield samples[start : start + size]

@@ -163,3 +163,19 @@ def test_losses_by_hand() -> None:
     big = torch.zeros(1, 1, 4, 4)
     big[..., :2, :] = 1.0  # ground truth at twice the resolution is area-averaged down
     assert float(grounding_loss(logits, big)[0]) == pytest.approx(float(bce), rel=1e-6)
+
+
+def test_zoo_ground_writes_the_overlay_and_mask(flmm, tmp_path, capsys) -> None:
+    from zoo.ground import main
+
+    model_dir = save_pretrained(flmm, tmp_path / "flmm", "flmm", flmm.model_args)
+    out, mask_out = tmp_path / "overlay.png", tmp_path / "mask.png"
+    assert main(["--model", str(model_dir), "--scene", "test:3", "--out", str(out), "--mask-out", str(mask_out),
+                 "the", "blue", "square"]) == 0  # fmt: skip
+    with Image.open(out) as pic:
+        assert pic.size == (256, 256 + 14)  # 64 px scene x 4, plus the caption line
+    with Image.open(mask_out) as m:
+        assert m.size == (64, 64) and set(np.unique(np.asarray(m))) <= {0, 255}
+    assert "pixels selected" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="SPLIT:INDEX"):
+        main(["--model", str(model_dir), "--scene", "nowhere", "the square"])

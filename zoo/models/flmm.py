@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.checkpoint import load_state_dict_strict
 from zoo.components.attention import CAPTURE_ATTENTION, AttentionCapture, media_key_positions, use_attention
-from zoo.registry import register_model
+from zoo.registry import create_model, register_model
 
 __all__ = [
     "FLMMConfig",
@@ -224,8 +225,6 @@ class FLMM(nn.Module):
     def __init__(self, cfg: FLMMConfig) -> None:
         super().__init__()
         from transformers import SamConfig, SamModel
-
-        from zoo.registry import create_model
 
         self.cfg = cfg
         self.lmm = create_model(cfg.base_architecture, **cfg.base_args)
@@ -446,15 +445,16 @@ class FLMM(nn.Module):
         """Load a transformers ``SamModel`` directory (e.g. a converted ``sam_vit_l``) into the refiner, strictly."""
         from transformers import SamModel
 
-        from zoo.checkpoint import load_state_dict_strict
-
         sam = SamModel.from_pretrained(path, local_files_only=True)
         load_state_dict_strict(self.refiner, sam.state_dict(), path, "the refiner of this F-LMM (same SAM config)")
 
     def num_parameters(self) -> dict[str, int]:
+        """Total and activated counts (the LMM's own activated count: top-k of its experts), and the split."""
         total = sum(p.numel() for p in self.parameters())
         lmm = sum(p.numel() for p in self.lmm.parameters())
-        return {"total": total, "active": total, "lmm": lmm, "grounding": total - lmm}
+        counts = getattr(self.lmm, "num_parameters", None)
+        lmm_active = counts()["active"] if callable(counts) else lmm
+        return {"total": total, "active": total - lmm + lmm_active, "lmm": lmm, "grounding": total - lmm}
 
 
 @register_model(family="flmm")
