@@ -1,6 +1,6 @@
 """``zoo ground``: segment what a referring expression names, with an F-LMM grounding model.
 
-    zoo ground --model runs/flmm_moe_llava_tiny_shapes/flmm/final --scene test:3 "the blue square"
+    zoo ground --model runs/flmm_moe_llava_tiny_shapes/flmm/final --scene test:22 "the blue square"
     zoo ground --model DIR --image photo.jpg --out mask.png "the dog on the left"
     zoo ground --model DIR --scene test:3 --mask-out mask.png "the circle to the left of the red star"
 
