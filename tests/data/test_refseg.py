@@ -282,3 +282,36 @@ def test_shapes_refseg_split() -> None:
     item = ds[0]
     assert item.mask().dtype == bool and np.array_equal(item.mask(), scene.objects[samples[0][1]].mask)
     assert item.load_image().size == (64, 64)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the eval tasks on the same fixtures (registry YAML -> reader -> segment output -> refseg scorer)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _WholeImage:
+    """Predicts every pixel: each sample's IoU is its mask's share of the image."""
+
+    def ground(self, images, expressions):
+        return [np.full((im.size[1], im.size[0]), 0.9, dtype=np.float32) for im in images]
+
+
+def test_refseg_tasks_score_the_fixtures(tmp_path: Path) -> None:
+    import eval as zoo_eval
+
+    write_refer_layout(tmp_path / "refcoco")
+    write_parquet(tmp_path / "val.parquet")
+    write_png_layout(tmp_path / "png")
+    roots = {"refcoco": tmp_path / "refcoco", "refcoco_parquet": tmp_path, "png": tmp_path / "png"}
+    res = zoo_eval.run(_WholeImage(), tasks=["refcoco_val", "refcoco_testa", "refcoco_parquet", "png_val"],
+                       data_roots=roots, output_dir=tmp_path / "out", progress=False)  # fmt: skip
+    r = res["results"]
+    full = polygons_to_mask([RECT, TRI], 16, 24).sum() / (16 * 24)
+    assert r["refcoco_val"]["ciou,none"] == pytest.approx(full)
+    assert r["refcoco_testa"]["ciou,none"] == pytest.approx(polygons_to_mask([TRI], 16, 24).sum() / (16 * 24))
+    rect, tri = polygons_to_mask([RECT], 16, 24).sum(), polygons_to_mask([TRI], 16, 24).sum()
+    assert r["refcoco_parquet"]["ciou,none"] == pytest.approx((rect + tri) / (2 * 16 * 24))
+    assert r["png_val"]["ar,none"] == pytest.approx((12 + 10) / 24 / 2, abs=1e-5)  # people 10 px, grass 12 px
+    assert r["png_val"]["thing/ciou,none"] == pytest.approx(10 / 24) and r["png_val"]["n_stuff,none"] == 1
+    assert res["primary_metric"]["png_val"] == "ar" and res["primary_metric"]["refcoco_val"] == "ciou"
+    assert all(Path(p).is_file() for p in res["artifacts"]["refcoco_val"]["overlays"])
