@@ -127,7 +127,7 @@ class RefSegMetric(Metric):
                 out["ar"] = _AR_STEP * self.ar_steps[0] / n[0]
                 for k, t in enumerate(PREC_THRESHOLDS):
                     out[f"prec@{t}"] = self.hits[0, k] / n[0]
-            out[f"n_{prefix.rstrip('/') or 'scored'}"] = self.count[row]
+            out[f"n_{prefix.rstrip('/') or 'samples'}"] = self.count[row]
         return out
 
 

@@ -58,7 +58,7 @@ def test_metric_equals_a_direct_numpy_computation() -> None:
     ref = _numpy_reference(preds, targets, kinds)
     for key, value in ref.items():
         assert out[key] == pytest.approx(value, abs=1e-12), key
-    assert out["n_scored"] == 24 and out["n_attribute"] == 12 and out["n_relation"] == 12
+    assert out["n_samples"] == 24 and out["n_attribute"] == 12 and out["n_relation"] == 12
     assert 0.3 < out["ciou"] < 0.95 and out["giou"] > out["miou"]  # the empty pair counts 1 only in gIoU
 
 
