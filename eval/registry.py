@@ -77,7 +77,7 @@ __all__ = [
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 # Modules imported with the built-in tasks because they call register_task themselves (see "How to add").
-PLUGIN_MODULES: tuple[str, ...] = ("eval.generation.tasks", "eval.av")
+PLUGIN_MODULES: tuple[str, ...] = ("eval.generation.tasks", "eval.av", "eval.refseg")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,11 +33,13 @@ BUILD_ARGS: dict[str, dict] = {
     "moe_llava_tiny": _SHIPPED_TINY_ARGS,
     "moe_llava_custom": _SHIPPED_TINY_ARGS,
     "uni_moe_custom": _UNI_MOE_CUSTOM_ARGS,
+    # F-LMM with its default heads (U-Net 32 wide, 3 levels; TINY_SAM) on the shipped tiny MoE-LLaVA.
+    "flmm": {"base_architecture": "moe_llava_tiny", "base_args": _SHIPPED_TINY_ARGS},
 }
 
 # Small enough to build for real on a CPU in a test (and open_clip towers cannot be built on the meta device).
 CPU_SIZED = {"clip_vit_tiny", "clip_vit_tiny4", "digit_cnn", "dit_tiny", "dit_moe_tiny", "moe_llava_tiny",
-             "moe_llava_custom", "uni_moe_tiny", "uni_moe_custom"}
+             "moe_llava_custom", "uni_moe_tiny", "uni_moe_custom", "flmm"}
 
 # name -> (total, activated) parameters; activated counts top-k of the routed experts of each MoE layer.
 EXPECTED_PARAMS: dict[str, tuple[int, int]] = {
@@ -66,6 +68,7 @@ EXPECTED_PARAMS: dict[str, tuple[int, int]] = {
     "dit_moe_tiny": (627_744, 332_832),
     "moe_llava_tiny": (2_501_282, 1_974_434),
     "moe_llava_custom": (2_501_282, 1_974_434),
+    "flmm": (4_735_405, 4_208_557),  # the tiny MoE-LLaVA's 2,501,282 (frozen) + 2,234,123 grounding parameters
     "moe_llava_phi2_4e": (5_609_732_096, 3_931_600_896),
     "moe_llava_phi2_4e_384": (5_734_777_920, 4_056_646_720),
     "moe_llava_stablelm_4e": (3_200_124_928, 2_369_652_736),

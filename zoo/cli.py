@@ -22,6 +22,7 @@ DISPATCH = {
     "eval": ("eval.cli", "evaluate a model on benchmarks (see `zoo eval --help`)"),
     "chat": ("zoo.chat", "chat with a multimodal model (see `zoo chat --help`)"),
     "attend": ("zoo.attend", "draw where a model looks, per layer, before and after VAR (see `zoo attend --help`)"),
+    "ground": ("zoo.ground", "segment what a referring expression names, F-LMM (see `zoo ground --help`)"),
     "sample": ("zoo.sample", "sample images from a diffusion model (see `zoo sample --help`)"),
     "convert": ("zoo.convert", "convert official checkpoints to zoo layout (see `zoo convert --help`)"),
     "show": ("zoo.show", "write a video as GIF / strip PNG, audio as a spectrogram PNG (see `zoo show --help`)"),

@@ -1,0 +1,241 @@
+"""F-LMM grounding on a frozen LLaVA-like model (``type: flmm``): only the mask head and the refiner train.
+
+The stage builds ``zoo.models.flmm.FLMM`` around ``model.base`` (a weights name or a zoo directory, loaded with its
+weights; ``init_from`` stays null), trains with F-LMM's loss (BCE + Dice on the coarse and the refined mask) on
+referring expressions, and checks that the LMM came out of training bit-for-bit unchanged: every LMM tensor is
+compared with the base checkpoint in ``evaluate`` (a difference is an error), and a recipe whose ``trainable`` globs
+reach the LMM is refused when training starts. ``evaluate`` then runs the configured benchmarks (``shapes_refseg``,
+``shapes_vqa``...) on the grounded model and, with ``eval.baseline``, the expression-blind union-of-objects baseline.
+
+Data: the synthetic ShapesRefSeg split (``source: shapes``), RefCOCO / RefCOCO+ / RefCOCOg in the ``refer`` layout
+(``source: refcoco``) or PNG (``source: png``), through ``data.refseg``; several sources concatenate, as F-LMM trains
+on their union.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from data.shapes import WorldConfig
+from zoo.stages import register_stage
+from zoo.stages.base import StageModule
+
+__all__ = ["FLMMModelConfig", "FLMMDataConfig", "FLMMEvalConfig", "FLMMStage", "RefSegTrainSet"]
+
+
+@dataclass(kw_only=True)
+class FLMMModelConfig:
+    base: str = field(default="moe_llava_tiny.shapes", metadata={"help": "the frozen LMM: weights name or zoo directory"})
+    instruction: str = field(default="Please give me a description of the image.",
+                             metadata={"help": "user turn before the forced expression"})  # fmt: skip
+    merge: Literal["mean", "max"] = "mean"
+    map_size: int = field(default=64, metadata={"min": 8, "help": "side of the up-sampled attention maps"})
+    unet_channels: int = field(default=32, metadata={"min": 4})
+    unet_depth: int = field(default=3, metadata={"min": 1})
+    sam: dict[str, Any] | None = field(default=None, metadata={"help": "SamConfig kwargs (None: zoo.models.flmm.TINY_SAM)"})
+    sam_weights: str | None = field(default=None, metadata={"help": "local transformers SamModel dir for the refiner"})
+    use_mask_prompt: bool = True
+    use_box_prompt: bool = True
+    use_text_prompt: bool = True
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"min": 1, "help": "torch intra-op threads when training on CPU (null: torch's default); the tiny "
+                  "heads run faster with 1 than with 2 threads that wait on each other"},
+    )
+
+
+@dataclass(kw_only=True)
+class FLMMDataConfig:
+    sources: list[Literal["shapes", "refcoco", "png"]] = field(default_factory=lambda: ["shapes"])
+    world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world (shapes)"})
+    num_scenes: int = field(default=3000, metadata={"min": 1, "help": "shapes: train scenes"})
+    refcoco_root: str | None = field(default=None, metadata={"help": "refcoco: folder holding <dataset>/refs(*).p"})
+    refcoco_images: str | None = field(default=None, metadata={"help": "refcoco: the COCO train2014 folder"})
+    refcoco_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
+    png_narratives: str | None = None
+    png_panoptic_json: str | None = None
+    png_panoptic_dir: str | None = None
+    png_images: str | None = None
+
+
+@dataclass(kw_only=True)
+class FLMMEvalConfig:
+    tasks: list[str] = field(default_factory=list, metadata={"help": "eval.run task / group names"})
+    limit: int | None = field(default=None, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    baseline: bool = field(default=False, metadata={"help": "also score the union-of-objects baseline (refseg tasks)"})
+
+
+class RefSegTrainSet(Dataset):
+    """``data.refseg`` samples as ``(image, expression, mask)`` triples."""
+
+    def __init__(self, samples: Any) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, str, Any]:
+        s = self.samples[i]
+        return s.load_image(), s.text, s.mask()
+
+
+def _path(value: str | None, what: str) -> Path:
+    if value is None:
+        raise ValueError(f"data.{what} is not set")
+    p = Path(os.path.expandvars(value))
+    if not p.exists():
+        raise FileNotFoundError(f"data.{what}: {p} does not exist (mmzoo never downloads; put the files there first)")
+    return p
+
+
+@register_stage("flmm")
+class FLMMStage(StageModule):
+    ModelConfig = FLMMModelConfig
+    DataConfig = FLMMDataConfig
+    EvalConfig = FLMMEvalConfig
+
+    def __init__(self, model_cfg: FLMMModelConfig, data_cfg: FLMMDataConfig, eval_cfg: FLMMEvalConfig,
+                 stage: Any) -> None:  # fmt: skip
+        super().__init__(model_cfg, data_cfg, eval_cfg, stage)
+        import json
+
+        from zoo.registry import CONFIG_NAME, create_model, load, resolve_weights
+
+        base_dir = Path(model_cfg.base) if Path(model_cfg.base).is_dir() else resolve_weights(model_cfg.base)
+        base_config = json.loads((base_dir / CONFIG_NAME).read_text())
+        self.architecture = "flmm"
+        args: dict[str, Any] = {
+            "base_architecture": base_config["architecture"],
+            "base_args": base_config["model_args"],
+            "instruction": model_cfg.instruction,
+            "merge": model_cfg.merge,
+            "map_size": model_cfg.map_size,
+            "unet_channels": model_cfg.unet_channels,
+            "unet_depth": model_cfg.unet_depth,
+            "use_mask_prompt": model_cfg.use_mask_prompt,
+            "use_box_prompt": model_cfg.use_box_prompt,
+            "use_text_prompt": model_cfg.use_text_prompt,
+        }
+        if model_cfg.sam is not None:
+            args["sam"] = model_cfg.sam
+        self.model = create_model(self.architecture, **args)
+        self.model_args = self.model.model_args
+        base = load(base_dir)
+        self.model.lmm.load_state_dict(base.state_dict())
+        # The reference every LMM tensor is compared with after training (the issue's "frozen" check).
+        self._base_state = {k: v.clone() for k, v in base.state_dict().items()}
+        if model_cfg.sam_weights is not None:
+            self.model.load_sam_weights(str(_path(model_cfg.sam_weights, "model.sam_weights")))
+        self._t_start: float | None = None
+        self._t_train = 0.0
+
+    # ---- data ------------------------------------------------------------------------------------------------------
+
+    def train_dataset(self) -> Dataset:
+        from torch.utils.data import ConcatDataset
+
+        from data import refseg
+
+        d = self.data_cfg
+        parts: list[Dataset] = []
+        for source in d.sources:
+            if source == "shapes":
+                ds = refseg.ShapesRefSeg(d.world, "train", d.num_scenes)
+                print(f"stage {self.stage.name}: ShapesRefSeg train, {d.num_scenes} scenes, {len(ds)} expressions "
+                      f"{ds.kinds()}", flush=True)  # fmt: skip
+                parts.append(RefSegTrainSet(ds))
+            elif source == "refcoco":
+                root, images = _path(d.refcoco_root, "refcoco_root"), _path(d.refcoco_images, "refcoco_images")
+                for name in d.refcoco_datasets:
+                    samples = refseg.read_refcoco(root, name, "train", images)
+                    print(f"stage {self.stage.name}: {name} train, {len(samples)} refs", flush=True)
+                    parts.append(RefSegTrainSet(samples))
+            else:
+                samples = refseg.read_png(_path(d.png_narratives, "png_narratives"),
+                                          _path(d.png_panoptic_json, "png_panoptic_json"),
+                                          _path(d.png_panoptic_dir, "png_panoptic_dir"),
+                                          _path(d.png_images, "png_images"))  # fmt: skip
+                print(f"stage {self.stage.name}: PNG train, {len(samples)} grounded segments", flush=True)
+                parts.append(RefSegTrainSet(samples))
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def collate_fn(self, samples: list[tuple[Any, str, Any]]) -> dict[str, Any]:
+        images, texts, masks = zip(*samples)
+        return self.model.prepare(list(images), list(texts), list(masks))
+
+    # ---- training --------------------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.model_cfg.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.model_cfg.cpu_threads)
+
+    def on_train_start(self) -> None:
+        reached = [n for n, p in self.model.lmm.named_parameters() if p.requires_grad]
+        if reached:
+            raise ValueError(
+                f"stage {self.stage.name}: F-LMM keeps the LMM frozen, but the trainable globs reach {len(reached)} "
+                f"of its tensors (e.g. lmm.{reached[0]}); train mask_head.*, refiner.*, layer_weights, text_proj.*"
+            )
+        self._t_start = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        if self._t_start is not None:
+            self._t_train += time.perf_counter() - self._t_start
+            self._t_start = None
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor | float]]:
+        return self.model.loss(batch)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+
+    def lmm_unchanged(self) -> bool:
+        """Whether every LMM tensor equals the base checkpoint's (raises naming the first that differs)."""
+        now = self.model.lmm.state_dict()
+        changed = [k for k, v in self._base_state.items() if not torch.equal(now[k].cpu(), v)]
+        if changed or set(now) != set(self._base_state):
+            raise RuntimeError(f"stage {self.stage.name}: the frozen LMM changed during training: {changed[:5]}")
+        return True
+
+    def evaluate(self, out_dir: Path) -> dict[str, float]:
+        counts = self.model.num_parameters()
+        metrics: dict[str, float] = {
+            "lmm_unchanged": float(self.lmm_unchanged()),
+            "params_grounding_M": counts["grounding"] / 1e6,
+            "params_lmm_M": counts["lmm"] / 1e6,
+        }
+        if self._t_train > 0:
+            metrics["train_s"] = self._t_train
+        if not self.eval_cfg.tasks:
+            return metrics
+        import eval as zoo_eval
+        from zoo.stages.moe_llava import summarise_eval
+
+        runs = [("", self.model, f"flmm ({self.stage.name})")]
+        if self.eval_cfg.baseline:
+            from eval.refseg import ObjectUnionBaseline
+
+            runs.append(("baseline_union/", ObjectUnionBaseline(), "union-of-objects baseline"))
+        for prefix, model, name in runs:
+            tasks = [t for t in self.eval_cfg.tasks if not prefix or "refseg" in t]
+            if not tasks:
+                continue
+            t0 = time.perf_counter()
+            res = zoo_eval.run(model, tasks=tasks, limit=self.eval_cfg.limit, batch_size=self.eval_cfg.batch_size,
+                               output_dir=Path(out_dir) / "eval" / (prefix.rstrip("/") or "flmm"), model_name=name,
+                               model_args={"stage": self.stage.name}, progress=False)  # fmt: skip
+            metrics[f"{prefix}eval_s"] = time.perf_counter() - t0
+            metrics.update({f"{prefix}{k}": v for k, v in summarise_eval(res).items()})
+            for task, entry in res.get("results", {}).items():
+                for key, value in entry.items():
+                    if "/" in key and isinstance(value, int | float):  # per-kind numbers (relation, ...)
+                        metrics[f"{prefix}{task}/{key.split(',')[0]}"] = float(value)
+        return metrics
