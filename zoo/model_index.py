@@ -38,6 +38,7 @@ MODEL_FAMILIES: dict[str, str] = {
     'dit_xl_2': 'dit',
     'dit_xl_4': 'dit',
     'dit_xl_8': 'dit',
+    'flmm': 'flmm',
     'moe_llava_custom': 'moe_llava',
     'moe_llava_phi2_4e': 'moe_llava',
     'moe_llava_phi2_4e_384': 'moe_llava',
