@@ -15,7 +15,8 @@ steps merge exactly), for binary masks compared with their ground truth:
   ``arange`` values so floating-point ties fall as in the official code (within 1e-5 of the mean IoU).
 Each of cIoU and mIoU is also given per group (``<group>/ciou``, ``<group>/miou``, counts ``n_<group>``) for the groups fixed at construction (ShapesRefSeg's
 ``attribute`` / ``position`` / ``relation``; PNG's ``thing`` / ``stuff``, plurals counted as things). Values are
-fractions in [0, 1], as the papers' tables print them x 100.
+percentages (0-100), as the papers' tables print them and as every accuracy-like number in mmzoo is reported; the
+per-sample ``score`` in the samples file stays the sample's IoU in [0, 1].
 
 Tasks (YAML under ``eval/tasks/refseg/``): ``shapes_refseg`` (the synthetic test split), ``refcoco_val`` and the
 other RefCOCO / RefCOCO+ / RefCOCOg splits (the ``refer`` layout), ``refcoco_parquet`` (the harness copies) and
@@ -120,13 +121,13 @@ class RefSegMetric(Metric):
         out: dict[str, Tensor] = {}
         n = self.count.clamp(min=1)
         for row, prefix in enumerate(["", *(f"{g}/" for g in self.groups)]):
-            out[f"{prefix}ciou"] = self.inter[row] / self.union[row].clamp(min=1)
-            out[f"{prefix}miou"] = self.iou_sum[row] / n[row]
+            out[f"{prefix}ciou"] = 100 * self.inter[row] / self.union[row].clamp(min=1)
+            out[f"{prefix}miou"] = 100 * self.iou_sum[row] / n[row]
             if not prefix:
-                out["giou"] = self.giou_sum[0] / n[0]
-                out["ar"] = _AR_STEP * self.ar_steps[0] / n[0]
+                out["giou"] = 100 * self.giou_sum[0] / n[0]
+                out["ar"] = 100 * _AR_STEP * self.ar_steps[0] / n[0]
                 for k, t in enumerate(PREC_THRESHOLDS):
-                    out[f"prec@{t}"] = self.hits[0, k] / n[0]
+                    out[f"prec@{t}"] = 100 * self.hits[0, k] / n[0]
             out[f"n_{prefix.rstrip('/') or 'samples'}"] = self.count[row]
         return out
 

@@ -56,7 +56,7 @@ DIT_MOE_TINY_DIGITS = WeightsCfg(
     file="dit_moe_tiny.digits",
     sha256="cef5747bdf89294776f4d44d511993ae73882154a49edf2ab57629f569367c03",
     recipe="recipes/dit_moe/digits_tiny.yaml@0a5bf7d",
-    metrics={"fid_digits": 0.6539, "kid_digits": 0.0562, "is_digits": 9.0645, "class_acc": 0.978, "val_loss": 0.1454},
+    metrics={"fid_digits": 0.6539, "kid_digits": 0.0562, "is_digits": 9.0645, "class_acc": 97.8, "val_loss": 0.1454},
     license="Apache-2.0 (weights); data: scikit-learn digits (BSD-3, UCI optdigits)",
     notes="pixel-space 16x16 digits, rectified flow; 628K params, 333K activated",
 )
@@ -66,7 +66,7 @@ DIGIT_CNN_DIGITS = WeightsCfg(
     sha256="b4ff269d2c8814a4b8c057f276a6be6d7377ba1a6225c0f1b774623634a23bc6",
     recipe="eval/generation/train_digit_classifier.py",
     # the same numbers as the metrics block of its config.json, written by the training script
-    metrics={"heldout_acc": 0.9916434540389972, "train_acc": 1.0, "n_train": 1438.0, "n_heldout": 359.0},
+    metrics={"heldout_acc": 99.16434540389972, "train_acc": 100.0, "n_train": 1438.0, "n_heldout": 359.0},
     license="Apache-2.0 (weights); data: scikit-learn digits (BSD-3, UCI optdigits)",
     notes="feature network for FID-digits and the class-accuracy judge of the digits generators",
 )

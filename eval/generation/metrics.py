@@ -175,9 +175,10 @@ class GenerationMetrics:
         cm = self.confusion.compute().long() if self.confusion.update_called else None
         per_class_total = cm.sum(dim=1) if cm is not None else None
         if cm is not None and per_class_total.sum() > 0:
-            out["class_acc"] = int(cm.diagonal().sum()) / int(per_class_total.sum())
+            # Percent, as every accuracy mmzoo reports (eval tables, stage summaries, README).
+            out["class_acc"] = 100 * int(cm.diagonal().sum()) / int(per_class_total.sum())
             for c in per_class_total.nonzero().flatten().tolist():
-                out[f"class_acc_{c}"] = int(cm[c, c]) / int(per_class_total[c])
+                out[f"class_acc_{c}"] = 100 * int(cm[c, c]) / int(per_class_total[c])
         return out
 
 

@@ -306,12 +306,13 @@ def test_refseg_tasks_score_the_fixtures(tmp_path: Path) -> None:
     res = zoo_eval.run(_WholeImage(), tasks=["refcoco_val", "refcoco_testa", "refcoco_parquet", "png_val"],
                        data_roots=roots, output_dir=tmp_path / "out", progress=False)  # fmt: skip
     r = res["results"]
-    full = polygons_to_mask([RECT, TRI], 16, 24).sum() / (16 * 24)
+    # the reports are in percent
+    full = 100 * polygons_to_mask([RECT, TRI], 16, 24).sum() / (16 * 24)
     assert r["refcoco_val"]["ciou,none"] == pytest.approx(full)
-    assert r["refcoco_testa"]["ciou,none"] == pytest.approx(polygons_to_mask([TRI], 16, 24).sum() / (16 * 24))
+    assert r["refcoco_testa"]["ciou,none"] == pytest.approx(100 * polygons_to_mask([TRI], 16, 24).sum() / (16 * 24))
     rect, tri = polygons_to_mask([RECT], 16, 24).sum(), polygons_to_mask([TRI], 16, 24).sum()
-    assert r["refcoco_parquet"]["ciou,none"] == pytest.approx((rect + tri) / (2 * 16 * 24))
-    assert r["png_val"]["ar,none"] == pytest.approx((12 + 10) / 24 / 2, abs=1e-5)  # people 10 px, grass 12 px
-    assert r["png_val"]["thing/ciou,none"] == pytest.approx(10 / 24) and r["png_val"]["n_stuff,none"] == 1
+    assert r["refcoco_parquet"]["ciou,none"] == pytest.approx(100 * (rect + tri) / (2 * 16 * 24))
+    assert r["png_val"]["ar,none"] == pytest.approx(100 * (12 + 10) / 24 / 2, abs=1e-3)  # people 10 px, grass 12 px
+    assert r["png_val"]["thing/ciou,none"] == pytest.approx(100 * 10 / 24) and r["png_val"]["n_stuff,none"] == 1
     assert res["primary_metric"]["png_val"] == "ar" and res["primary_metric"]["refcoco_val"] == "ciou"
     assert all(Path(p).is_file() for p in res["artifacts"]["refcoco_val"]["overlays"])

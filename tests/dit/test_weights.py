@@ -27,6 +27,6 @@ def test_shipped_dit_moe_tiny_digits_reproduces_its_recorded_scores() -> None:
     stage = load_recipe(ROOT / cfg.recipe.split("@")[0]).stages[0]
     scores = evaluate_generator(model, stage.eval, stage.data, None)
     recorded = cfg.metrics
-    assert scores["class_acc"] == pytest.approx(recorded["class_acc"], abs=0.01)
-    assert scores["class_acc"] >= 0.9
+    assert scores["class_acc"] == pytest.approx(recorded["class_acc"], abs=1.0)
+    assert scores["class_acc"] >= 90.0
     assert scores["fid_digits"] == pytest.approx(recorded["fid_digits"], rel=0.03)

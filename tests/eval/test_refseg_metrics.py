@@ -56,10 +56,10 @@ def test_metric_equals_a_direct_numpy_computation() -> None:
     m.update([c[0] for c in counts], [c[1] for c in counts], [[k] for k in kinds])
     out = _f(m.compute())
     ref = _numpy_reference(preds, targets, kinds)
-    for key, value in ref.items():
-        assert out[key] == pytest.approx(value, abs=1e-12), key
+    for key, value in ref.items():  # the metric reports percent
+        assert out[key] == pytest.approx(100 * value, abs=1e-10), key
     assert out["n_samples"] == 24 and out["n_attribute"] == 12 and out["n_relation"] == 12
-    assert 0.3 < out["ciou"] < 0.95 and out["giou"] > out["miou"]  # the empty pair counts 1 only in gIoU
+    assert 30 < out["ciou"] < 95 and out["giou"] > out["miou"]  # the empty pair counts 1 only in gIoU
 
 
 def test_per_sample_iou_equals_pycocotools() -> None:
@@ -109,16 +109,16 @@ def test_average_recall_equals_the_official_integral() -> None:
     assert abs(average_recall(ious) - ious.mean()) < 2e-5
     m = RefSegMetric()
     m.update([int(round(x * 10**7)) for x in ious], [10**7] * len(ious))
-    assert float(m.compute()["ar"]) == pytest.approx(official, abs=1e-9)
+    assert float(m.compute()["ar"]) == pytest.approx(100 * official, abs=1e-7)  # percent
 
 
 def test_hand_worked_numbers() -> None:
     m = RefSegMetric()
     m.update([3, 0, 8], [4, 5, 10])  # IoUs 0.75, 0, 0.8
     out = _f(m.compute())
-    assert out["ciou"] == pytest.approx(11 / 19)
-    assert out["miou"] == pytest.approx((0.75 + 0.8) / 3)
-    assert out["prec@0.5"] == pytest.approx(2 / 3) and out["prec@0.8"] == pytest.approx(1 / 3)
+    assert out["ciou"] == pytest.approx(100 * 11 / 19)  # percent
+    assert out["miou"] == pytest.approx(100 * (0.75 + 0.8) / 3)
+    assert out["prec@0.5"] == pytest.approx(100 * 2 / 3) and out["prec@0.8"] == pytest.approx(100 / 3)
     assert out["prec@0.9"] == 0.0
 
 

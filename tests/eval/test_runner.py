@@ -13,6 +13,7 @@ import torch
 import eval
 from eval.registry import READERS, expand_tasks, get_task, resolve_files
 from eval.runner import run
+from tests.eval.test_percent_units import accuracy_like
 from zoo.components.generation import GenerationStats
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -107,6 +108,15 @@ def test_every_fixture_task_with_oracle(doubles):
     }  # fmt: skip
     assert res["results"]["mme"]["cognition,none"] == 200.0
     assert res["results"]["vqav2_val"]["accuracy_number,none"] == 100.0
+    # Every accuracy-like number is in percent: a perfect model scores 100 (a fraction would read 1.0). Breakdowns
+    # with no document in the fixtures report 0 (GroupedAccuracy's empty group).
+    empty = {("scienceqa_img", "accuracy_no_img"), ("vizwiz_val", "accuracy_number")}
+    checked = 0
+    for task, entry in [*res["results"].items(), *res["groups"].items()]:
+        for key, value in accuracy_like(entry).items():
+            assert value == (0.0 if (task, key) in empty else pytest.approx(100.0)), (task, key, value)
+            checked += 1
+    assert checked >= 30  # VQA answer types, POPE's five, MME's acc / acc+ per subtask, MMBench, ScienceQA, ...
 
 
 def test_vqav2_scores_like_llava_submission(doubles):

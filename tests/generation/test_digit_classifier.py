@@ -53,9 +53,9 @@ def test_recorded_heldout_accuracy_is_reproduced(classifier: DigitCNN, digits) -
     )
     assert len(held) == config["metrics"]["n_heldout"]
     with torch.no_grad():
-        acc = int((classifier(held.images).argmax(1) == held.labels).sum()) / len(held)
-    assert acc >= 0.95
-    assert acc == pytest.approx(recorded, abs=1.5 / len(held))  # at most one image flips on another CPU
+        acc = 100 * int((classifier(held.images).argmax(1) == held.labels).sum()) / len(held)  # recorded in percent
+    assert acc >= 95.0
+    assert acc == pytest.approx(recorded, abs=150 / len(held))  # at most one image flips on another CPU
 
 
 def test_fid_digits_orders_real_degraded_noise(classifier: DigitCNN, digits) -> None:
@@ -78,7 +78,7 @@ def test_fid_digits_orders_real_degraded_noise(classifier: DigitCNN, digits) -> 
     assert real["fid"] < blurred["fid"] < noise["fid"]
     assert noise["fid"] > 50 * real["fid"]
     assert real["kid_mean"] < blurred["kid_mean"] < noise["kid_mean"]
-    assert real["class_acc"] > 0.97 and noise["class_acc"] < 0.3
+    assert real["class_acc"] > 97.0 and noise["class_acc"] < 30.0
     assert real["is_mean"] > 8.0 and noise["is_mean"] < real["is_mean"]
 
 
@@ -107,7 +107,7 @@ def test_feature_network_on_cuda_matches_cpu(digits) -> None:
         gm.update_fake(x[900:].to(device), y[900:])
         scores.append(gm.compute())
     assert scores[1]["fid"] == pytest.approx(scores[0]["fid"], rel=1e-3, abs=1e-4)
-    assert scores[1]["class_acc"] == pytest.approx(scores[0]["class_acc"], abs=2 / 897)
+    assert scores[1]["class_acc"] == pytest.approx(scores[0]["class_acc"], abs=200 / 897)
 
 
 @pytest.mark.slow
@@ -119,4 +119,4 @@ def test_training_script_reproduces_the_shipped_classifier(tmp_path) -> None:
     fresh = json.loads((tmp_path / "dc" / "config.json").read_text())
     assert fresh["model_args"] == shipped["model_args"]
     # bitwise equal on the machine that trained it; elsewhere float reductions may differ, so compare the score
-    assert fresh["metrics"]["heldout_acc"] == pytest.approx(shipped["metrics"]["heldout_acc"], abs=0.01)
+    assert fresh["metrics"]["heldout_acc"] == pytest.approx(shipped["metrics"]["heldout_acc"], abs=1.0)

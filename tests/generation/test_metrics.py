@@ -158,9 +158,9 @@ def test_class_accuracy_and_reset_keeps_real() -> None:
     gm.update_real(rows)
     gm.update_fake(rows, labels)
     out = gm.compute()
-    assert out["class_acc"] == pytest.approx(15 / 20)
+    assert out["class_acc"] == pytest.approx(100 * 15 / 20)  # percent
     assert out["fid"] == pytest.approx(0.0, abs=1e-6)  # identical sets
-    assert sum(out[f"class_acc_{c}"] * int((labels == c).sum()) for c in range(4)) == pytest.approx(15)
+    assert sum(out[f"class_acc_{c}"] * int((labels == c).sum()) for c in range(4)) == pytest.approx(100 * 15)
     gm.reset_fake()
     gm.update_fake(
         rows + torch.cat([torch.ones(n, 3, dtype=torch.float64), torch.zeros(n, 4, dtype=torch.float64)], 1)

@@ -233,10 +233,11 @@ class ClipContrastiveStage(StageModule):
         pairs = world.pairs
         color_ok = [pairs[p][0] == pairs[t][0] for p, t in zip(pred.tolist(), label.tolist())]
         shape_ok = [pairs[p][1] == pairs[t][1] for p, t in zip(pred.tolist(), label.tolist())]
+        # Percent, as every accuracy a user reads in mmzoo (eval reports, recipe summaries, README tables).
         metrics = {
-            "zeroshot_acc": float((pred == label).float().mean()),
-            "color_acc": sum(color_ok) / len(color_ok),
-            "shape_acc": sum(shape_ok) / len(shape_ok),
+            "zeroshot_acc": 100 * float((pred == label).float().mean()),
+            "color_acc": 100 * sum(color_ok) / len(color_ok),
+            "shape_acc": 100 * sum(shape_ok) / len(shape_ok),
         }
         confusion = torch.zeros(len(names), len(names), dtype=torch.long)
         confusion.index_put_((label, pred), torch.ones_like(label), accumulate=True)

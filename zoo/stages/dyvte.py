@@ -228,7 +228,7 @@ class DyVTERouterStage(StageModule):
         return loss, {
             "exit_layer_drawn": float(k),
             "exit_label_share": float(target.float().mean()),
-            "router_acc": acc.detach(),
+            "router_acc": 100 * acc.detach(),  # percent, as every accuracy mmzoo reports
             "answer_agreement": float(got["agree"][usable].mean()),
             "answer_loss_ratio": float(got["ratio"][usable].mean()),
         }
