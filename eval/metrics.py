@@ -216,6 +216,7 @@ class MMEScore(Metric):
             out[f"{name}_acc"] = 100 * acc
             out[f"{name}_acc_plus"] = 100 * both
             out[f"{name}_score"] = score
+            out[f"n_{name}"] = torch.tensor(float(len(c)))  # the subtask's questions, for the summed groups' counts
             if name in MME_PERCEPTION:
                 totals["perception"] += float(score)
             elif name in MME_COGNITION:

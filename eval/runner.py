@@ -395,6 +395,8 @@ def run(
                     entry[f"{key}_stderr,none"] = "N/A"
             results["results"][spec.name] = entry
             results["configs"][spec.name] = spec.to_dict()
+            if scorer.summed_groups:  # recorded beside the task's config, as lmms-eval records its aggregations
+                results["configs"][spec.name]["summed_groups"] = {g: list(s) for g, s in scorer.summed_groups.items()}
             results["versions"][spec.name] = spec.version
             results["n-shot"][spec.name] = 0
             results["higher_is_better"][spec.name] = {
@@ -444,7 +446,11 @@ def run(
 def group_scores(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """lmms-eval's ``groups``: per group evaluated with two or more member tasks, the mean over its members of each
     metric they all report (ShapesPOPE's and POPE's F1 over their three splits). Members weigh equally, as the
-    papers average POPE's splits; ``members`` and the summed ``n_samples`` are recorded beside the means."""
+    papers average POPE's splits; ``members`` and the summed ``n_samples`` are recorded beside the means.
+
+    Then the summed groups a task's scorer declares (``configs.<task>.summed_groups``): MME's ``mme_perception`` and
+    ``mme_cognition``, whose ``score`` is the sum of the evaluated subtasks' scores (acc + acc+, 0-200 each), as
+    MME's calculation.py and lmms-eval's MME aggregation total them; ``members`` are those subtasks."""
     members: dict[str, list[str]] = {}
     for task in results["results"]:
         group = results["configs"].get(task, {}).get("group")
@@ -457,13 +463,25 @@ def group_scores(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         entries = [results["results"][t] for t in tasks]
         common = [k for k in entries[0] if k.endswith(",none") and "_stderr" not in k and not k.startswith("n_")
                   and all(isinstance(e.get(k), int | float) for e in entries)]  # fmt: skip
-        entry: dict[str, Any] = {"alias": group, "members": tasks}
+        entry: dict[str, Any] = {"alias": group, "members": tasks, "aggregation": "mean"}
         for key in common:
             entry[key] = sum(e[key] for e in entries) / len(entries)
         entry["n_samples,none"] = sum(e.get("n_samples,none", 0) for e in entries)
         primaries = {results["primary_metric"].get(t) for t in tasks}
         entry["primary_metric"] = primaries.pop() if len(primaries) == 1 else None
         out[group] = entry
+    for task, config in results["configs"].items():
+        scores = results["results"].get(task, {})
+        for group, subtasks in config.get("summed_groups", {}).items():
+            present = [s for s in subtasks if isinstance(scores.get(f"{s}_score,none"), int | float)]
+            if not present:  # none of its subtasks was evaluated (--limit, a subtask filter): no total to report
+                continue
+            out[group] = {
+                "alias": group, "task": task, "members": present, "aggregation": "sum",
+                "score,none": sum(scores[f"{s}_score,none"] for s in present),
+                "n_samples,none": sum(scores.get(f"n_{s},none", 0) for s in present),
+                "primary_metric": "score",
+            }  # fmt: skip
     return out
 
 
@@ -578,8 +596,13 @@ def format_table(results: Mapping[str, Any]) -> str:
         primary = entry.get("primary_metric") or "-"
         others = [f"{k.split(',')[0]}={_fmt(v)}" for k, v in entry.items() if k.endswith(",none")
                   and not k.startswith("n_") and k.split(",")[0] != primary][:6]  # fmt: skip
+        if entry.get("aggregation") == "sum":
+            n = len(entry["members"])
+            label = f"sum of {n} {entry.get('task', '')} subtask{'' if n == 1 else 's'}"
+        else:
+            label = f"mean of {len(entry['members'])}"
         lines.append(
-            f"| **{group}** (mean of {len(entry['members'])}) | {primary} | {_fmt(entry.get(f'{primary},none'))} "
+            f"| **{group}** ({label}) | {primary} | {_fmt(entry.get(f'{primary},none'))} "
             f"| {', '.join(others) or '-'} | {_fmt(entry.get('n_samples,none'), 0)} | - | - | - | - | - |"
         )
     return "\n".join(lines + _method_metrics_table(results))

@@ -13,7 +13,8 @@ Registered scorers (name -> what it reproduces):
   gqa         LLaVA ``convert_gqa_for_eval`` (rstrip "." + lower) then GQA ``eval.py`` exact match; binary/open.
   scienceqa   LLaVA ``eval_science_qa.py`` letter extraction; ``FAILED`` is wrong; IMG / no-image breakdown.
   pope        POPE ``evaluate.py`` (= LLaVA ``eval_pope.py``): acc, precision, recall, F1, yes-ratio of predictions.
-  mme         MME ``calculation.py``: acc, acc+, score per subtask, perception and cognition totals.
+  mme         MME ``calculation.py``: acc, acc+, score per subtask, perception and cognition totals (also the groups
+              ``mme_perception`` / ``mme_cognition`` of ``results.json``, sums over the subtasks as lmms-eval's).
   mmbench     circular accuracy with ``can_infer_option`` / ``can_infer_text`` extraction; where lmms-eval would ask
               a GPT judge (or finally pick a random letter) we count the copy as unparsed and wrong.
   shapes_vqa  the synthetic ShapesVQA: vqav2's pipeline with the single ground truth repeated 10 times, which makes
@@ -23,7 +24,8 @@ Registered scorers (name -> what it reproduces):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from torchmetrics import Metric
@@ -56,6 +58,10 @@ class Scorer(ABC):
     primary: str = "accuracy"
     higher_is_better: bool = True
     neutral: tuple[str, ...] = ()  # metrics with no better direction (left out of higher_is_better)
+    # Groups scored as the sum of per-subtask scores inside this one task (MME's perception and cognition totals,
+    # summed over subtasks as MME's calculation.py and lmms-eval's aggregation do): group name -> subtask names.
+    # The runner reports each as a group of ``results.json`` from the ``<subtask>_score`` and ``n_<subtask>`` metrics.
+    summed_groups: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
     def __init__(self, spec: TaskSpec, docs: Sequence[Doc], **args: Any) -> None:
         self.spec = spec
@@ -185,6 +191,7 @@ class PopeScorer(Scorer):
 @register_scorer("mme")
 class MMEScorer(Scorer):
     primary = "perception"
+    summed_groups = MappingProxyType({"mme_perception": MME_PERCEPTION, "mme_cognition": MME_COGNITION})
 
     def build_metric(self, docs):
         names = list(dict.fromkeys([*MME_PERCEPTION, *MME_COGNITION, *(d.fields["subtask"] for d in docs)]))

@@ -160,3 +160,48 @@ def test_table_shows_mme_totals_before_its_subtasks():
     table = format_table({"results": {"mme": entry}, "primary_metric": {"mme": "perception"}})
     row = next(line for line in table.splitlines() if line.startswith("| mme |"))
     assert "| perception | 1234.50 | cognition=321.00, artwork_acc=50.00" in row
+
+
+def test_mme_totals_are_summed_groups_in_results_and_table(tmp_path, capsys):
+    """MME's perception / cognition totals as lmms-eval reports them: per group, the sum over its evaluated
+    subtasks of acc + acc+ (0-200 each), computed here by hand from the fixture's documents."""
+    import dataclasses
+
+    import eval
+    from eval.metrics import MME_COGNITION, MME_PERCEPTION
+    from eval.registry import READERS, get_task, resolve_files
+
+    fixtures = ROOT / "tests" / "eval" / "fixtures"
+    spec = dataclasses.replace(get_task("mme"), reader_args={"subtasks": ["existence", "artwork", "code_reasoning"]})
+    docs = READERS[spec.reader](spec, resolve_files(spec, data_root=fixtures))
+    answer = "Yes"  # right on the "Yes" half of the pairs
+
+    def subtask_score(name: str) -> float:
+        mine = [d for d in docs if d.fields["subtask"] == name]
+        right = [d.target == answer for d in mine]
+        pairs = {d.fields["pair_id"] for d in mine}
+        both = [all(r for d, r in zip(mine, right) if d.fields["pair_id"] == p) for p in pairs]
+        return 100 * sum(right) / len(right) + 100 * sum(both) / len(both)
+
+    class Constant:
+        def generate(self, images, prompts, max_new_tokens=16, **gen):
+            return [answer] * len(prompts)
+
+    eval.run(Constant(), [spec], data_root=fixtures, output_dir=tmp_path, progress=False, print_table=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    groups = results["groups"]
+    perception, cognition = groups["mme_perception"], groups["mme_cognition"]
+    assert perception["members"] == ["existence", "artwork"] and cognition["members"] == ["code_reasoning"]
+    assert perception["aggregation"] == cognition["aggregation"] == "sum" and perception["task"] == "mme"
+    expected_p = subtask_score("existence") + subtask_score("artwork")
+    assert 0 < expected_p < 400  # neither all right nor all wrong: the sum is a real sum
+    assert perception["score,none"] == pytest.approx(expected_p)
+    assert cognition["score,none"] == pytest.approx(subtask_score("code_reasoning"))
+    assert perception["n_samples,none"] == 6 and cognition["n_samples,none"] == 2
+    # the task's own totals agree with its groups
+    assert results["results"]["mme"]["perception,none"] == pytest.approx(expected_p)
+    assert results["configs"]["mme"]["summed_groups"] == {"mme_perception": list(MME_PERCEPTION),
+                                                          "mme_cognition": list(MME_COGNITION)}  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"| **mme_perception** (sum of 2 mme subtasks) | score | {expected_p:.2f} | - | 6 |" in printed
+    assert "| **mme_cognition** (sum of 1 mme subtask) | score |" in printed
