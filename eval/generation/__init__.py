@@ -9,7 +9,7 @@ file; standard FID) or :class:`DigitClassifierExtractor` over the shipped digit 
     m = GenerationMetrics(DigitClassifierExtractor(load_digit_classifier()))
     m.update_real(real_images)                 # (N, 1, 16, 16) in [-1, 1]
     m.update_fake(samples, labels)             # the conditioning classes give class_acc
-    m.compute()   # {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_acc", "class_acc_<c>", ...}
+    m.compute()   # {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_acc", "class_acc_<c>" (percent), ...}
 """
 
 from eval.generation.digit_classifier import (
