@@ -16,7 +16,8 @@ steps merge exactly), for binary masks compared with their ground truth:
 Each of cIoU and mIoU is also given per group (``<group>/ciou``, ``<group>/miou``, counts ``n_<group>``) for the groups fixed at construction (ShapesRefSeg's
 ``attribute`` / ``position`` / ``relation``; PNG's ``thing`` / ``stuff``, plurals counted as things). Values are
 percentages (0-100), as the papers' tables print them and as every accuracy-like number in mmzoo is reported; the
-per-sample ``score`` in the samples file stays the sample's IoU in [0, 1].
+overlay captions and ``zoo ground`` print the sample's IoU in percent too; only the per-sample ``score`` of the samples
+file stays in [0, 1], as every task's per-sample score does.
 
 Tasks (YAML under ``eval/tasks/refseg/``): ``shapes_refseg`` (the synthetic test split), ``refcoco_val`` and the
 other RefCOCO / RefCOCO+ / RefCOCOg splits (the ``refer`` layout), ``refcoco_parquet`` (the harness copies) and
@@ -314,7 +315,7 @@ class RefSegScorer(Scorer):
         scale = int(self.args.get("overlay_scale", 4))
         paths = []
         for k, (doc, pred, target, iou) in enumerate(self._pictures):
-            pic = overlay(doc.load_image(), pred, target, f"{doc.question} (IoU {iou:.2f})", scale=scale)
+            pic = overlay(doc.load_image(), pred, target, f"{doc.question} (IoU {100 * iou:.1f}%)", scale=scale)
             path = out / f"{k:02d}.png"
             pic.save(path)
             paths.append(str(path))

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     label = text
     if truth is not None:
         i, u = mask_iou(mask, truth)
-        label += f" (IoU {i / u if u else 0.0:.2f})"
+        label += f" (IoU {100 * i / u if u else 0.0:.1f}%)"  # percent, as the refseg reports
     args.out.parent.mkdir(parents=True, exist_ok=True)
     overlay(image, mask, truth, label, scale=scale).save(args.out)
     print(f"{args.out}: {int(mask.sum())} of {mask.size} pixels selected" + (f"; {label}" if truth is not None else ""))
