@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["VISION_TOWER_KINDS", "VisionTowerConfig"]
 
-# The tower kinds ``zoo.components.vision.build_vision_tower`` has a builder for (tests/components check that the two agree).
+# The tower kinds ``zoo.components.vision.build_vision_tower`` has a builder for (a test checks that the two agree).
 VISION_TOWER_KINDS = ("hf", "open_clip", "timm", "zoo")
 
 
