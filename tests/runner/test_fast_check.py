@@ -131,6 +131,9 @@ def test_config_sources_follow_imports_and_fall_back_when_defined_in_the_stage_m
     local = "from x import D, E\nclass M: pass\nclass S:\n    ModelConfig = M\n    DataConfig = D\n    EvalConfig = E\n"
     assert _sources(local) is None
     assert _sources("from x import D\nclass S:\n    DataConfig = D\n") is None
+    # A relative import above the top package is left for the stage module's own import to report.
+    above = "from ....far import M, D, E\nclass S:\n    ModelConfig = M\n    DataConfig = D\n    EvalConfig = E\n"
+    assert _sources(above) is None
 
 
 def test_vision_tower_kinds_match_the_builders():

@@ -70,7 +70,10 @@ def _config_sources(tree: ast.Module, cls: ast.ClassDef, module: str) -> dict[st
     imported: dict[str, tuple[str, str]] = {}
     for node in tree.body:
         if isinstance(node, ast.ImportFrom):
-            source = importlib.util.resolve_name("." * node.level + (node.module or ""), module.rpartition(".")[0])
+            try:
+                source = importlib.util.resolve_name("." * node.level + (node.module or ""), module.rpartition(".")[0])
+            except ImportError:
+                continue  # a relative import above the top package: importing the stage module reports it
             for alias in node.names:
                 imported[alias.asname or alias.name] = (source, alias.name)
     found: dict[str, tuple[str, str]] = {}
