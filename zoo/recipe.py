@@ -7,9 +7,10 @@ expected type). Validation runs in two phases so that the common mistakes fail f
 
 1. ``load_recipe(path, overrides, check_stage_types=False)``: the runner's own keys (top level, stage keys, ``optim``,
    ``schedule``, ``trainer``), stage types and ``init_from`` stage references. Needs only PyYAML: well under a second.
-2. ``check_stage_configs(recipe)`` (done by ``load_recipe`` unless ``check_stage_types=False``): imports the stage modules
-   the recipe names and validates ``model`` / ``data`` / ``eval`` against their ``ModelConfig`` / ``DataConfig`` /
-   ``EvalConfig`` dataclasses, plus ``init_from`` weights names against ``zoo.registry``.
+2. ``check_stage_configs(recipe)`` (done by ``load_recipe`` unless ``check_stage_types=False``): validates ``model`` /
+   ``data`` / ``eval`` against the ``ModelConfig`` / ``DataConfig`` / ``EvalConfig`` dataclasses of the stage types the
+   recipe names, plus ``init_from`` weights names against ``zoo.registry``. It imports only the modules that define
+   those dataclasses (``zoo.stages.stage_configs``), never the stage modules: no torch, transformers or Lightning.
 
 Nested blocks are typed by the dataclasses their code uses (``model.vision`` by ``VisionTowerConfig``, ``model.moe``
 by ``MoESettings``, ``data.world`` by the shapes ``WorldConfig``, ...), so a misspelt key deep inside the last stage
@@ -670,8 +671,8 @@ def _check_init_from(checker: _Checker, spec: Any, path: str, index: int, names:
 
 
 def check_stage_configs(recipe: Recipe) -> None:
-    """Phase 2: validate each stage's model/data/eval against its stage type's dataclasses (imports task modules)."""
-    from zoo.stages import get_stage_type
+    """Phase 2: validate each stage's model/data/eval against its stage type's dataclasses (torch-free)."""
+    from zoo.stages import stage_configs
 
     checker = _Checker(str(recipe.path))
     weights_needed = [(i, s) for i, s in enumerate(recipe.stages) if s.init_source and s.init_source[0] == "weights"]
@@ -691,8 +692,8 @@ def check_stage_configs(recipe: Recipe) -> None:
                     f"weights name (see `zoo list`).{hint}",
                 )
     for i, stage in enumerate(recipe.stages):
-        stage_cls = get_stage_type(stage.type)
-        for section, cls in (("model", stage_cls.ModelConfig), ("data", stage_cls.DataConfig), ("eval", stage_cls.EvalConfig)):
+        # The config dataclasses only: importing the stage module itself would load Lightning and torch (seconds).
+        for section, cls in zip(("model", "data", "eval"), stage_configs(stage.type), strict=True):
             value = getattr(stage, section)
             if dataclasses.is_dataclass(value):
                 continue  # already validated

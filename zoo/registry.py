@@ -110,7 +110,9 @@ class WeightsHashMismatchError(ValueError):
 
 def _ensure_registered() -> None:
     # Lazy registration imports: both modules import this one, so importing them at the top would be a cycle.
-    import zoo.models  # noqa: F401  (registers every family's architectures; cycle zoo.registry <-> zoo.models)
+    import zoo.models  # the families register into this module: cycle zoo.registry <-> zoo.models
+
+    zoo.models.import_families()
     import zoo.weights_table  # noqa: F401  (registers every weights name; cycle zoo.registry <-> zoo.weights_table)
 
 

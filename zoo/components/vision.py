@@ -11,11 +11,12 @@ class token, so SigLIP-so400m/14 at 384 px gives 728 instead of 729 tokens.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from zoo.components.vision_config import VisionTowerConfig
 
 __all__ = [
     "VisionTowerConfig",
@@ -39,51 +40,6 @@ _HF_DEFAULT_NORM = {
     "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
     "siglip_vision_model": (HALF, HALF),
 }
-
-
-@dataclass(frozen=True, kw_only=True)
-class VisionTowerConfig:
-    """What a tower is. JSON-able, so it rides in a checkpoint's ``model_args``.
-
-    ``kind``: ``"hf"`` (``config`` is a transformers vision config dict with ``model_type`` ``clip_vision_model`` or
-    ``siglip_vision_model``), ``"open_clip"`` (``model_name`` is an open_clip config name, ``config`` extra kwargs for
-    ``open_clip.create_model``), ``"timm"`` (``model_name`` a timm ViT name, ``config`` kwargs for
-    ``timm.create_model``), ``"zoo"`` (``model_name`` a registered mmzoo architecture whose model has an open_clip
-    ``.visual``, ``config`` its model_args; the model family builds it and passes the tower to
-    ``build_vision_tower``).
-    """
-
-    kind: str
-    model_name: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    select_layer: int = -2
-    select_feature: str = "patch"
-    drop_first_token: bool = False
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in _BUILDERS:
-            raise ValueError(f"vision tower kind {self.kind!r} unknown; use one of {sorted(_BUILDERS)}")
-        if self.select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("mean", "std"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | VisionTowerConfig) -> VisionTowerConfig:
-        if isinstance(d, VisionTowerConfig):
-            return d
-        d = dict(d)
-        for k in ("mean", "std"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 class VisionTower(nn.Module):

@@ -64,22 +64,68 @@ capacity priority by default, ours uses token order; transformers' Mixtral jitte
 ours jitters only the router input; DeepSpeed's Gumbel second choice is opt-in (``second_choice_noise``).
 """
 
-from zoo.moe.grouped import grouped_linear
-from zoo.moe.layer import ACTIVATIONS, MoE, MoEConfig, MoEStats, capacity_for, collect_aux_loss, moe_layers
-from zoo.moe.upcycle import MoESettings, from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zoo.moe.grouped import grouped_linear
+    from zoo.moe.layer import (
+        ACTIVATIONS,
+        MoE,
+        MoEConfig,
+        MoEStats,
+        capacity_for,
+        collect_aux_loss,
+        moe_layers,
+    )
+    from zoo.moe.settings import MoESettings
+    from zoo.moe.upcycle import from_dense, from_hf, moe_layer_indices, upcycle_causal_lm
+
+# Name -> the submodule that defines it, imported on first access (PEP 562), so that importing a light
+# submodule (the recipe validator imports zoo.moe.settings) does not load torch.
+_LAZY = {
+    "grouped_linear": "zoo.moe.grouped",
+    "ACTIVATIONS": "zoo.moe.layer",
+    "MoE": "zoo.moe.layer",
+    "MoEConfig": "zoo.moe.layer",
+    "MoEStats": "zoo.moe.layer",
+    "capacity_for": "zoo.moe.layer",
+    "collect_aux_loss": "zoo.moe.layer",
+    "moe_layers": "zoo.moe.layer",
+    "MoESettings": "zoo.moe.settings",
+    "from_dense": "zoo.moe.upcycle",
+    "from_hf": "zoo.moe.upcycle",
+    "moe_layer_indices": "zoo.moe.upcycle",
+    "upcycle_causal_lm": "zoo.moe.upcycle",
+}
 
 __all__ = [
+    "grouped_linear",
     "ACTIVATIONS",
     "MoE",
     "MoEConfig",
-    "MoESettings",
     "MoEStats",
     "capacity_for",
     "collect_aux_loss",
+    "moe_layers",
+    "MoESettings",
     "from_dense",
     "from_hf",
-    "grouped_linear",
     "moe_layer_indices",
-    "moe_layers",
     "upcycle_causal_lm",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

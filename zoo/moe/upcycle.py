@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from zoo.moe.layer import LoRAExperts, MoE, MoEConfig
+from zoo.moe.settings import MoESettings
 
 __all__ = [
     "MoESettings",
@@ -29,36 +28,6 @@ __all__ = [
     "activation_name",
     "dense_ffn_spec",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoESettings:
-    """MoE-tuning settings of a causal LM, the JSON form of ``upcycle_causal_lm``'s arguments (MoE-LLaVA's
-    ``config.moe``; defaults are its stage-III scripts). Light to import, so recipes are validated against it."""
-
-    num_experts: int = 4
-    top_k: int = 2
-    layers: str | tuple[int, ...] = "sparse"  # "sparse" = 0, 2, 4, ...; "dense", "first_half", "second_half"
-    capacity_factor: float = 1.5
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 0
-    aux_loss_coef: float = 0.01
-    second_choice_noise: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | MoESettings) -> MoESettings:
-        if isinstance(d, MoESettings):
-            return d
-        d = dict(d)
-        if not isinstance(d.get("layers", "sparse"), str):
-            d["layers"] = tuple(int(i) for i in d["layers"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not isinstance(d["layers"], str):
-            d["layers"] = list(d["layers"])
-        return d
 
 
 def activation_name(act: object, where: str = "FFN") -> str:

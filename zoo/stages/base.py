@@ -38,8 +38,10 @@ What the base class supplies:
 
 The runner (``zoo/train.py``) constructs the module, calls ``init_from`` (fresh stages only: a resumed stage gets its
 weights from the checkpoint), applies the recipe's ``trainable``/``frozen`` globs to ``self.model``, fits, then calls
-``evaluate`` and ``export``. Keep the stage module's top-level imports light (torch, lightning, config dataclasses):
-import model families inside ``__init__`` via ``zoo.registry.create_model`` so validation stays fast. A module holds
+``evaluate`` and ``export``. The config dataclasses live in a torch-free ``zoo/stages/configs/<name>.py`` that the
+stage module imports with ``from ... import``: the recipe validator reads that import with ``ast`` and imports only
+the configs module, never the stage module (``zoo.stages.stage_configs``). Keep the stage module's top-level imports
+light too (torch, lightning): import model families inside ``__init__`` via ``zoo.registry.create_model``. A module holds
 model + loss + which parameters train + evaluation glue; datasets, world construction and sample builders live in
 ``data/`` (e.g. ``data.shapes_llava``, ``data.shapes_clip``, ``data.latents``). Nested config blocks are typed by
 the dataclass their code takes (``moe: MoESettings | None``), so the recipe validator checks inside them too.

@@ -25,7 +25,6 @@ dyvte`` at each ``eval.thresholds``. ``export`` writes the base model and the ro
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,30 +34,13 @@ from torch import Tensor
 
 from zoo.stages import register_stage
 from zoo.stages.base import StageModule
-from zoo.stages.moe_llava import MoELLaVADataConfig, MoELLaVAStage, summarise_eval
+from zoo.stages.configs.dyvte import DyVTEEvalConfig, DyVTEModelConfig
+from zoo.stages.configs.moe_llava import MoELLaVADataConfig
+from zoo.stages.moe_llava import MoELLaVAStage, summarise_eval
 
 __all__ = ["DyVTEModelConfig", "DyVTEEvalConfig", "DyVTERouterStage", "exit_labels"]
 
 IGNORE_INDEX = -100
-
-
-@dataclass(kw_only=True)
-class DyVTEModelConfig:
-    base: str | None = field(
-        default=None, metadata={"help": "the LLaVA-like model the routers serve: weights name or directory "
-                                        "(None: the stage's init_from)"}
-    )  # fmt: skip
-    router_hidden: int = field(default=2048, metadata={"min": 1, "help": "router MLP width (official: 2048)"})
-    agree_above: float = field(default=0.99, metadata={"help": "label 1 needs answer agreement > this"})
-    loss_ratio_below: float = field(default=1.03, metadata={"help": "label 1 needs loss_exit < this x loss_full"})
-
-
-@dataclass(kw_only=True)
-class DyVTEEvalConfig:
-    tasks: list[str] = field(default_factory=list, metadata={"help": "eval.run task / group names"})
-    limit: int | None = field(default=None, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 1})
-    thresholds: list[float] = field(default_factory=lambda: [0.5], metadata={"help": "p(exit) thresholds to evaluate"})
 
 
 def exit_labels(

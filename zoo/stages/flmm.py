@@ -16,62 +16,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data.shapes import WorldConfig
 from zoo.stages import register_stage
 from zoo.stages.base import StageModule
+from zoo.stages.configs.flmm import FLMMDataConfig, FLMMEvalConfig, FLMMModelConfig
 
 __all__ = ["FLMMModelConfig", "FLMMDataConfig", "FLMMEvalConfig", "FLMMStage", "RefSegTrainSet"]
-
-
-@dataclass(kw_only=True)
-class FLMMModelConfig:
-    base: str = field(default="moe_llava_tiny.shapes", metadata={"help": "the frozen LMM: weights name or zoo directory"})
-    instruction: str = field(default="Please give me a description of the image.",
-                             metadata={"help": "user turn before the forced expression"})  # fmt: skip
-    merge: Literal["mean", "max"] = "mean"
-    map_size: int = field(default=64, metadata={"min": 8, "help": "side of the up-sampled attention maps"})
-    unet_channels: int = field(default=32, metadata={"min": 4})
-    unet_depth: int = field(default=3, metadata={"min": 1})
-    sam: dict[str, Any] | None = field(default=None, metadata={"help": "SamConfig kwargs (None: zoo.models.flmm.TINY_SAM)"})
-    sam_weights: str | None = field(default=None, metadata={"help": "local transformers SamModel dir for the refiner"})
-    use_mask_prompt: bool = True
-    use_box_prompt: bool = True
-    use_text_prompt: bool = True
-    cpu_threads: int | None = field(
-        default=None,
-        metadata={"min": 1, "help": "torch intra-op threads when training on CPU (null: torch's default); the tiny "
-                  "heads run faster with 1 than with 2 threads that wait on each other"},
-    )
-
-
-@dataclass(kw_only=True)
-class FLMMDataConfig:
-    sources: list[Literal["shapes", "refcoco", "png"]] = field(default_factory=lambda: ["shapes"])
-    world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world (shapes)"})
-    num_scenes: int = field(default=3000, metadata={"min": 1, "help": "shapes: train scenes"})
-    refcoco_root: str | None = field(default=None, metadata={"help": "refcoco: folder holding <dataset>/refs(*).p"})
-    refcoco_images: str | None = field(default=None, metadata={"help": "refcoco: the COCO train2014 folder"})
-    refcoco_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
-    png_narratives: str | None = None
-    png_panoptic_json: str | None = None
-    png_panoptic_dir: str | None = None
-    png_images: str | None = None
-
-
-@dataclass(kw_only=True)
-class FLMMEvalConfig:
-    tasks: list[str] = field(default_factory=list, metadata={"help": "eval.run task / group names"})
-    limit: int | None = field(default=None, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 1})
-    baseline: bool = field(default=False, metadata={"help": "also score the union-of-objects baseline (refseg tasks)"})
 
 
 class RefSegTrainSet(Dataset):

@@ -21,94 +21,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor
 
-from data.shapes import WorldConfig
 from zoo.checkpoint import load_state_dict_strict
-from zoo.components.vision import VisionTowerConfig
-from zoo.moe.upcycle import MoESettings
 from zoo.stages import register_stage
 from zoo.stages.base import StageModule
+from zoo.stages.configs.moe_llava import MoELLaVADataConfig, MoELLaVAEvalConfig, MoELLaVAModelConfig
 
 __all__ = ["MoELLaVAModelConfig", "MoELLaVADataConfig", "MoELLaVAEvalConfig", "MoELLaVAStage"]
-
-
-@dataclass(kw_only=True)
-class MoELLaVAModelConfig:
-    """Which MoE-LLaVA to build; keys other than these are the architecture's own ``model_args``."""
-
-    architecture: str = field(default="moe_llava_tiny", metadata={"help": "a registered moe_llava_* architecture"})
-    vision: VisionTowerConfig | None = field(default=None, metadata={"help": "the vision tower (None: the architecture's)"})
-    lm: dict[str, Any] | None = field(default=None, metadata={"help": "transformers causal-LM config dict"})
-    projector: str = "mlp2x_gelu"
-    template: str = field(default="phi", metadata={"help": "conversation template used by generate"})
-    tokenizer: Literal["shapes_words", "architecture", "pretrained"] = field(
-        default="shapes_words",
-        metadata={"help": "shapes_words: the synthetic world's word-level vocabulary; architecture: its default; "
-                          "pretrained: a local Hugging Face tokenizer at pretrained_lm"},
-    )
-    vocab_world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the world the vocabulary is read from"})
-    vocab_scenes: int = field(default=300, metadata={"min": 1, "help": "train scenes scanned for vocabulary"})
-    moe: MoESettings | None = field(
-        default=None, metadata={"help": "MoE-tuning settings (stage III); a dense init_from checkpoint is upcycled"}
-    )
-    image_token_id: int | None = field(default=None, metadata={"help": "None: the tokenizer's <image> (official: -200)"})
-    image_pos_embed: bool = field(
-        default=False, metadata={"help": "learned per-position embedding added to the image tokens (train it too)"}
-    )
-    pretrained_lm: str | None = field(
-        default=None, metadata={"help": "local Hugging Face causal-LM dir loaded into the LLM (stage I of real recipes)"}
-    )
-    pretrained_vision: str | None = field(
-        default=None, metadata={"help": "local Hugging Face CLIP/SigLIP dir loaded into an hf vision tower"}
-    )
-
-
-@dataclass(kw_only=True)
-class MoELLaVADataConfig:
-    source: Literal["shapes", "llava_json", "webdataset"] = "shapes"
-    kind: Literal["caption", "vqa"] = field(default="vqa", metadata={"help": "shapes export: caption or vqa"})
-    world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world (source=shapes)"})
-    num_scenes: int = field(default=2000, metadata={"min": 1})
-    answer_prompt: bool = field(default=True, metadata={"help": "append LLaVA-1.5's short-answer instruction"})
-    turns_per_conversation: int = field(
-        default=3, metadata={"min": 1, "help": "shapes vqa: questions per conversation (a scene gives several)"}
-    )
-    pope_probes: int = field(
-        default=2, metadata={"min": 0, "help": "shapes vqa: POPE probes per scene added as questions"}
-    )
-    questions_per_kind: dict[Literal["color", "shape", "count", "position", "exist"], int] = field(
-        default_factory=dict,
-        metadata={"help": "shapes vqa: questions per scene of each kind (color, shape, count, position, exist), "
-                          "drawn from fresh draws of the scene's question generator; empty: the scene's own list"},
-    )
-    json_paths: list[str] = field(default_factory=list, metadata={"help": "LLaVA JSON files ($VARS expanded)"})
-    image_folder: str | None = field(default=None, metadata={"help": "image root (default: each JSON's folder)"})
-    shards: list[str] = field(default_factory=list, metadata={"help": "webdataset .tar shards ($VARS expanded)"})
-    template: str | None = field(default=None, metadata={"help": "None: the model's template (stage I: plain)"})
-    max_length: int = field(default=2048, metadata={"min": 8})
-    truncate: bool = True
-    on_error: Literal["raise", "skip"] = field(
-        default="raise",
-        metadata={"help": "bad records (malformed, bad image, over-long, truncated shard): raise before step 1, or "
-                          "skip them and count them (printed at the end of the stage and recorded as summary.json's skipped)"},
-    )
-    check_images: bool = field(
-        default=True,
-        metadata={"help": "decode every image before step 1 (about 1 ms each on one core); off: bad images "
-                          "surface during training instead (an error, or with on_error=skip dropped and counted)"},
-    )
-
-
-@dataclass(kw_only=True)
-class MoELLaVAEvalConfig:
-    tasks: list[str] = field(default_factory=list, metadata={"help": "eval.run task / group names"})
-    limit: int | None = field(default=None, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 1})
 
 
 @register_stage("moe_llava")
