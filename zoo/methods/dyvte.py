@@ -166,8 +166,28 @@ class DyVTE(Method):
         # num_layers = no exit (visual tokens kept in every layer), the official "average layers kept" proxy.
         exit_layer = torch.full((bsz,), num_layers, dtype=torch.long, device=ctx.input_ids.device)
         self._exit_layer = exit_layer
-        tracked = {"media": ctx.media_mask.bool() & ctx.attention_mask.bool(), "prefill": True}
+        media_cols = ctx.media_mask.bool() & ctx.attention_mask.bool()
+        # Media flags by (row, RoPE position): positions survive every drop and every length-grouped sub-batch
+        # (``LMState.rows``), so each layer reads its tokens' flags without re-compacting a mask per drop.
+        tracked: dict[str, Any] = {"by_position": None, "prefill": True}
         threshold = self.threshold
+
+        def media_of(state: Any) -> torch.Tensor:
+            if tracked["by_position"] is None:
+                if state.position_ids.shape != media_cols.shape:
+                    raise ValueError(
+                        f"dyvte: the prompt's media mask has shape {tuple(media_cols.shape)}, the first layer's "
+                        f"tokens {tuple(state.position_ids.shape)} (another hook dropped tokens before dyvte's)"
+                    )
+                width = int(state.position_ids.max()) + 1
+                by_position = torch.zeros(bsz, width, dtype=torch.bool, device=media_cols.device)
+                by_position.scatter_(1, state.position_ids.expand(bsz, -1), media_cols)  # pads: position 0, False
+                by_position[:, 0] |= (media_cols & (state.position_ids == 0)).any(1)
+                tracked["by_position"] = by_position
+            by_position = tracked["by_position"]
+            rows_flags = by_position if state.rows is None else by_position[state.rows]
+            positions = state.position_ids.expand(rows_flags.shape[0], -1)
+            return rows_flags.gather(1, positions) & state.padding_mask.bool()
 
         def hook(i: int, state: Any) -> Any:
             if not tracked["prefill"]:
@@ -177,21 +197,24 @@ class DyVTE(Method):
                 return None  # an exit after the last layer removes nothing from prefill or decoding
             if threshold >= 1.0:
                 return None
-            media = tracked["media"]
-            waiting = exit_layer == num_layers
+            rows = state.rows if state.rows is not None else torch.arange(bsz, device=exit_layer.device)
+            waiting = exit_layer[rows] == num_layers
+            if not bool(waiting.any()):
+                return None
+            media = media_of(state)
             if not bool((waiting & media.any(1)).any()):
                 return None
-            last = torch.full((bsz,), state.hidden.shape[1] - 1, dtype=torch.long, device=media.device)
+            last = torch.full((len(rows),), state.hidden.shape[1] - 1, dtype=torch.long, device=media.device)
             with torch.no_grad():
                 feats, valid = router_features(state.hidden, media, state.padding_mask, last)
                 p_exit = routers(i, feats).float().softmax(-1)[:, 1]
             leave = waiting & valid & (p_exit > threshold)
             if not bool(leave.any()):
                 return None
-            exit_layer[leave] = i
+            exit_layer[rows[leave]] = i
             keep = state.padding_mask.bool() & ~(media & leave[:, None])
-            tracked["media"] = compact_like_drop(media, keep, state.padding_mask, False)
-            return llm.drop_tokens(state, keep)
+            # group=True: the rows that kept their image run the next layers as their own sub-batch
+            return llm.drop_tokens(state, keep, group=True)
 
         return MethodPlan(hooks=[hook])
 
