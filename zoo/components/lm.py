@@ -403,7 +403,7 @@ class CausalLMWrapper(nn.Module):
         shape[0], shape[dim] = bsz, width
         out = ref.new_zeros(shape)
         for rows, t in parts:
-            out.index_copy_(0, rows, torch.cat([t.new_zeros(*t.shape[:dim], width - t.shape[dim], *t.shape[dim + 1:]), t], dim=dim))
+            out.narrow(dim, width - t.shape[dim], t.shape[dim]).index_copy_(0, rows, t)
         return out
 
     def _merge_groups(
