@@ -169,7 +169,7 @@ def test_drop_tokens_refuses_sliding_window_layers() -> None:
 
 
 def test_grouped_drops_run_sub_batches_and_match_rows_run_alone() -> None:
-    """``drop_tokens(..., group=True)`` at different layers per row: the loop splits the batch into length groups
+    """``drop_tokens(..., group_min_saving=0.2)`` at different layers per row: the loop splits the batch into length groups
     (twice: after layer 0 and again after layer 1) and merges their caches; prefill and decode equal the per-row
     reference to 1e-5 and the one-padded-tensor path's greedy tokens."""
     wrap = _wrapper("llama")
@@ -194,7 +194,7 @@ def test_grouped_drops_run_sub_batches_and_match_rows_run_alone() -> None:
                 return None
             by_position = dropped[rows].gather(1, state.position_ids.expand(len(rows), -1))
             keep = state.padding_mask.bool() & ~(by_position & leave[:, None])
-            return wrap.drop_tokens(state, keep, group=group)
+            return wrap.drop_tokens(state, keep, group_min_saving=0.2 if group else None)
 
         return hook
 

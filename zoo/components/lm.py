@@ -32,10 +32,6 @@ __all__ = ["LMState", "LMCache", "LMOutput", "CausalLMWrapper", "LayerHook", "bu
 _FINAL_NORM = {"phi": "final_layernorm"}
 _EMBED_DROPOUT = {"phi": "embed_dropout"}
 
-# A length split (``drop_tokens(..., group=True)``) must save at least this share of the padded token-slots of the
-# layers after it: each sub-batch costs one more call per layer.
-_GROUP_MIN_SAVING = 0.2
-
 _MASK_BUILDERS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
@@ -69,11 +65,12 @@ class LMState:
     # The cached-key padding ``masks`` were built for; the loop rebuilds them when the next layer's differs.
     mask_past: torch.Tensor | None = field(default=None, repr=False)
     # The rows of the forward's batch this state holds (``[b]`` long), or None for all of them. After a
-    # ``drop_tokens(..., group=True)`` the loop may run the next layers on sub-batches grouped by length; a hook
+    # ``drop_tokens(..., group_min_saving=...)`` the loop may run the next layers on sub-batches grouped by length; a hook
     # that keeps per-row records indexes them with ``rows``.
     rows: torch.Tensor | None = None
-    # Set by ``drop_tokens(..., group=True)``: the loop may split this state into length groups after the hooks.
-    regroup: bool = field(default=False, repr=False)
+    # Set by ``drop_tokens(..., group_min_saving=s)``: after the hooks the loop splits this state into length groups
+    # if that saves at least the share ``s`` of the padded token-slots.
+    regroup: float | None = field(default=None, repr=False)
 
 
 class LMCache:
@@ -291,7 +288,7 @@ class CausalLMWrapper(nn.Module):
             state.masks = self.build_masks(state, layer)
             state.mask_past = past
 
-    def drop_tokens(self, state: LMState, keep: torch.Tensor, group: bool = False) -> LMState:
+    def drop_tokens(self, state: LMState, keep: torch.Tensor, group_min_saving: float | None = None) -> LMState:
         """Keep only the tokens where ``keep`` (``[B, T]`` bool) is True, for the layers after ``state.layer``.
 
         Rows may keep different numbers of tokens. The result is left-padded to the longest kept row, the layout of
@@ -301,8 +298,10 @@ class CausalLMWrapper(nn.Module):
         rebuilt for the shortened sequence. The next layers then cache only the kept tokens, while the layers that
         already ran keep the full sequence; ``LMCache`` records both for decoding.
 
-        ``group=True`` lets the loop run the later layers of this prefill on sub-batches grouped by kept length
-        (``_split_by_length``) instead of one tensor padded to the longest row, which is what makes a batch cheaper
+        ``group_min_saving=s`` lets the loop run the later layers of this prefill on sub-batches grouped by kept
+        length (``_split_by_length``) instead of one tensor padded to the longest row, when that saves at least the
+        share ``s`` of the padded token-slots (each sub-batch costs one more call per layer; 0.2 pays off on the tiny
+        MoE-LLaVA at batch 64, 0 splits whenever anything is saved), which is what makes a batch cheaper
         when only some rows dropped tokens; the groups' caches are merged back (left-padded per layer) at the end of
         the forward, so decoding is unchanged. Hooks running after such a drop must index per-row records with
         ``state.rows``.
@@ -337,19 +336,19 @@ class CausalLMWrapper(nn.Module):
             state.mask_past = None
             state.attention_mask = padding
             state.masks = self.build_masks(state)
-        state.regroup = group
+        state.regroup = group_min_saving
         return state
 
     def _split_by_length(self, state: LMState) -> list[LMState]:
         """Split a left-padded state into two sub-batches by real length when that saves padded token-slots.
 
         Sorting the rows by length, the cut that minimises ``sum(rows_g * longest_g)`` is taken if it saves at least
-        ``_GROUP_MIN_SAVING`` of the slots (a sub-batch costs one more call per layer). Each group is the left-padded
+        the share ``state.regroup`` of the slots. Each group is the left-padded
         tail of its rows, so every row keeps its tokens, positions and rotary embeddings bit for bit. Only from an
         empty cache for the layers still to run (prefill) and without per-row ``layer_kwargs``: a group then caches
         its rows in a fresh ``LMCache`` that ``_merge_groups`` joins back.
         """
-        state.regroup = False
+        min_saving, state.regroup = state.regroup, None
         nxt = state.layer + 1
         if nxt >= len(self.layers) or state.layer_kwargs or state.hidden.shape[0] < 2:
             return [state]
@@ -366,7 +365,7 @@ class CausalLMWrapper(nn.Module):
             cost = c * sorted_len[c - 1] + (bsz - c) * longest
             if cost < best_cost:
                 best_cut, best_cost = c, cost
-        if best_cost > (1 - _GROUP_MIN_SAVING) * bsz * longest:
+        if best_cut == 0 or best_cost > (1 - min_saving) * bsz * longest:
             return [state]
         groups = []
         for idx, width in ((order[:best_cut], sorted_len[best_cut - 1]), (order[best_cut:], longest)):
@@ -528,7 +527,7 @@ class CausalLMWrapper(nn.Module):
                     new = hook(i, state)
                     if new is not None:
                         state = new
-                after.extend(self._split_by_length(state) if state.regroup else [state])
+                after.extend(self._split_by_length(state) if state.regroup is not None else [state])
             states = after
         if len(states) == 1 and states[0].rows is None:
             state = states[0]

@@ -131,9 +131,14 @@ class DyVTE(Method):
         routers: registered base-weights name (``ROUTER_WEIGHTS``), a directory holding ``dyvte_routers.safetensors``,
             that file, or an ``ExitRouters`` module.
         threshold: exit when ``p(exit) > threshold`` (0.5: the official rule; >= 1: never).
+        min_group_saving: after an exit the rows that left and those that kept their image run the later layers as
+            separate sub-batches when that saves at least this share of the padded token-slots (0: whenever it
+            saves any; >= 1: never, one tensor padded to the longest row). Outputs are the same either way.
     """
 
-    def __init__(self, routers: str | ExitRouters | None = None, threshold: float = 0.5) -> None:
+    def __init__(
+        self, routers: str | ExitRouters | None = None, threshold: float = 0.5, min_group_saving: float = 0.2
+    ) -> None:
         if routers is None:
             raise ValueError(
                 f"dyvte needs routers=NAME_OR_PATH: a registered name ({', '.join(sorted(ROUTER_WEIGHTS))}) or a "
@@ -143,6 +148,9 @@ class DyVTE(Method):
             raise ValueError(f"dyvte threshold must be >= 0, got {threshold}")
         self.routers = routers if isinstance(routers, str) else "<module>"
         self.threshold = float(threshold)
+        if not 0.0 <= float(min_group_saving):
+            raise ValueError(f"dyvte min_group_saving must be >= 0, got {min_group_saving}")
+        self.min_group_saving = float(min_group_saving)
         self._module = routers if isinstance(routers, ExitRouters) else None
         self._exit_layer: torch.Tensor | None = None
         self._llm: Any = None
@@ -171,6 +179,7 @@ class DyVTE(Method):
         # (``LMState.rows``), so each layer reads its tokens' flags without re-compacting a mask per drop.
         tracked: dict[str, Any] = {"by_position": None, "prefill": True}
         threshold = self.threshold
+        min_saving = self.min_group_saving if self.min_group_saving < 1.0 else None
 
         def media_of(state: Any) -> torch.Tensor:
             if tracked["by_position"] is None:
@@ -213,8 +222,8 @@ class DyVTE(Method):
                 return None
             exit_layer[rows[leave]] = i
             keep = state.padding_mask.bool() & ~(media & leave[:, None])
-            # group=True: the rows that kept their image run the next layers as their own sub-batch
-            return llm.drop_tokens(state, keep, group=True)
+            # the rows that kept their image may run the next layers as their own sub-batch
+            return llm.drop_tokens(state, keep, group_min_saving=min_saving)
 
         return MethodPlan(hooks=[hook])
 
