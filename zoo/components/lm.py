@@ -9,7 +9,10 @@ transformers.
 Per-layer lengths: a hook may shorten the sequence after any layer (``CausalLMWrapper.drop_tokens``). The layers
 after it then run on, and cache, only the kept tokens; the ``LMCache`` remembers each layer's padding and each row's
 next RoPE position, so decode steps (``llm(input_ids=next_ids[:, None], cache=cache)``, no attention mask) build
-every layer's mask from that layer's own cache.
+every layer's mask from that layer's own cache. A drop may also ask the loop to run the layers after it on
+sub-batches grouped by length (``drop_tokens(..., group_min_saving=...)``), so rows that became short stop paying for
+the padding of the rows that did not; the sub-batches' caches are joined back into one left-padded cache per layer at
+the end of the forward, and decoding runs on the whole batch as before.
 
 Written against transformers 5.x, where decoder layers take ``cache=`` and return a tensor.
 """
@@ -65,8 +68,8 @@ class LMState:
     # The cached-key padding ``masks`` were built for; the loop rebuilds them when the next layer's differs.
     mask_past: torch.Tensor | None = field(default=None, repr=False)
     # The rows of the forward's batch this state holds (``[b]`` long), or None for all of them. After a
-    # ``drop_tokens(..., group_min_saving=...)`` the loop may run the next layers on sub-batches grouped by length; a hook
-    # that keeps per-row records indexes them with ``rows``.
+    # ``drop_tokens(..., group_min_saving=...)`` the loop may run the next layers on sub-batches grouped by length;
+    # a hook that keeps per-row records indexes them with ``rows``.
     rows: torch.Tensor | None = None
     # Set by ``drop_tokens(..., group_min_saving=s)``: after the hooks the loop splits this state into length groups
     # if that saves at least the share ``s`` of the padded token-slots.
@@ -300,10 +303,9 @@ class CausalLMWrapper(nn.Module):
 
         ``group_min_saving=s`` lets the loop run the later layers of this prefill on sub-batches grouped by kept
         length (``_split_by_length``) instead of one tensor padded to the longest row, when that saves at least the
-        share ``s`` of the padded token-slots (each sub-batch costs one more call per layer; 0.2 pays off on the tiny
-        MoE-LLaVA at batch 64, 0 splits whenever anything is saved), which is what makes a batch cheaper
-        when only some rows dropped tokens; the groups' caches are merged back (left-padded per layer) at the end of
-        the forward, so decoding is unchanged. Hooks running after such a drop must index per-row records with
+        share ``s`` of the padded token-slots (each sub-batch costs one more call per layer; 0 splits whenever
+        anything is saved). That is what makes a batch cheaper when only some rows dropped tokens. The groups'
+        caches are merged back (left-padded per layer) at the end of the forward, so decoding is unchanged. Hooks running after such a drop must index per-row records with
         ``state.rows``.
         """
         if any(kind != "full_attention" for kind in self.layer_types()):
@@ -343,10 +345,10 @@ class CausalLMWrapper(nn.Module):
         """Split a left-padded state into two sub-batches by real length when that saves padded token-slots.
 
         Sorting the rows by length, the cut that minimises ``sum(rows_g * longest_g)`` is taken if it saves at least
-        the share ``state.regroup`` of the slots. Each group is the left-padded
-        tail of its rows, so every row keeps its tokens, positions and rotary embeddings bit for bit. Only from an
-        empty cache for the layers still to run (prefill) and without per-row ``layer_kwargs``: a group then caches
-        its rows in a fresh ``LMCache`` that ``_merge_groups`` joins back.
+        the share ``state.regroup`` of the slots. Each group is the left-padded tail of its rows, so every row keeps
+        its tokens, positions and rotary embeddings bit for bit. Only from an empty cache for the layers still to run
+        (prefill) and without ``layer_kwargs`` (they may hold per-row tensors): a group then caches its rows in a
+        fresh ``LMCache`` that ``_merge_groups`` joins back.
         """
         min_saving, state.regroup = state.regroup, None
         nxt = state.layer + 1
@@ -362,6 +364,8 @@ class CausalLMWrapper(nn.Module):
         # cut c: rows order[:c] padded to sorted_len[c - 1], the rest to the longest
         best_cut, best_cost = 0, bsz * longest
         for c in range(1, bsz):
+            if sorted_len[c - 1] == 0:
+                continue  # rows without tokens stay with the others: a layer never runs on an empty sequence
             cost = c * sorted_len[c - 1] + (bsz - c) * longest
             if cost < best_cost:
                 best_cut, best_cost = c, cost
@@ -412,24 +416,19 @@ class CausalLMWrapper(nn.Module):
         one state over the whole batch (hidden, positions, padding and per-row lengths) for the head and the method."""
         if cache is not None:
             for i, group in grouped.items():
-                for name in ("keys", "values"):
-                    parts = [(g.rows, getattr(g.cache.kv.layers[i], name)) for g in group]
-                    if name == "keys":
-                        keys = self._scatter_rows(bsz, parts, dim=2)
-                    else:
-                        values = self._scatter_rows(bsz, parts, dim=2)
-                cache.kv.update(keys, values, i)
-        first = states[0]
-        merged = LMState(
+                keys = self._scatter_rows(bsz, [(g.rows, g.cache.kv.layers[i].keys) for g in group], dim=2)
+                values = self._scatter_rows(bsz, [(g.rows, g.cache.kv.layers[i].values) for g in group], dim=2)
+                cache.kv.update(keys, values, i)  # the layer is empty: the split needs an empty cache after it
+        padding = self._scatter_rows(bsz, [(s.rows, s.padding_mask) for s in states])
+        return LMState(
             hidden=self._scatter_rows(bsz, [(s.rows, s.hidden) for s in states]),
             position_ids=self._scatter_rows(bsz, [(s.rows, s.position_ids) for s in states]),
-            padding_mask=self._scatter_rows(bsz, [(s.rows, s.padding_mask) for s in states]),
-            attention_mask=self._scatter_rows(bsz, [(s.rows, s.padding_mask) for s in states]),
+            padding_mask=padding,
+            attention_mask=padding,
             cache=cache,
-            layer=first.layer,
-            extras=first.extras,
+            layer=states[0].layer,
+            extras=states[0].extras,
         )
-        return merged
 
     @staticmethod
     def _commit(
@@ -503,16 +502,17 @@ class CausalLMWrapper(nn.Module):
         lengths_of: tuple[torch.Tensor, torch.Tensor] | None = None
         states = [state]  # more than one after a grouped drop: sub-batches of rows (``LMState.rows``)
         grouped: dict[int, list[LMState]] = {}  # layer -> the sub-batches that ran it, whose caches get merged
-        joined_key: tuple[int, ...] = ()
+        joined_parts: list[torch.Tensor] = []  # the groups' paddings that ``joined`` was built from
         joined = first_padding
         for i in range(len(self.layers)):
             if len(states) == 1:
                 padding = states[0].padding_mask
             else:
                 grouped[i] = list(states)
-                key = tuple(id(s.padding_mask) for s in states)
-                if key != joined_key:  # the same groups over several layers share one joined padding
-                    joined_key, joined = key, self._scatter_rows(bsz, [(s.rows, s.padding_mask) for s in states])
+                parts = [s.padding_mask for s in states]
+                if len(parts) != len(joined_parts) or any(a is not b for a, b in zip(parts, joined_parts)):
+                    # the same groups over several layers share one joined padding (one mask rebuild when decoding)
+                    joined_parts, joined = parts, self._scatter_rows(bsz, [(s.rows, s.padding_mask) for s in states])
                 padding = joined
             used.append(padding)
             if lengths_of is None or lengths_of[0] is not padding:

@@ -9,7 +9,9 @@ run on the shorter sequence. ``threshold=0.5`` is the official rule (``logit[1] 
 more never exits and reproduces the plain model exactly.
 
 Spans are derived per row from the media mask (never from fixed offsets as in the batch-of-one official code), so
-rows of a left-padded batch exit at different layers. Decisions are made in prefill only; decode steps make none
+rows of a left-padded batch exit at different layers. After an exit the rows that left and those that kept their image
+run the later prefill layers as separate sub-batches, each padded only to its own longest row (``min_group_saving``),
+which is what turns the saved FLOPs into saved time for a batch. Decisions are made in prefill only; decode steps make none
 (the official code fails on the first decode step when prefill did not exit). Rows without media tokens, or without
 text between the media and the last prompt token, never exit.
 
