@@ -187,7 +187,7 @@ def test_grouped_drops_run_sub_batches_and_match_rows_run_alone() -> None:
             rows = state.rows if state.rows is not None else torch.arange(4)
             if group:
                 seen.append((i, rows.tolist()))
-            if state.cache is None or state.cache.next_position is not None:
+            if state.cache is not None and state.cache.next_position is not None:
                 return None  # prefill only
             leave = drop_at[rows] == i
             if not bool(leave.any()):
@@ -201,10 +201,14 @@ def test_grouped_drops_run_sub_batches_and_match_rows_run_alone() -> None:
     with torch.no_grad():
         prefill, steps, tokens = _decode(wrap, ids, mask, [hook_for(True)])
         _, one_tensor_steps, one_tensor_tokens = _decode(wrap, ids, mask, [hook_for(False)])
-    prefill_groups = {}
-    for i, rows in seen[: 1 + 2 + 3 * 2]:  # the prefill's calls: layer 0 whole, layer 1 two groups, 2-3 three
-        prefill_groups.setdefault(i, []).append(sorted(rows))
-    assert prefill_groups == {0: [[0, 1, 2, 3]], 1: [[0, 1], [2, 3]], 2: [[0, 1], [2], [3]], 3: [[0, 1], [2], [3]]}
+        without_cache = wrap(input_ids=ids, attention_mask=mask, hooks=[hook_for(True)])  # groups without caches
+    torch.testing.assert_close(without_cache.logits, prefill.logits, atol=1e-5, rtol=1e-5)
+    calls = 1 + 2 + 3 * 2  # a prefill's hook calls: layer 0 whole, layer 1 two groups, layers 2-3 three
+    for part in (seen[:calls], seen[-calls:]):  # with a cache (then decoding), and the forward without one
+        groups: dict[int, list[list[int]]] = {}
+        for i, rows in part:
+            groups.setdefault(i, []).append(sorted(rows))
+        assert groups == {0: [[0, 1, 2, 3]], 1: [[0, 1], [2, 3]], 2: [[0, 1], [2], [3]], 3: [[0, 1], [2], [3]]}
     assert torch.equal(tokens, one_tensor_tokens)
     torch.testing.assert_close(steps, one_tensor_steps, atol=1e-5, rtol=1e-5)
     real_len = mask.sum(1)
