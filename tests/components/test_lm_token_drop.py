@@ -66,7 +66,7 @@ def _decode(wrap, ids, mask, hooks, tokens=None):
     return prefill, torch.stack(steps, 1), torch.stack(chosen, 1)
 
 
-def _reference_row(wrap, ids_row, keep_row, tokens_row):
+def _reference_row(wrap, ids_row, keep_row, tokens_row, drop_after=DROP_AFTER):
     """One row by hand: (logits of the kept prompt tokens, logits after each forced decode token)."""
     base = wrap.lm.base_model
     kv = DynamicCache(config=wrap.lm.config)
@@ -83,7 +83,7 @@ def _reference_row(wrap, ids_row, keep_row, tokens_row):
                 position_embeddings=emb,
             )
             hidden = out[0] if isinstance(out, tuple) else out
-            if drop is not None and i == DROP_AFTER:
+            if drop is not None and i == drop_after:
                 hidden, pos = hidden[:, drop], pos[:, drop]
         return wrap.head(hidden)[1]
 
@@ -166,3 +166,66 @@ def test_drop_tokens_refuses_sliding_window_layers() -> None:
     ids, mask = _batch()
     with torch.no_grad(), pytest.raises(ValueError, match="full-attention layers only"):
         wrap(input_ids=ids, attention_mask=mask, hooks=[_drop_hook(wrap, mask.bool())])
+
+
+def test_grouped_drops_run_sub_batches_and_match_rows_run_alone() -> None:
+    """``drop_tokens(..., group_min_saving=0.2)`` at different layers per row: the loop splits the batch into length groups
+    (twice: after layer 0 and again after layer 1) and merges their caches; prefill and decode equal the per-row
+    reference to 1e-5 and the one-padded-tensor path's greedy tokens."""
+    wrap = _wrapper("llama")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[3, :1] = 0  # one left-padded row
+    drop_at = torch.tensor([0, 0, 1, 4])  # the layer after which each row drops positions 2..9 (4: never)
+    dropped = torch.zeros(4, 12, dtype=torch.bool)
+    dropped[:, 2:10] = True  # by RoPE position: tokens 2..9 of each row's real tokens
+    seen: list[tuple[int, list[int]]] = []
+
+    def hook_for(group: bool):
+        def hook(i, state):
+            rows = state.rows if state.rows is not None else torch.arange(4)
+            if group:
+                seen.append((i, rows.tolist()))
+            if state.cache is not None and state.cache.next_position is not None:
+                return None  # prefill only
+            leave = drop_at[rows] == i
+            if not bool(leave.any()):
+                return None
+            by_position = dropped[rows].gather(1, state.position_ids.expand(len(rows), -1))
+            keep = state.padding_mask.bool() & ~(by_position & leave[:, None])
+            return wrap.drop_tokens(state, keep, group_min_saving=0.2 if group else None)
+
+        return hook
+
+    with torch.no_grad():
+        prefill, steps, tokens = _decode(wrap, ids, mask, [hook_for(True)])
+        _, one_tensor_steps, one_tensor_tokens = _decode(wrap, ids, mask, [hook_for(False)])
+        without_cache = wrap(input_ids=ids, attention_mask=mask, hooks=[hook_for(True)])  # groups without caches
+    torch.testing.assert_close(without_cache.logits, prefill.logits, atol=1e-5, rtol=1e-5)
+    calls = 1 + 2 + 3 * 2  # a prefill's hook calls: layer 0 whole, layer 1 two groups, layers 2-3 three
+    for part in (seen[:calls], seen[-calls:]):  # with a cache (then decoding), and the forward without one
+        groups: dict[int, list[list[int]]] = {}
+        for i, rows in part:
+            groups.setdefault(i, []).append(sorted(rows))
+        assert groups == {0: [[0, 1, 2, 3]], 1: [[0, 1], [2, 3]], 2: [[0, 1], [2], [3]], 3: [[0, 1], [2], [3]]}
+    assert torch.equal(tokens, one_tensor_tokens)
+    torch.testing.assert_close(steps, one_tensor_steps, atol=1e-5, rtol=1e-5)
+    real_len = mask.sum(1)
+    kept = torch.where(drop_at < 4, real_len - 8, real_len)
+    assert [t.tolist() for t in prefill.state.layer_lengths] == [
+        real_len.tolist(),
+        torch.where(drop_at <= 0, kept, real_len).tolist(),
+        torch.where(drop_at <= 1, kept, real_len).tolist(),
+        torch.where(drop_at <= 2, kept, real_len).tolist(),
+    ]
+    # the merged cache is padded per layer to that layer's longest row (row 2 holds 12 tokens up to layer 1, then
+    # row 3 with its 11 is the longest)
+    assert [prefill.cache.get_seq_length(i) for i in range(4)] == [12 + DECODE_STEPS] * 2 + [11 + DECODE_STEPS] * 2
+    for b in range(4):
+        real = mask[b].bool()
+        keep_row = ~dropped[b, : int(real.sum())] if drop_at[b] < 4 else None
+        ref_prompt, ref_steps = _reference_row(wrap, ids[b, real], keep_row, tokens[b], drop_after=int(drop_at[b]))
+        ours_prompt = prefill.logits[b, prefill.logits.shape[1] - int(kept[b]) :]
+        torch.testing.assert_close(ours_prompt, ref_prompt, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(steps[b], ref_steps, atol=1e-5, rtol=1e-5)

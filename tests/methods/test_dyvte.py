@@ -119,10 +119,24 @@ def test_batched_exit_matches_rows_run_alone_to_1e5() -> None:
         expected = [_first_exit(row, threshold) for row in p_all]
         assert len(set(expected)) >= 2, expected
 
-        method = DyVTE(routers=routers, threshold=threshold)
+        # min_group_saving=0: split whenever it saves slots (3 short rows save less than the default 20%)
+        method = DyVTE(routers=routers, threshold=threshold, min_group_saving=0.0)
         plan = method.plan(MethodContext(model, ids, mask, model.media_mask(ids)))
-        out = model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, hooks=plan.hooks)
+        groups: dict[int, list[list[int]]] = {}  # prefill layer -> the rows of each sub-batch that ran it
+
+        def record(i, state):
+            if state.cache.next_position is None:
+                groups.setdefault(i, []).append(sorted(state.rows.tolist()) if state.rows is not None else [0, 1, 2])
+
+        out = model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, hooks=[*plan.hooks, record])
         assert method.exit_layers() == expected
+        # after the first exit the rows run as length-grouped sub-batches (each row in exactly one), the exited
+        # rows apart from those that still hold their image
+        first = min(expected)
+        for i in range(first + 1, 4):
+            assert len(groups[i]) >= 2 and sorted(r for g in groups[i] for r in g) == [0, 1, 2], groups
+            for g in groups[i]:
+                assert len({expected[r] < i for r in g}) == 1, (i, groups[i], expected)
         logits = out.logits[:, -1]
         steps, chosen = [], []
         for _ in range(DECODE_STEPS):

@@ -9,7 +9,10 @@ transformers.
 Per-layer lengths: a hook may shorten the sequence after any layer (``CausalLMWrapper.drop_tokens``). The layers
 after it then run on, and cache, only the kept tokens; the ``LMCache`` remembers each layer's padding and each row's
 next RoPE position, so decode steps (``llm(input_ids=next_ids[:, None], cache=cache)``, no attention mask) build
-every layer's mask from that layer's own cache.
+every layer's mask from that layer's own cache. A drop may also ask the loop to run the layers after it on
+sub-batches grouped by length (``drop_tokens(..., group_min_saving=...)``), so rows that became short stop paying for
+the padding of the rows that did not; the sub-batches' caches are joined back into one left-padded cache per layer at
+the end of the forward, and decoding runs on the whole batch as before.
 
 Written against transformers 5.x, where decoder layers take ``cache=`` and return a tensor.
 """
@@ -64,6 +67,13 @@ class LMState:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     # The cached-key padding ``masks`` were built for; the loop rebuilds them when the next layer's differs.
     mask_past: torch.Tensor | None = field(default=None, repr=False)
+    # The rows of the forward's batch this state holds (``[b]`` long), or None for all of them. After a
+    # ``drop_tokens(..., group_min_saving=...)`` the loop may run the next layers on sub-batches grouped by length;
+    # a hook that keeps per-row records indexes them with ``rows``.
+    rows: torch.Tensor | None = None
+    # Set by ``drop_tokens(..., group_min_saving=s)``: after the hooks the loop splits this state into length groups
+    # if that saves at least the share ``s`` of the padded token-slots.
+    regroup: float | None = field(default=None, repr=False)
 
 
 class LMCache:
@@ -281,7 +291,7 @@ class CausalLMWrapper(nn.Module):
             state.masks = self.build_masks(state, layer)
             state.mask_past = past
 
-    def drop_tokens(self, state: LMState, keep: torch.Tensor) -> LMState:
+    def drop_tokens(self, state: LMState, keep: torch.Tensor, group_min_saving: float | None = None) -> LMState:
         """Keep only the tokens where ``keep`` (``[B, T]`` bool) is True, for the layers after ``state.layer``.
 
         Rows may keep different numbers of tokens. The result is left-padded to the longest kept row, the layout of
@@ -290,6 +300,13 @@ class CausalLMWrapper(nn.Module):
         the padding mask, the attention masks (sized against the next layer's cache) and the rotary embeddings are
         rebuilt for the shortened sequence. The next layers then cache only the kept tokens, while the layers that
         already ran keep the full sequence; ``LMCache`` records both for decoding.
+
+        ``group_min_saving=s`` lets the loop run the later layers of this prefill on sub-batches grouped by kept
+        length (``_split_by_length``) instead of one tensor padded to the longest row, when that saves at least the
+        share ``s`` of the padded token-slots (each sub-batch costs one more call per layer; 0 splits whenever
+        anything is saved). That is what makes a batch cheaper when only some rows dropped tokens. The groups'
+        caches are merged back (left-padded per layer) at the end of the forward, so decoding is unchanged. Hooks running after such a drop must index per-row records with
+        ``state.rows``.
         """
         if any(kind != "full_attention" for kind in self.layer_types()):
             raise ValueError(
@@ -321,7 +338,97 @@ class CausalLMWrapper(nn.Module):
             state.mask_past = None
             state.attention_mask = padding
             state.masks = self.build_masks(state)
+        state.regroup = group_min_saving
         return state
+
+    def _split_by_length(self, state: LMState) -> list[LMState]:
+        """Split a left-padded state into two sub-batches by real length when that saves padded token-slots.
+
+        Sorting the rows by length, the cut that minimises ``sum(rows_g * longest_g)`` is taken if it saves at least
+        the share ``state.regroup`` of the slots. Each group is the left-padded tail of its rows, so every row keeps
+        its tokens, positions and rotary embeddings bit for bit. Only from an empty cache for the layers still to run
+        (prefill) and without ``layer_kwargs`` (they may hold per-row tensors): a group then caches its rows in a
+        fresh ``LMCache`` that ``_merge_groups`` joins back.
+        """
+        min_saving, state.regroup = state.regroup, None
+        nxt = state.layer + 1
+        if nxt >= len(self.layers) or state.layer_kwargs or state.hidden.shape[0] < 2:
+            return [state]
+        cache = state.cache
+        if cache is not None and any(cache.get_seq_length(j) for j in range(nxt, len(self.layers))):
+            return [state]
+        lengths = state.padding_mask.sum(1)
+        order = lengths.argsort()
+        sorted_len = lengths[order].tolist()
+        bsz, longest = len(sorted_len), sorted_len[-1]
+        # cut c: rows order[:c] padded to sorted_len[c - 1], the rest to the longest
+        best_cut, best_cost = 0, bsz * longest
+        for c in range(1, bsz):
+            if sorted_len[c - 1] == 0:
+                continue  # rows without tokens stay with the others: a layer never runs on an empty sequence
+            cost = c * sorted_len[c - 1] + (bsz - c) * longest
+            if cost < best_cost:
+                best_cut, best_cost = c, cost
+        if best_cut == 0 or best_cost > (1 - min_saving) * bsz * longest:
+            return [state]
+        groups = []
+        for idx, width in ((order[:best_cut], sorted_len[best_cut - 1]), (order[best_cut:], longest)):
+            idx = idx.sort().values
+            sub_cache = self.new_cache() if cache is not None else None
+            padding = state.padding_mask[idx, -width:] if width else state.padding_mask[idx, :0]
+            sub = LMState(
+                hidden=state.hidden[idx, state.hidden.shape[1] - width:],
+                position_ids=state.position_ids[idx, state.position_ids.shape[1] - width:],
+                padding_mask=padding,
+                attention_mask=padding,
+                cache=sub_cache,
+                position_embeddings=tuple(
+                    t[idx, t.shape[1] - width:] for t in state.position_embeddings
+                ) if state.position_embeddings is not None else None,
+                layer=state.layer,
+                extras=state.extras,
+                rows=idx if state.rows is None else state.rows[idx],
+            )
+            if sub_cache is not None:
+                sub.mask_past = sub_cache.past_padding(nxt, idx.numel(), padding.device)
+                sub.attention_mask = torch.cat([sub.mask_past, padding], dim=1)
+            sub.masks = self.build_masks(sub, nxt if sub_cache is not None else None)
+            groups.append(sub)
+        return groups
+
+    @staticmethod
+    def _scatter_rows(bsz: int, parts: list[tuple[torch.Tensor, torch.Tensor]], dim: int = 1) -> torch.Tensor:
+        """Join per-group tensors (``rows``, ``[b_g, L_g, ...]`` with length on ``dim``) into ``[B, max L, ...]``,
+        each right-aligned (left padding with zeros), the layout of the whole batch."""
+        width = max(t.shape[dim] for _, t in parts)
+        ref = parts[0][1]
+        shape = list(ref.shape)
+        shape[0], shape[dim] = bsz, width
+        out = ref.new_zeros(shape)
+        for rows, t in parts:
+            out.narrow(dim, width - t.shape[dim], t.shape[dim]).index_copy_(0, rows, t)
+        return out
+
+    def _merge_groups(
+        self, bsz: int, states: list[LMState], grouped: dict[int, list[LMState]], cache: LMCache | None
+    ) -> LMState:
+        """After a grouped prefill: the groups' caches into ``cache`` (per layer, left-padded like the batch) and
+        one state over the whole batch (hidden, positions, padding and per-row lengths) for the head and the method."""
+        if cache is not None:
+            for i, group in grouped.items():
+                keys = self._scatter_rows(bsz, [(g.rows, g.cache.kv.layers[i].keys) for g in group], dim=2)
+                values = self._scatter_rows(bsz, [(g.rows, g.cache.kv.layers[i].values) for g in group], dim=2)
+                cache.kv.update(keys, values, i)  # the layer is empty: the split needs an empty cache after it
+        padding = self._scatter_rows(bsz, [(s.rows, s.padding_mask) for s in states])
+        return LMState(
+            hidden=self._scatter_rows(bsz, [(s.rows, s.hidden) for s in states]),
+            position_ids=self._scatter_rows(bsz, [(s.rows, s.position_ids) for s in states]),
+            padding_mask=padding,
+            attention_mask=padding,
+            cache=cache,
+            layer=states[0].layer,
+            extras=states[0].extras,
+        )
 
     @staticmethod
     def _commit(
@@ -389,19 +496,44 @@ class CausalLMWrapper(nn.Module):
         state = self.prepare(inputs_embeds, attention_mask, position_ids, cache)
         state.layer_kwargs = dict(layer_kwargs or {})
         first_positions, first_padding = state.position_ids, state.padding_mask
+        bsz = first_padding.shape[0]
         used: list[torch.Tensor] = []
+        layer_lengths = state.layer_lengths
         lengths_of: tuple[torch.Tensor, torch.Tensor] | None = None
+        states = [state]  # more than one after a grouped drop: sub-batches of rows (``LMState.rows``)
+        grouped: dict[int, list[LMState]] = {}  # layer -> the sub-batches that ran it, whose caches get merged
+        joined_parts: list[torch.Tensor] = []  # the groups' paddings that ``joined`` was built from
+        joined = first_padding
         for i in range(len(self.layers)):
-            self._sync_masks(state, i)
-            used.append(state.padding_mask)
-            if lengths_of is None or lengths_of[0] is not state.padding_mask:
-                lengths_of = (state.padding_mask, state.padding_mask.sum(1))
-            state.layer_lengths.append(lengths_of[1])
-            state = self.run_layer(i, state)
-            for hook in hooks:
-                new = hook(i, state)
-                if new is not None:
-                    state = new
+            if len(states) == 1:
+                padding = states[0].padding_mask
+            else:
+                grouped[i] = list(states)
+                parts = [s.padding_mask for s in states]
+                if len(parts) != len(joined_parts) or any(a is not b for a, b in zip(parts, joined_parts)):
+                    # the same groups over several layers share one joined padding (one mask rebuild when decoding)
+                    joined_parts, joined = parts, self._scatter_rows(bsz, [(s.rows, s.padding_mask) for s in states])
+                padding = joined
+            used.append(padding)
+            if lengths_of is None or lengths_of[0] is not padding:
+                lengths_of = (padding, padding.sum(1))
+            layer_lengths.append(lengths_of[1])
+            after = []
+            for state in states:
+                self._sync_masks(state, i)
+                state.layer_lengths = layer_lengths
+                state = self.run_layer(i, state)
+                for hook in hooks:
+                    new = hook(i, state)
+                    if new is not None:
+                        state = new
+                after.extend(self._split_by_length(state) if state.regroup is not None else [state])
+            states = after
+        if len(states) == 1 and states[0].rows is None:
+            state = states[0]
+        else:
+            state = self._merge_groups(bsz, states, grouped, cache)
+        state.layer_lengths = layer_lengths
         if cache is not None:
             self._commit(cache, used, first_positions, first_padding)
         hidden = state.hidden if logits_to_keep <= 0 else state.hidden[:, -logits_to_keep:]

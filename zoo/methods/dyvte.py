@@ -9,7 +9,9 @@ run on the shorter sequence. ``threshold=0.5`` is the official rule (``logit[1] 
 more never exits and reproduces the plain model exactly.
 
 Spans are derived per row from the media mask (never from fixed offsets as in the batch-of-one official code), so
-rows of a left-padded batch exit at different layers. Decisions are made in prefill only; decode steps make none
+rows of a left-padded batch exit at different layers. After an exit the rows that left and those that kept their image
+run the later prefill layers as separate sub-batches, each padded only to its own longest row (``min_group_saving``),
+which is what turns the saved FLOPs into saved time for a batch. Decisions are made in prefill only; decode steps make none
 (the official code fails on the first decode step when prefill did not exit). Rows without media tokens, or without
 text between the media and the last prompt token, never exit.
 
@@ -131,9 +133,14 @@ class DyVTE(Method):
         routers: registered base-weights name (``ROUTER_WEIGHTS``), a directory holding ``dyvte_routers.safetensors``,
             that file, or an ``ExitRouters`` module.
         threshold: exit when ``p(exit) > threshold`` (0.5: the official rule; >= 1: never).
+        min_group_saving: after an exit the rows that left and those that kept their image run the later layers as
+            separate sub-batches when that saves at least this share of the padded token-slots (0: whenever it
+            saves any; >= 1: never, one tensor padded to the longest row). Outputs are the same either way.
     """
 
-    def __init__(self, routers: str | ExitRouters | None = None, threshold: float = 0.5) -> None:
+    def __init__(
+        self, routers: str | ExitRouters | None = None, threshold: float = 0.5, min_group_saving: float = 0.2
+    ) -> None:
         if routers is None:
             raise ValueError(
                 f"dyvte needs routers=NAME_OR_PATH: a registered name ({', '.join(sorted(ROUTER_WEIGHTS))}) or a "
@@ -143,6 +150,9 @@ class DyVTE(Method):
             raise ValueError(f"dyvte threshold must be >= 0, got {threshold}")
         self.routers = routers if isinstance(routers, str) else "<module>"
         self.threshold = float(threshold)
+        if not 0.0 <= float(min_group_saving):
+            raise ValueError(f"dyvte min_group_saving must be >= 0, got {min_group_saving}")
+        self.min_group_saving = float(min_group_saving)
         self._module = routers if isinstance(routers, ExitRouters) else None
         self._exit_layer: torch.Tensor | None = None
         self._llm: Any = None
@@ -166,8 +176,29 @@ class DyVTE(Method):
         # num_layers = no exit (visual tokens kept in every layer), the official "average layers kept" proxy.
         exit_layer = torch.full((bsz,), num_layers, dtype=torch.long, device=ctx.input_ids.device)
         self._exit_layer = exit_layer
-        tracked = {"media": ctx.media_mask.bool() & ctx.attention_mask.bool(), "prefill": True}
+        media_cols = ctx.media_mask.bool() & ctx.attention_mask.bool()
+        # Media flags by (row, RoPE position): positions survive every drop and every length-grouped sub-batch
+        # (``LMState.rows``), so each layer reads its tokens' flags without re-compacting a mask per drop.
+        tracked: dict[str, Any] = {"by_position": None, "prefill": True}
         threshold = self.threshold
+        min_saving = self.min_group_saving if self.min_group_saving < 1.0 else None
+
+        def media_of(state: Any) -> torch.Tensor:
+            if tracked["by_position"] is None:
+                if state.position_ids.shape != media_cols.shape:
+                    raise ValueError(
+                        f"dyvte: the prompt's media mask has shape {tuple(media_cols.shape)}, the first layer's "
+                        f"tokens {tuple(state.position_ids.shape)} (another hook dropped tokens before dyvte's)"
+                    )
+                width = int(state.position_ids.max()) + 1
+                by_position = torch.zeros(bsz, width, dtype=torch.bool, device=media_cols.device)
+                by_position.scatter_(1, state.position_ids.expand(bsz, -1), media_cols)  # pads: position 0, False
+                by_position[:, 0] |= (media_cols & (state.position_ids == 0)).any(1)
+                tracked["by_position"] = by_position
+            by_position = tracked["by_position"]
+            rows_flags = by_position if state.rows is None else by_position[state.rows]
+            positions = state.position_ids.expand(rows_flags.shape[0], -1)
+            return rows_flags.gather(1, positions) & state.padding_mask.bool()
 
         def hook(i: int, state: Any) -> Any:
             if not tracked["prefill"]:
@@ -177,21 +208,24 @@ class DyVTE(Method):
                 return None  # an exit after the last layer removes nothing from prefill or decoding
             if threshold >= 1.0:
                 return None
-            media = tracked["media"]
-            waiting = exit_layer == num_layers
+            rows = state.rows if state.rows is not None else torch.arange(bsz, device=exit_layer.device)
+            waiting = exit_layer[rows] == num_layers
+            if not bool(waiting.any()):
+                return None
+            media = media_of(state)
             if not bool((waiting & media.any(1)).any()):
                 return None
-            last = torch.full((bsz,), state.hidden.shape[1] - 1, dtype=torch.long, device=media.device)
+            last = torch.full((len(rows),), state.hidden.shape[1] - 1, dtype=torch.long, device=media.device)
             with torch.no_grad():
                 feats, valid = router_features(state.hidden, media, state.padding_mask, last)
                 p_exit = routers(i, feats).float().softmax(-1)[:, 1]
             leave = waiting & valid & (p_exit > threshold)
             if not bool(leave.any()):
                 return None
-            exit_layer[leave] = i
+            exit_layer[rows[leave]] = i
             keep = state.padding_mask.bool() & ~(media & leave[:, None])
-            tracked["media"] = compact_like_drop(media, keep, state.padding_mask, False)
-            return llm.drop_tokens(state, keep)
+            # the rows that kept their image may run the next layers as their own sub-batch
+            return llm.drop_tokens(state, keep, group_min_saving=min_saving)
 
         return MethodPlan(hooks=[hook])
 
