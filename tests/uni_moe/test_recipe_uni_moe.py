@@ -79,6 +79,7 @@ def _toy_overrides(stages: list[str], *, eval_stage: str | None = None) -> list[
     return out
 
 
+@pytest.mark.slow
 def test_tiny_recipe_runs_end_to_end_at_toy_size(tmp_path: Path):
     """All six stages (2 steps each), stage-3 experts = the stage-2 FFNs, eval on the four tasks, routing heatmap."""
     from zoo.registry import load
