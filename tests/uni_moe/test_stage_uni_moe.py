@@ -140,3 +140,34 @@ def test_stage3_source_errors(tmp_path: Path):
         dense.init_from(tmp_path / "runs" / "moe2" / "final")
     cfg = json.loads((tmp_path / "runs" / "moe2" / "final" / "config.json").read_text())
     assert cfg["model_args"]["uni_moe"]["num_experts"] == 2 and cfg["stage_type"] == "uni_moe"
+
+
+def test_unimoe_json_data_is_checked_before_training(tmp_path: Path):
+    from data.unimoe import export_unimoe_json
+
+    worlds = AVWorlds(image_size=32, num_frames=4)
+    path = export_unimoe_json([worlds.sample(m, "instruction", 0) for m in AV_MODALITIES], tmp_path, "mix")
+    records = json.loads(path.read_text())
+    records.append({"id": "bad", "conversations": [{"from": "human", "value": "<image>\nwhat?"},
+                                                   {"from": "gpt", "value": "red"}]})  # no image field
+    path.write_text(json.dumps(records))
+
+    def stage(**data) -> UniMoEStage:
+        spec = SimpleNamespace(name="s", out_dir=tmp_path / "runs" / "s", init_source=("stage", "x"))
+        return UniMoEStage(_model_cfg(), UniMoEDataConfig(source="unimoe_json", json_paths=[str(path)], **data),
+                           UniMoEEvalConfig(), spec)
+
+    with pytest.raises(Exception, match=r"mix\.json.*bad.*image"):
+        stage().train_dataset()
+    s = stage(on_error="skip")
+    ds = s.train_dataset()
+    assert len(ds) == 4 and s.skipped_samples() == {"bad record": 1}
+    item = ds[1]  # the video sample, media prepared on access
+    assert item["media"]["video_values"][0].shape == (4, 3, 32, 32)
+    short = stage(on_error="skip", max_length=60)
+    n = len(short.train_dataset())
+    assert n < 4 and short.skipped_samples() == {"bad record": 1, "unencodable": 4 - n}
+    # Over-long samples raise (once the bad record is gone), naming the file and the sample.
+    path.write_text(json.dumps([r for r in records if r["id"] != "bad"]))
+    with pytest.raises(ValueError, match=r"mix\.json: sample '.*': field 'conversations' is \d+ tokens"):
+        stage(max_length=8).train_dataset()

@@ -49,8 +49,10 @@ IGNORE_INDEX = -100
 SAMPLE_MEDIA = {"image": "image", "video": "video", "voice": "audio"}
 
 
-def encode_unimoe_sample(model: Any, template: Any, sample: Any, max_length: int) -> dict[str, Any]:
-    """``input_ids`` / ``labels`` (answers only) and each modality's prepared items of one ``UniMoESample``.
+def encode_unimoe_sample(model: Any, template: Any, sample: Any, max_length: int, with_media: bool = True
+                         ) -> dict[str, Any]:
+    """``input_ids`` / ``labels`` (answers only) and each modality's prepared items of one ``UniMoESample``
+    (``with_media=False``: the checks and token ids only, without the cost of preparing the media).
 
     Raises ``ValueError`` naming the sample and field on a placeholder count that does not match its media, a
     sample over ``max_length`` (media positions cannot be cut), or a sample with no answer.
@@ -72,7 +74,7 @@ def encode_unimoe_sample(model: Any, template: Any, sample: Any, max_length: int
             spec = model.modalities[modality]
             raise ValueError(f"sample {sample.id!r}: field {field_name!r} has {len(items)} item(s) but the human "
                              f"turns hold {counts[modality]} {spec.placeholder} placeholder(s)")
-        if items:
+        if items and with_media:
             spec = model.modalities[modality]
             media[spec.input_key] = [spec.prepare(item) for item in items]
     tok = model.tokenizer
@@ -262,11 +264,11 @@ class UniMoEStage(StageModule):
 
     # ---- data ------------------------------------------------------------------------------------------------------
 
-    def _encoder(self) -> Callable[[Any], dict[str, Any]]:
+    def _encoder(self, with_media: bool = True) -> Callable[[Any], dict[str, Any]]:
         from zoo.conversation import get_template
 
         template = get_template(self.model.cfg.template)
-        return lambda sample: encode_unimoe_sample(self.model, template, sample, self.data_cfg.max_length)
+        return lambda sample: encode_unimoe_sample(self.model, template, sample, self.data_cfg.max_length, with_media)
 
     def train_dataset(self) -> Dataset:
         d = self.data_cfg
@@ -288,27 +290,32 @@ class UniMoEStage(StageModule):
         return self._json_dataset(encode)
 
     def _json_dataset(self, encode: Callable[[Any], dict[str, Any]]) -> Dataset:
+        """Every record read and checked before step 1 (placeholders, length: errors name file and sample, or
+        skipped and counted); media are prepared per item when a batch is built, so memory holds decoded files
+        rather than Whisper features."""
         from data.unimoe import UniMoEJsonReader
 
         d = self.data_cfg
         if not d.json_paths:
             raise ValueError(f"stage {self.stage.name}: data.source=unimoe_json needs data.json_paths")
-        encoded: list[dict[str, Any]] = []
+        check = self._encoder(with_media=False)
+        samples: list[Any] = []
         for p in d.json_paths:
             reader = UniMoEJsonReader(os.path.expandvars(p), d.media_root and os.path.expandvars(d.media_root),
                                       skip_bad=d.on_error == "skip")
             for sample in reader:
                 try:
-                    encoded.append(encode(sample))
+                    check(sample)
+                    samples.append(sample)
                 except ValueError as err:
                     if d.on_error == "raise":
                         raise ValueError(f"{p}: {err}") from None
                     self.skipped["unencodable"] = self.skipped.get("unencodable", 0) + 1
             if reader.report.skipped:
                 self.skipped["bad record"] = self.skipped.get("bad record", 0) + len(reader.report.skipped)
-        print(f"stage {self.stage.name}: {len(encoded)} samples from {len(d.json_paths)} file(s); skipped "
+        print(f"stage {self.stage.name}: {len(samples)} samples from {len(d.json_paths)} file(s); skipped "
               f"{self.skipped or 0}", flush=True)
-        return UniMoEDataset(encoded.__getitem__, len(encoded), lambda x: x)
+        return UniMoEDataset(samples.__getitem__, len(samples), encode)
 
     def collate_fn(self, samples: list[Any]) -> dict[str, Any]:
         pad = self.model.tokenizer.pad_token_id
