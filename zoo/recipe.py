@@ -699,10 +699,10 @@ def check_stage_configs(recipe: Recipe) -> None:
                 continue  # already validated
             setattr(stage, section, checker.dataclass(value or {}, cls, f"stages[{i}].{section}"))
         # Stages a stage reads besides init_from (Uni-MoE's expert_sources) must be earlier ones, like init_from.
-        refs = getattr(stage_cls, "earlier_stage_refs", None)
-        if refs is not None and dataclasses.is_dataclass(stage.model):
+        refs = getattr(stage.model, "earlier_stage_refs", None)
+        if refs is not None:
             earlier = [t.name for t in recipe.stages[:i]]
-            for key, name in refs(stage):
+            for key, name in refs():
                 if name not in earlier:
                     checker.fail(f"stages[{i}].{key}", f"{name!r} is not an earlier stage ({earlier or 'none'})")
     if checker.problems:

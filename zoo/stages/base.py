@@ -21,9 +21,9 @@ class owns the training loop plumbing so that every family resumes, shards and s
 Optional overrides: ``collate_fn`` (default: torch's default collate), ``init_from(source)`` (default: strict load
 of an exported directory into ``self.model``; override e.g. to upcycle a dense checkpoint into MoE experts) and
 ``export(out_dir)`` (default: ``save_pretrained(self.model, out_dir, self.architecture, self.model_args)``).
-A stage that reads other stages' exports besides ``init_from`` (Uni-MoE's ``model.expert_sources``) defines the
-classmethod ``earlier_stage_refs(stage) -> [(key path, stage name)]``; the recipe validator checks that each names an
-earlier stage, before anything runs.
+A stage that reads other stages' exports besides ``init_from`` (Uni-MoE's ``model.expert_sources``) gives its
+``ModelConfig`` a method ``earlier_stage_refs() -> [(key path, stage name)]``; the recipe validator checks that each
+names an earlier stage, before anything runs (on the torch-free config, so validation stays light).
 
 What the base class supplies:
 

@@ -15,7 +15,7 @@ part B):
   LoRA, routers start fresh; the recipe trains LoRA, projectors and routers on mixed instruction data.
 
 ``expert_sources`` are stage names of the same recipe, checked against the earlier stages when the recipe is
-validated (:meth:`UniMoEStage.earlier_stage_refs`) and resolved, like ``init_from``, to their ``final/`` exports.
+validated (:meth:`UniMoEModelConfig.earlier_stage_refs`) and resolved, like ``init_from``, to their ``final/`` exports.
 
 Data: the synthetic worlds (``data.shapes_av``: one sample of each listed modality in turn) or Uni-MoE JSON files
 (``data.unimoe``). A sample becomes ``input_ids`` / ``labels`` with the model's own placeholders expanded (answers
@@ -129,12 +129,6 @@ class UniMoEStage(StageModule):
     ModelConfig = UniMoEModelConfig
     DataConfig = UniMoEDataConfig
     EvalConfig = UniMoEEvalConfig
-
-    @classmethod
-    def earlier_stage_refs(cls, stage: Any) -> list[tuple[str, str]]:
-        """``(key path, stage name)`` of every other stage this one reads besides ``init_from`` (the recipe
-        validator checks each names an earlier stage)."""
-        return [(f"model.expert_sources[{k}]", name) for k, name in enumerate(stage.model.expert_sources)]
 
     def __init__(self, model_cfg: UniMoEModelConfig, data_cfg: UniMoEDataConfig, eval_cfg: UniMoEEvalConfig,
                  stage: Any) -> None:

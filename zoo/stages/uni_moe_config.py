@@ -82,6 +82,11 @@ class UniMoEModelConfig:
         if self.tokenizer == "pretrained" and self.pretrained_lm is None:
             raise ValueError("tokenizer: pretrained reads the tokenizer at pretrained_lm; set pretrained_lm")
 
+    def earlier_stage_refs(self) -> list[tuple[str, str]]:
+        """``(key path, stage name)`` of every other stage this one reads besides ``init_from`` (the recipe
+        validator checks that each names an earlier stage)."""
+        return [(f"model.expert_sources[{k}]", name) for k, name in enumerate(self.expert_sources)]
+
 
 @dataclass(kw_only=True)
 class UniMoEDataConfig:
