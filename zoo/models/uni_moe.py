@@ -49,6 +49,7 @@ from zoo.components.modality import Modality
 from zoo.models.moe_llava import CLIP_L_336, TINY_VISION, MoELLaVA, MoELLaVAConfig
 from zoo.moe import MoE, MoEConfig, moe_layer_indices
 from zoo.moe.layer import ExpertLoRAExperts, Experts
+from zoo.moe.settings import LayerSettingsDict
 from zoo.moe.upcycle import dense_ffn_spec
 from zoo.registry import register_model
 
@@ -74,7 +75,7 @@ IMAGE_TOKEN_ID, SPEECH_TOKEN_ID, VIDEO_TOKEN_ID, SOUND_TOKEN_ID = -200, -300, -4
 
 
 @dataclass(frozen=True, kw_only=True)
-class UniMoESettings:
+class UniMoESettings(LayerSettingsDict):
     """The MoE layers of the LM.
 
     Attributes:
@@ -113,21 +114,6 @@ class UniMoESettings:
                              "aux_loss_coef need router='deepspeed_top2'")
         if self.router == "deepspeed_top2" and self.top_k != 2:
             raise ValueError(f"uni_moe.router='deepspeed_top2' routes to 2 experts, got top_k={self.top_k}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | UniMoESettings) -> UniMoESettings:
-        if isinstance(d, UniMoESettings):
-            return d
-        d = dict(d)
-        if not isinstance(d.get("layers", "dense"), str):
-            d["layers"] = tuple(int(i) for i in d["layers"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not isinstance(d["layers"], str):
-            d["layers"] = list(d["layers"])
-        return d
 
     def moe_config(self, hidden: int, expert_hidden: int, expert_type: str, activation: str) -> MoEConfig:
         ds = self.router == "deepspeed_top2"

@@ -6,11 +6,31 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MoESettings"]
+__all__ = ["MoESettings", "LayerSettingsDict"]
+
+
+class LayerSettingsDict:
+    """``from_dict`` / ``to_dict`` for a settings dataclass whose ``layers`` is a mode name or a tuple of layer indices
+    (JSON holds the tuple as a list)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | Any) -> Any:
+        if isinstance(d, cls):
+            return d
+        d = dict(d)
+        if "layers" in d and not isinstance(d["layers"], str):
+            d["layers"] = tuple(int(i) for i in d["layers"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not isinstance(d["layers"], str):
+            d["layers"] = list(d["layers"])
+        return d
 
 
 @dataclass(frozen=True, kw_only=True)
-class MoESettings:
+class MoESettings(LayerSettingsDict):
     """MoE-tuning settings of a causal LM, the JSON form of ``upcycle_causal_lm``'s arguments (MoE-LLaVA's
     ``config.moe``; defaults are its stage-III scripts). Light to import, so recipes are validated against it."""
 
@@ -23,17 +43,3 @@ class MoESettings:
     aux_loss_coef: float = 0.01
     second_choice_noise: bool = False
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | MoESettings) -> MoESettings:
-        if isinstance(d, MoESettings):
-            return d
-        d = dict(d)
-        if not isinstance(d.get("layers", "sparse"), str):
-            d["layers"] = tuple(int(i) for i in d["layers"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not isinstance(d["layers"], str):
-            d["layers"] = list(d["layers"])
-        return d
