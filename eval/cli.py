@@ -177,15 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         out = Path("runs") / "eval" / _sanitize(model) / datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     target: object = model
+    display_name: str | None = None  # None: run() names it (e.g. 'NAME (random init)' for a bare architecture)
     if args.routing:  # the model is loaded once, here, and serves both the benchmarks and the routing report
         from eval.models import resolve_model
 
         try:
-            target, _ = resolve_model(model, **load_kwargs)
+            target, display_name = resolve_model(model, **load_kwargs)
         except (FileNotFoundError, KeyError, ValueError) as e:
             return _error(e.args[0] if isinstance(e, KeyError) and e.args else e)
     try:
-        results = run(target, tasks, model_name=model, limit=args.limit, batch_size=args.batch_size, output_dir=out,
+        results = run(target, tasks, model_name=display_name, limit=args.limit, batch_size=args.batch_size, output_dir=out,
                       data_root=args.data_root, log_samples=not args.no_samples, print_table=False,
                       method=args.method, count_original=True, load_kwargs=load_kwargs,
                       model_args=model_args or None, log_attention=args.log_attention)  # fmt: skip
