@@ -284,9 +284,12 @@ class CausalLMWrapper(nn.Module):
     def _sync_masks(self, state: LMState, layer: int) -> None:
         """Rebuild the masks when ``layer`` caches other tokens than the layer the masks were built for."""
         if state.cache is None:
+            if not state.masks:  # deferred by ``drop_tokens(..., group_min_saving=...)``
+                state.attention_mask = state.padding_mask
+                state.masks = self.build_masks(state)
             return
         past = state.cache.past_padding(layer, state.hidden.shape[0], state.hidden.device)
-        if past is not state.mask_past:
+        if past is not state.mask_past or not state.masks:
             state.attention_mask = torch.cat([past, state.padding_mask], dim=1)
             state.masks = self.build_masks(state, layer)
             state.mask_past = past
@@ -330,6 +333,12 @@ class CausalLMWrapper(nn.Module):
         state.hidden, state.position_ids, state.padding_mask = hidden, positions, padding
         state.position_embeddings = self.lm.base_model.rotary_emb(hidden, positions)
         nxt = state.layer + 1
+        state.regroup = group_min_saving
+        if group_min_saving is not None:
+            # The loop regroups this state next and builds each group's masks; if it keeps the state whole,
+            # ``_sync_masks`` builds them before the next layer (``masks`` empty, ``mask_past`` unset).
+            state.masks, state.mask_past, state.attention_mask = {}, None, padding
+            return state
         if state.cache is not None and nxt < len(self.layers):
             state.mask_past = state.cache.past_padding(nxt, bsz, hidden.device)
             state.attention_mask = torch.cat([state.mask_past, padding], dim=1)
@@ -338,7 +347,6 @@ class CausalLMWrapper(nn.Module):
             state.mask_past = None
             state.attention_mask = padding
             state.masks = self.build_masks(state)
-        state.regroup = group_min_saving
         return state
 
     def _split_by_length(self, state: LMState) -> list[LMState]:
