@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,15 @@ class StepRunner:
         o = stage.optim
         self.opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.params, self.clip = params, stage.trainer.gradient_clip_val
-        ds = self.module.get_train_dataset()
-        sampler = StepBatchSampler(len(ds), stage.batch_size, stage.seed)
-        # the sampler is endless (steps, not epochs): take the batches the rounds use
-        self.batches = list(islice(DataLoader(ds, batch_sampler=sampler, collate_fn=self.module.collate_fn), num_batches))
+        # The stage exports its synthetic data under stage.out_dir (run_stage sets the stage's run folder; the
+        # default is the working directory): a temporary folder, gone once the batches are in memory.
+        with tempfile.TemporaryDirectory(prefix="mmzoo_bench_train_") as tmp:
+            stage.out_dir = Path(tmp)
+            ds = self.module.get_train_dataset()
+            sampler = StepBatchSampler(len(ds), stage.batch_size, stage.seed)
+            # the sampler is endless (steps, not epochs): take the batches the rounds use
+            loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self.module.collate_fn)
+            self.batches = list(islice(loader, num_batches))
         self.batch_size = stage.batch_size
         self.module.train()
 

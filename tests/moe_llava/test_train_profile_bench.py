@@ -37,8 +37,10 @@ def test_baseline_recipe_is_f236d27_in_todays_schema() -> None:
     assert ours == old
 
 
-def test_bench_steps_both_recipes_on_real_batches() -> None:
+def test_bench_steps_both_recipes_on_real_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     m = bench_train.measure("sft", steps=1, rounds=1, scenes=12)
+    assert list(tmp_path.iterdir()) == []  # the stages' exported data went to a temporary folder, not the cwd
     assert m["batch"] == m["baseline_batch"] == 16
     assert m["f236d27_tok_s"] > 0 and m["current_tok_s"] > 0 and math.isfinite(m["ratio"])
 
