@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("moe", "dit")
+PARTS = ("moe", "dit", "train")
 
 
 def main(argv: list[str] | None = None) -> int:

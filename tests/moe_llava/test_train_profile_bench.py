@@ -1,0 +1,63 @@
+"""The default job's training-throughput bench (eval/bench/train.py) and the stage profiler
+(recipes/moe_llava/profile_stages.py): what they build and how they add up (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eval.bench import train as bench_train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_profiler():
+    spec = importlib.util.spec_from_file_location("profile_stages", ROOT / "recipes/moe_llava/profile_stages.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_baseline_recipe_is_f236d27_in_todays_schema() -> None:
+    """The frozen baseline differs from the recipe at f236d27 only by the `task:` -> `type:` rename."""
+    ours = yaml.safe_load(bench_train.BASELINE.read_text())
+    try:
+        old = subprocess.run(["git", "show", "f236d27:recipes/moe_llava/shapes_tiny.yaml"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        pytest.skip("git history with f236d27 not available (shallow clone or no git)")
+    old = yaml.safe_load(old)
+    for stage in old["stages"]:
+        stage["type"] = stage.pop("task")
+    assert ours == old
+
+
+def test_bench_steps_both_recipes_on_real_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    m = bench_train.measure("sft", steps=1, rounds=1, scenes=12)
+    assert list(tmp_path.iterdir()) == []  # the stages' exported data went to a temporary folder, not the cwd
+    assert m["batch"] == m["baseline_batch"] == 16
+    assert m["f236d27_tok_s"] > 0 and m["current_tok_s"] > 0 and math.isfinite(m["ratio"])
+
+
+def test_profiler_report_medians_and_checkpoint_excess() -> None:
+    prof = _load_profiler()
+    timer = prof.StepPhaseTimer(warmup=1)
+    phases = {"data": 0.01, "tower_forward": 0.02, "other_forward": 0.03, "backward": 0.05, "optimizer": 0.004,
+              "bookkeeping": 0.001}
+    steps = [dict(phases, checkpoint_step=False) for _ in range(6)]
+    steps[0] = dict(phases, data=5.0, checkpoint_step=False)  # warm-up step: left out
+    steps[4] = dict(phases, bookkeeping=0.101, checkpoint_step=True)  # a checkpoint costing 100 ms more
+    timer.stages["sft"] = {"steps": steps, "ckpt_every": 4, "wall": 1.0, "user_s": 1.5, "sys_s": 0.1, "threads": 2}
+    rep = timer.report()["sft"]
+    assert rep["steps_timed"] == 5
+    assert rep["median_ms"] == {k: round(v * 1000, 2) for k, v in phases.items()}
+    assert rep["step_ms"] == pytest.approx(115.0)
+    assert rep["checkpoint_ms"] == pytest.approx(100.0)
+    table = prof.format_table({"sft": rep})
+    assert "| sft | 115.0 ms | 10.0 (9%) |" in table and "100 ms (4)" in table
