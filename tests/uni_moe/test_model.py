@@ -289,3 +289,31 @@ def test_expert_lora_dropout_acts_in_training_only():
     assert (moe(x) - a).abs().max() > 1e-4
     with pytest.raises(ValueError, match="lora_dropout"):
         MoE(MoEConfig(hidden_size=8, expert_hidden_size=12, lora_rank=2, lora_dropout=0.1))  # shared base: no dropout
+
+
+def test_whisper_window_is_a_config_field():
+    """The tiny model's Whisper window is 8 s (800 log-Mel frames): the clip's frames are those of the 30-s window,
+    minus the padding; the full-scale settings keep Whisper's 30 s; window and encoder positions must agree."""
+    from zoo.components.audio import WhisperSpeechConfig, WhisperSpeechConnector, whisper_chunks
+    from zoo.models.uni_moe import SPEECH_PAPER, TINY_WHISPER, uni_moe_tiny
+
+    t = np.arange(16000 * 7) / 16000
+    clip = (0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    short, full = whisper_chunks(clip, 1, chunk_seconds=8), whisper_chunks(clip, 1)
+    assert short.shape == (1, 80, 800) and full.shape == (1, 80, 3000)
+    torch.testing.assert_close(short[..., :690], full[..., :690], atol=1e-5, rtol=0)  # away from the end padding
+    with pytest.raises(ValueError, match="2 8-s chunks"):
+        whisper_chunks(np.zeros(16000 * 9, np.float32), 1, chunk_seconds=8)
+
+    tiny = uni_moe_tiny(uni_moe=None, lora=None)
+    assert tiny.speech.cfg.chunk_seconds == 8 and tiny.speech.frames == 800
+    feats = tiny._speech_to_tensor(clip)
+    assert feats.shape == (1, 80, 800)
+    assert tiny.speech(feats.unsqueeze(0)).shape == (1, 8, tiny.llm.hidden_size)
+    with pytest.raises(ValueError, match=r"80, 800\]"):
+        tiny.speech(whisper_chunks(clip, 1).unsqueeze(0))
+
+    paper = WhisperSpeechConfig(**SPEECH_PAPER)
+    assert paper.chunk_seconds == 30 and paper.whisper["max_source_positions"] == 1500
+    with pytest.raises(ValueError, match="max_source_positions = 50 \\* chunk_seconds"):
+        WhisperSpeechConnector(WhisperSpeechConfig(whisper=TINY_WHISPER, chunk_seconds=30), 16)

@@ -199,7 +199,7 @@ class UniMoE(MoELLaVA):
 
     Submodules beyond ``MoELLaVA``'s: ``speech`` (``WhisperSpeechConnector``), ``audio_encoder`` (``BEATs``) and
     ``audio_connector`` (``QFormerConnector``). Forward inputs by modality: ``pixel_values [N, 3, H, W]``,
-    ``video_values [N, F, 3, H, W]``, ``speech_features [N, chunks, 80, 3000]``, ``audio_fbank [N, frames, 128]``.
+    ``video_values [N, F, 3, H, W]``, ``speech_features [N, chunks, 80, 100 * chunk_seconds]``, ``audio_fbank [N, frames, 128]``.
     """
 
     architecture = "uni_moe"
@@ -355,7 +355,7 @@ class UniMoE(MoELLaVA):
 
     def _speech_to_tensor(self, waveform: Any) -> torch.Tensor:
         assert self.speech is not None
-        return whisper_chunks(waveform, self.speech.cfg.max_chunks)
+        return whisper_chunks(waveform, self.speech.cfg.max_chunks, self.speech.cfg.chunk_seconds)
 
     def _audio_to_tensor(self, waveform: Any) -> torch.Tensor:
         seconds = AudioSettings(**(self.cfg.audio or {})).seconds
@@ -455,10 +455,12 @@ TINY_LM = dict(
 )
 TINY_WHISPER = dict(
     vocab_size=8, num_mel_bins=80, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500,
+    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=400,
     max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
 )
-TINY_SPEECH = dict(whisper=TINY_WHISPER, num_query_tokens=8, projector="linear", max_chunks=1)
+# An 8-s window (800 log-Mel frames, max_source_positions 400): the synthetic worlds' clips last at most 7.5 s, and
+# padding them to Whisper's 30 s made the encoder attend over ~4x more silence than sound.
+TINY_SPEECH = dict(whisper=TINY_WHISPER, num_query_tokens=8, projector="linear", max_chunks=1, chunk_seconds=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
