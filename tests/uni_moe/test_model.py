@@ -317,3 +317,25 @@ def test_whisper_window_is_a_config_field():
     assert paper.chunk_seconds == 30 and paper.whisper["max_source_positions"] == 1500
     with pytest.raises(ValueError, match="max_source_positions = 50 \\* chunk_seconds"):
         WhisperSpeechConnector(WhisperSpeechConfig(whisper=TINY_WHISPER, chunk_seconds=30), 16)
+
+
+def test_video_pooling_mean_ignores_frame_order_frames_keeps_it():
+    """The paper's mean over frames gives a clip and its time reversal the same tokens (recipes/uni_moe/
+    video_bound.py); ``video_pooling: frames`` keeps each frame, its patch grid average-pooled."""
+    g = torch.Generator().manual_seed(5)
+    video = torch.randn(2, 3, 3, 32, 32, generator=g)
+    mean = small(uni_moe=None, lora=None)
+    assert mean.modalities["video"].tokens_per_item == mean.num_image_tokens
+    torch.testing.assert_close(mean.encode_videos(video), mean.encode_videos(video.flip(1)))
+    frames = small(uni_moe=None, lora=None, video_pooling="frames", video_frame_pool=2)
+    side = int(frames.num_image_tokens ** 0.5)
+    per_frame_tokens = (side // 2) ** 2
+    assert frames.modalities["video"].tokens_per_item == 3 * per_frame_tokens
+    out = frames.encode_videos(video)
+    assert out.shape == (2, 3 * per_frame_tokens, frames.llm.hidden_size)
+    patches = frames.encode_images(video[:, 1])  # frame 1 of each clip, [2, side*side, D]
+    top_left = patches[:, [0, 1, side, side + 1]].mean(1)  # the first 2x2 block of the patch grid
+    torch.testing.assert_close(out[:, per_frame_tokens], top_left)
+    assert not torch.allclose(out, frames.encode_videos(video.flip(1)))
+    with pytest.raises(ValueError, match="video_pooling='sum' is unknown"):
+        small(uni_moe=None, lora=None, video_pooling="sum")

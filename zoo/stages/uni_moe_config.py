@@ -40,6 +40,10 @@ class UniMoEModelConfig:
         default=None, metadata={"help": "BEATs + Q-Former path (AudioSettings dict; None: the architecture's)"}
     )
     video_frames: int | None = field(default=None, metadata={"min": 1, "help": "frames per video item"})
+    video_pooling: Literal["mean", "frames"] | None = field(
+        default=None, metadata={"help": "mean: the paper's mean over frames (order lost); frames: frames kept in "
+                                        "order, each pooled video_frame_pool x video_frame_pool (None: mean)"})
+    video_frame_pool: int | None = field(default=None, metadata={"min": 1, "help": "with video_pooling: frames"})
     template: str | None = field(default=None, metadata={"help": "conversation template (None: the architecture's)"})
     tokenizer: Literal["av_words", "architecture", "pretrained"] = field(
         default="av_words",
