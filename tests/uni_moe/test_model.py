@@ -309,7 +309,7 @@ def test_whisper_window_is_a_config_field():
     assert tiny.speech.cfg.chunk_seconds == 8 and tiny.speech.frames == 800
     feats = tiny._speech_to_tensor(clip)
     assert feats.shape == (1, 80, 800)
-    assert tiny.speech(feats.unsqueeze(0)).shape == (1, 8, tiny.llm.hidden_size)
+    assert tiny.speech(feats.unsqueeze(0)).shape == (1, tiny.speech.cfg.num_query_tokens, tiny.llm.hidden_size)
     with pytest.raises(ValueError, match=r"80, 800\]"):
         tiny.speech(whisper_chunks(clip, 1).unsqueeze(0))
 
@@ -339,3 +339,16 @@ def test_video_pooling_mean_ignores_frame_order_frames_keeps_it():
     assert not torch.allclose(out, frames.encode_videos(video.flip(1)))
     with pytest.raises(ValueError, match="video_pooling='sum' is unknown"):
         small(uni_moe=None, lora=None, video_pooling="sum")
+
+
+def test_whisper_encoder_trains_only_when_its_parameters_are_trainable():
+    from zoo.components.audio import WhisperSpeechConfig, WhisperSpeechConnector
+    from zoo.models.uni_moe import TINY_SPEECH
+
+    conn = WhisperSpeechConnector(WhisperSpeechConfig(**TINY_SPEECH), 16)
+    feats = torch.randn(1, 1, 80, 800, generator=torch.Generator().manual_seed(0))
+    conn(feats).sum().backward()
+    assert conn.encoder.conv1.weight.grad is None and conn.query_tokens.grad is not None  # frozen, as the paper
+    conn.encoder.requires_grad_(True)  # what a recipe's trainable glob speech.encoder.* does
+    conn(feats).sum().backward()
+    assert conn.encoder.conv1.weight.grad is not None and conn.encoder.conv1.weight.grad.abs().sum() > 0

@@ -319,7 +319,10 @@ class WhisperSpeechConnector(nn.Module):
                              f"{self.cfg.max_chunks} (pad or cut items to that many chunks)")
         flat = features.reshape(N * C, self.num_mel_bins, self.frames)
         enc_dtype = self.encoder.conv1.weight.dtype
-        with torch.no_grad():  # the encoder is frozen in every stage
+        # Frozen in every stage of the paper (its Whisper is pretrained); a recipe whose small encoder starts random
+        # may train it by making its parameters trainable (the tiny recipe's stage 1), and then it gets gradients.
+        train_encoder = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
             encoded = self.encoder(flat.to(enc_dtype)).last_hidden_state
         aligned = self.align(encoded.to(self.query_tokens.dtype))
         out = self.projector(aligned)  # [N*C, Q, D_lm]

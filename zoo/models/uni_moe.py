@@ -485,7 +485,8 @@ TINY_WHISPER = dict(
 )
 # An 8-s window (800 log-Mel frames, max_source_positions 400): the synthetic worlds' clips last at most 7.5 s, and
 # padding them to Whisper's 30 s made the encoder attend over ~4x more silence than sound.
-TINY_SPEECH = dict(whisper=TINY_WHISPER, num_query_tokens=8, projector="linear", max_chunks=1, chunk_seconds=8)
+# 16 queries: a spoken question of the synthetic world has up to 10 words.
+TINY_SPEECH = dict(whisper=TINY_WHISPER, num_query_tokens=16, projector="linear", max_chunks=1, chunk_seconds=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
