@@ -486,7 +486,7 @@ def _plot_heatmap(table: dict[str, list[float]], path: Path) -> None:
     values = [table[r] for r in rows]
     fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(values[0]), 0.6 + 0.5 * len(rows)))
     im = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(max(v) for v in values))
-    ax.set_xticks(range(len(values[0])), [f"expert {e}" for e in range(len(values[0]))])
+    ax.set_xticks(range(len(values[0])), [f"expert {e}" for e in range(len(values[0]))], rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(values):
         for e, v in enumerate(row):
