@@ -33,8 +33,8 @@ def test_tiny_recipe_checks_from_the_command_line():
 def test_tiny_recipe_has_the_three_progressive_stages():
     r = load_recipe(TINY)
     stages = {s.name: s for s in r.stages}
-    assert list(stages) == ["align", *EXPERTS, "moe"]
-    align, moe = stages["align"], stages["moe"]
+    assert list(stages) == ["align", *EXPERTS, "moe", "dense"]
+    align, moe, dense = stages["align"], stages["moe"], stages["dense"]
     assert align.data.kind == "caption" and align.model.uni_moe is None and align.model.lora is None
     assert align.init_source == ("weights", "moe_llava_tiny.shapes")
     for name, modality in zip(EXPERTS, ["image", "video", "audio", "speech"]):
@@ -46,6 +46,10 @@ def test_tiny_recipe_has_the_three_progressive_stages():
     assert moe.model.uni_moe["num_experts"] == 4 and moe.model.uni_moe["top_k"] == 2
     assert (moe.model.lora["rank"], moe.model.lora["alpha"], moe.model.lora["dropout"]) == (8, 16.0, 0.05)
     assert set(moe.eval.tasks) == {"shapes_vqa", "shapes_video_qa", "shapes_audio_qa", "shapes_speech_vqa"}
+    # The dense baseline: 2x-wide FFNs (the top-2 model's activated FFN size), the same data, steps and eval.
+    assert dense.init_source == ("stage", "align") and dense.model.uni_moe is None and dense.model.widen_ffn == 2
+    assert dense.data == moe.data and dense.trainer.max_steps == moe.trainer.max_steps
+    assert dense.eval.tasks == moe.eval.tasks and dense.eval.limit == moe.eval.limit
     # Every stage reads the same vocabulary (init_from checks it too).
     assert len({json.dumps([s.model.vocab_world.__dict__, s.model.vocab_items]) for s in r.stages}) == 1
 
