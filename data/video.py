@@ -77,7 +77,7 @@ class VideoConfig:
         if not 32 <= self.image_size <= 336:
             raise ValueError(f"VideoConfig.image_size must be in 32..336, got {self.image_size}")
         if not 3 <= self.num_frames <= 64:
-            # Up to three events need distinct frames after the first one.
+            # Events need distinct frames after the first one; with 3 frames a clip holds at most 3 objects.
             raise ValueError(f"VideoConfig.num_frames must be in 3..64, got {self.num_frames}")
         if not 1 <= self.min_objects <= self.max_objects <= min(4, len(self.shapes)):
             raise ValueError(
@@ -188,6 +188,9 @@ class VideoWorld:
         cfg = self.config
         s, r, t_count = cfg.image_size, cfg.radius_px, cfg.num_frames
         n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        # Every object but the mover draws a distinct event frame from 1 .. num_frames-1, so a clip holds at most
+        # num_frames objects (only 3-frame clips with 4 objects hit this; the draw above is unchanged).
+        n = min(n, t_count)
         shapes = [str(x) for x in rng.choice(cfg.shapes, size=n, replace=False)]
         colors = [str(x) for x in rng.choice(cfg.colors, size=n)]
         direction = str(rng.choice(DIRECTIONS))

@@ -1,4 +1,4 @@
-"""``zoo chat``: ask a multimodal model about an image.
+"""``zoo chat``: ask a multimodal model about an image, a video, a sound or speech.
 
     zoo chat --image scene.png "What color is the circle?"          # the shipped demo weights
     zoo chat --model runs/moe_llava_shapes_tiny/moe/final --image scene.png "How many objects are there?"
@@ -6,6 +6,8 @@
     zoo chat --image scene.png                                      # a conversation: one question per line
     zoo chat --scene test:3 --method none "What shape is red?"      # through a zoo.methods method
     zoo chat --model moe_llava_phi2_4e.official --image photo.jpg --device cuda --dtype bf16
+    zoo chat --model uni_moe_tiny.shapes_av --audio clip.wav --short-answer "How many sounds are there?"
+    zoo chat --model uni_moe_tiny.shapes_av --video frames/ --image scene.png --audio question.wav
 
 The model is a weights name (`zoo list --pretrained`) or a checkpoint directory; its conversation template and
 tokenizer come from its config. Greedy decoding unless --temperature > 0. Without a question on the command line,
@@ -35,13 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("question", nargs="*", help="the question (omit to read one question per line from stdin)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"weights name or checkpoint dir (default {DEFAULT_MODEL})")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...)")
     src.add_argument("--scene", metavar="SPLIT:INDEX", help="a synthetic shapes-world scene, e.g. test:3")
     p.add_argument("--image-size", type=int, default=64,
                    help="synthetic scene size in px (with --scene). The world is drawn for its size: test:2 at 64 px "
                         "and test:2 at 128 px are different scenes (the demo model knows the 64 px world)")  # fmt: skip
     p.add_argument("--save-image", type=Path, help="write the synthetic scene to this file (with --scene)")
+    p.add_argument("--audio", type=Path, help="16-kHz 16-bit PCM WAV file: speech or sound (models with an "
+                                              "'audio' modality, e.g. Uni-MoE's Whisper path)")
+    p.add_argument("--video", type=Path, help="folder of extracted frames (sorted by name; the model's number of "
+                                              "frames is sampled from it; models with a 'video' modality)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -65,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_image(args: argparse.Namespace) -> Any:
     from PIL import Image, UnidentifiedImageError
 
+    if args.image is None and args.scene is None:
+        return None
     if args.image is not None:
         if not args.image.is_file():
             raise SystemExit(f"zoo chat: --image {args.image}: no such file")
@@ -88,9 +96,41 @@ def _load_image(args: argparse.Namespace) -> Any:
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
-def answer(model: Any, image: Any, question: str, **gen: Any) -> str:
-    """One answer from ``model.generate`` for ``question`` about ``image``."""
+def answer(model: Any, image: Any, question: str, media: dict[str, Any] | None = None, **gen: Any) -> str:
+    """One answer from ``model.generate`` for ``question`` about ``image`` and ``media`` (modality name -> one
+    item: ``{"audio": waveform, "video": frames}``)."""
+    if media:
+        gen["media"] = {name: [item] for name, item in media.items()}
     return model.generate([image], [question], **gen)[0]
+
+
+def _load_media(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """``--audio`` / ``--video`` as the model's modality items; a model without that modality is an error."""
+    media: dict[str, Any] = {}
+    modalities = getattr(model, "modalities", {})
+    for name, path in (("video", args.video), ("audio", args.audio)):
+        if path is None:
+            continue
+        if name not in modalities:
+            raise SystemExit(f"zoo chat: --{name}: {args.model!r} ({type(model).__name__}) has no {name!r} "
+                             f"modality (it reads {sorted(modalities) or ['image']})")
+        if name == "audio":
+            from data.speech import read_wav
+
+            if not path.is_file():
+                raise SystemExit(f"zoo chat: --audio {path}: no such file")
+            try:
+                media[name] = read_wav(path)
+            except ValueError as e:
+                raise SystemExit(f"zoo chat: --audio {path}: {e}") from None
+        else:
+            from eval.av import load_frames
+
+            try:
+                media[name] = load_frames(path, int(model.cfg.video_frames), "zoo chat --video")
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(f"zoo chat: {e}") from None
+    return media
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as e:
             print(f"zoo chat: --method {args.method}: {e}", file=sys.stderr)
             return 2
+    if args.image is None and args.scene is None and args.audio is None and args.video is None:
+        print("zoo chat: give at least one of --image, --scene, --audio, --video", file=sys.stderr)
+        return 2
     image = _load_image(args)
     from tqdm.auto import tqdm
 
@@ -128,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     if "method" in gen and "method" not in inspect.signature(model.generate).parameters:
         print(f"zoo chat: {args.model!r} ({type(model).__name__}) takes no --method", file=sys.stderr)
         return 2
+    media = _load_media(args, model)
     if args.temperature > 0:
         gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(args.seed))
     if args.question:
         q = " ".join(args.question)
-        print(answer(model, image, f"{q}\n{SHORT_ANSWER}" if args.short_answer else q, **gen), flush=True)
+        print(answer(model, image, f"{q}\n{SHORT_ANSWER}" if args.short_answer else q, media, **gen), flush=True)
         return 0
     conversation = Conversation(model)
     for line in sys.stdin:
@@ -142,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             conversation.reset()
             print("(new conversation)", file=sys.stderr, flush=True)
         elif q:
-            print(conversation.ask(image, f"{q}\n{SHORT_ANSWER}" if args.short_answer else q, **gen), flush=True)
+            print(conversation.ask(image, f"{q}\n{SHORT_ANSWER}" if args.short_answer else q, media, **gen),
+                  flush=True)
     return 0
 
 
@@ -158,13 +203,22 @@ class Conversation:
     def reset(self) -> None:
         self.turns = []
 
-    def ask(self, image: Any, question: str, **gen: Any) -> str:
+    def ask(self, image: Any, question: str, media: dict[str, Any] | None = None, **gen: Any) -> str:
         template = getattr(self.model, "template", None)
         if template is None:
-            return answer(self.model, image, question, **gen)
+            return answer(self.model, image, question, media, **gen)
         from zoo.conversation import IMAGE_PLACEHOLDER, Turn
 
-        text = question if self.turns or image is None else f"{IMAGE_PLACEHOLDER}\n{question}"
+        media = media or {}
+        lead = ""
+        if not self.turns:  # the media's placeholders go in the first question, in the model's modality order
+            given = {"image": image is not None, **{name: True for name in media}}
+            for name, spec in getattr(self.model, "modalities", {"image": None}).items():
+                if given.get(name):
+                    lead += f"{spec.placeholder if spec is not None else IMAGE_PLACEHOLDER}\n"
+        text = lead + question
+        if media:
+            gen["media"] = {name: [item] for name, item in media.items()}
         prompt = template.prompt(text, self.turns)
         reply = self.model.generate([image], [prompt], apply_template=False, **gen)[0]
         self.turns += [Turn("human", text), Turn("gpt", reply)]

@@ -38,9 +38,14 @@ def test_video_same_seed_same_bytes():
     assert len(clip.frames) == 5 and clip.frames[0].size == (48, 48)
 
 
-def test_video_events_match_questions_and_frames():
-    world = VideoWorld(VideoConfig(seed=1))
-    for clip in world.clips("train", 30):
+@pytest.mark.parametrize("num_frames", [8, 3])
+def test_video_events_match_questions_and_frames(num_frames):
+    # 3 frames (the fewest VideoConfig takes) leave 2 event frames: a clip then holds at most 3 objects.
+    world = VideoWorld(VideoConfig(seed=1, num_frames=num_frames))
+    clips = world.clips("train", 30 if num_frames == 8 else 60)
+    assert max(len(c.tracks) for c in clips) == min(4, num_frames)
+    for clip in clips:
+        assert len(clip.frames) == num_frames
         mover = clip.tracks[0]
         assert all(c is not None for c in mover.colors)  # the mover is always visible
         roles = [t.role for t in clip.tracks[1:]]

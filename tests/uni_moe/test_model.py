@@ -289,3 +289,66 @@ def test_expert_lora_dropout_acts_in_training_only():
     assert (moe(x) - a).abs().max() > 1e-4
     with pytest.raises(ValueError, match="lora_dropout"):
         MoE(MoEConfig(hidden_size=8, expert_hidden_size=12, lora_rank=2, lora_dropout=0.1))  # shared base: no dropout
+
+
+def test_whisper_window_is_a_config_field():
+    """The tiny model's Whisper window is 8 s (800 log-Mel frames): the clip's frames are those of the 30-s window,
+    minus the padding; the full-scale settings keep Whisper's 30 s; window and encoder positions must agree."""
+    from zoo.components.audio import WhisperSpeechConfig, WhisperSpeechConnector, whisper_chunks
+    from zoo.models.uni_moe import SPEECH_PAPER, TINY_WHISPER, uni_moe_tiny
+
+    t = np.arange(16000 * 7) / 16000
+    clip = (0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    short, full = whisper_chunks(clip, 1, chunk_seconds=8), whisper_chunks(clip, 1)
+    assert short.shape == (1, 80, 800) and full.shape == (1, 80, 3000)
+    torch.testing.assert_close(short[..., :690], full[..., :690], atol=1e-5, rtol=0)  # away from the end padding
+    with pytest.raises(ValueError, match="2 8-s chunks"):
+        whisper_chunks(np.zeros(16000 * 9, np.float32), 1, chunk_seconds=8)
+
+    tiny = uni_moe_tiny(uni_moe=None, lora=None)
+    assert tiny.speech.cfg.chunk_seconds == 8 and tiny.speech.frames == 800
+    feats = tiny._speech_to_tensor(clip)
+    assert feats.shape == (1, 80, 800)
+    assert tiny.speech(feats.unsqueeze(0)).shape == (1, tiny.speech.cfg.num_query_tokens, tiny.llm.hidden_size)
+    with pytest.raises(ValueError, match=r"80, 800\]"):
+        tiny.speech(whisper_chunks(clip, 1).unsqueeze(0))
+
+    paper = WhisperSpeechConfig(**SPEECH_PAPER)
+    assert paper.chunk_seconds == 30 and paper.whisper["max_source_positions"] == 1500
+    with pytest.raises(ValueError, match="max_source_positions = 50 \\* chunk_seconds"):
+        WhisperSpeechConnector(WhisperSpeechConfig(whisper=TINY_WHISPER, chunk_seconds=30), 16)
+
+
+def test_video_pooling_mean_ignores_frame_order_frames_keeps_it():
+    """The paper's mean over frames gives a clip and its time reversal the same tokens (recipes/uni_moe/
+    video_bound.py); ``video_pooling: frames`` keeps each frame, its patch grid average-pooled."""
+    g = torch.Generator().manual_seed(5)
+    video = torch.randn(2, 3, 3, 32, 32, generator=g)
+    mean = small(uni_moe=None, lora=None)
+    assert mean.modalities["video"].tokens_per_item == mean.num_image_tokens
+    torch.testing.assert_close(mean.encode_videos(video), mean.encode_videos(video.flip(1)))
+    frames = small(uni_moe=None, lora=None, video_pooling="frames", video_frame_pool=2)
+    side = int(frames.num_image_tokens ** 0.5)
+    per_frame_tokens = (side // 2) ** 2
+    assert frames.modalities["video"].tokens_per_item == 3 * per_frame_tokens
+    out = frames.encode_videos(video)
+    assert out.shape == (2, 3 * per_frame_tokens, frames.llm.hidden_size)
+    patches = frames.encode_images(video[:, 1])  # frame 1 of each clip, [2, side*side, D]
+    top_left = patches[:, [0, 1, side, side + 1]].mean(1)  # the first 2x2 block of the patch grid
+    torch.testing.assert_close(out[:, per_frame_tokens], top_left)
+    assert not torch.allclose(out, frames.encode_videos(video.flip(1)))
+    with pytest.raises(ValueError, match="video_pooling='sum' is unknown"):
+        small(uni_moe=None, lora=None, video_pooling="sum")
+
+
+def test_whisper_encoder_trains_only_when_its_parameters_are_trainable():
+    from zoo.components.audio import WhisperSpeechConfig, WhisperSpeechConnector
+    from zoo.models.uni_moe import TINY_SPEECH
+
+    conn = WhisperSpeechConnector(WhisperSpeechConfig(**TINY_SPEECH), 16)
+    feats = torch.randn(1, 1, 80, 800, generator=torch.Generator().manual_seed(0))
+    conn(feats).sum().backward()
+    assert conn.encoder.conv1.weight.grad is None and conn.query_tokens.grad is not None  # frozen, as the paper
+    conn.encoder.requires_grad_(True)  # what a recipe's trainable glob speech.encoder.* does
+    conn(feats).sum().backward()
+    assert conn.encoder.conv1.weight.grad is not None and conn.encoder.conv1.weight.grad.abs().sum() > 0

@@ -33,8 +33,8 @@ def test_tiny_recipe_checks_from_the_command_line():
 def test_tiny_recipe_has_the_three_progressive_stages():
     r = load_recipe(TINY)
     stages = {s.name: s for s in r.stages}
-    assert list(stages) == ["align", *EXPERTS, "moe"]
-    align, moe = stages["align"], stages["moe"]
+    assert list(stages) == ["align", *EXPERTS, "moe", "dense"]
+    align, moe, dense = stages["align"], stages["moe"], stages["dense"]
     assert align.data.kind == "caption" and align.model.uni_moe is None and align.model.lora is None
     assert align.init_source == ("weights", "moe_llava_tiny.shapes")
     for name, modality in zip(EXPERTS, ["image", "video", "audio", "speech"]):
@@ -46,6 +46,10 @@ def test_tiny_recipe_has_the_three_progressive_stages():
     assert moe.model.uni_moe["num_experts"] == 4 and moe.model.uni_moe["top_k"] == 2
     assert (moe.model.lora["rank"], moe.model.lora["alpha"], moe.model.lora["dropout"]) == (8, 16.0, 0.05)
     assert set(moe.eval.tasks) == {"shapes_vqa", "shapes_video_qa", "shapes_audio_qa", "shapes_speech_vqa"}
+    # The dense baseline: 2x-wide FFNs (the top-2 model's activated FFN size), the same data, steps and eval.
+    assert dense.init_source == ("stage", "align") and dense.model.uni_moe is None and dense.model.widen_ffn == 2
+    assert dense.data == moe.data and dense.trainer.max_steps == moe.trainer.max_steps
+    assert dense.eval.tasks == moe.eval.tasks and dense.eval.limit == moe.eval.limit
     # Every stage reads the same vocabulary (init_from checks it too).
     assert len({json.dumps([s.model.vocab_world.__dict__, s.model.vocab_items]) for s in r.stages}) == 1
 
@@ -62,32 +66,33 @@ def test_expert_sources_must_name_earlier_stages():
                                      "stages.align.model.expert_sources=[moe, moe, moe, moe]"])
 
 
-def _toy_overrides(stages: list[str], *, eval_stage: str | None = None) -> list[str]:
+def _toy_overrides(stages: list[str], *, eval_stages: tuple[str, ...] = ()) -> list[str]:
+    """2 steps per stage on a few samples; the recipe's own models (its LM is the MoE-LLaVA demo's, 4.3M at most)."""
     out = []
     for s in stages:
         out += [
-            f"stages.{s}.model.lm={json.dumps(TINY_LM)}",
             f"stages.{s}.model.vocab_items=20",
             f"stages.{s}.data.items_per_modality=4",
             f"stages.{s}.batch_size=4",
             f"stages.{s}.trainer={{max_steps: 2, accelerator: cpu, devices: 1, precision: 32-true, "
             f"enable_progress_bar: false, log_every_n_steps: 1}}",
         ]
-    if eval_stage:
-        out += [f"stages.{eval_stage}.eval.limit=2", f"stages.{eval_stage}.eval.batch_size=4",
-                f"stages.{eval_stage}.eval.routing_samples=2"]
-    return out
+    for s in eval_stages:
+        out += [f"stages.{s}.eval.limit=2", f"stages.{s}.eval.batch_size=4"]
+    return out + ["stages.moe.eval.routing_samples=2"] if "moe" in eval_stages else out
 
 
 @pytest.mark.slow
 def test_tiny_recipe_runs_end_to_end_at_toy_size(tmp_path: Path):
-    """All six stages (2 steps each), stage-3 experts = the stage-2 FFNs, eval on the four tasks, routing heatmap."""
+    """All seven stages (2 steps each), stage-3 experts = the stage-2 FFNs, eval on the four tasks, routing heatmap,
+    the dense baseline's widened FFNs."""
     from zoo.registry import load
     from zoo.train import train
 
     torch.set_num_threads(2)
-    names = ["align", *EXPERTS, "moe"]
-    rows = {r["stage"]: r for r in train(TINY, overrides=_toy_overrides(names, eval_stage="moe"), runs_dir=tmp_path)}
+    names = ["align", *EXPERTS, "moe", "dense"]
+    overrides = _toy_overrides(names, eval_stages=("moe", "dense"))
+    rows = {r["stage"]: r for r in train(TINY, overrides=overrides, runs_dir=tmp_path)}
     runs = tmp_path / "uni_moe_shapes_av_tiny"
     align = load(runs / "align" / "final")
     demo = load("moe_llava_tiny.shapes")
@@ -95,20 +100,22 @@ def test_tiny_recipe_runs_end_to_end_at_toy_size(tmp_path: Path):
     for k, v in demo.vision_tower.state_dict().items():
         assert torch.equal(align.vision_tower.state_dict()[k], v), k
     moe = load(runs / "moe" / "final")
-    assert moe.moe_layers == [0, 1] and moe.cfg.uni_moe["num_experts"] == 4
+    assert moe.moe_layers == [0, 1, 2, 3] and moe.cfg.uni_moe["num_experts"] == 4
     # Stage 2 changed only the FFNs; each expert's frozen base is its stage-2 FFN (specialised, not copies).
     experts = [load(runs / n / "final") for n in EXPERTS]
     for e, dense in enumerate(experts):
         for i, layer in enumerate(dense.llm.layers):
             base = moe.llm.layers[i].mlp.experts.base
-            h = base.hidden
-            assert torch.equal(base.gate_up_proj[e, :h], layer.mlp.gate_proj.weight)
-            assert torch.equal(base.down_proj[e], layer.mlp.down_proj.weight)
+            assert torch.equal(base.fc1_weight[e], layer.mlp.fc1.weight)  # the recipe's LM is Phi-style (gelu)
+            assert torch.equal(base.fc2_weight[e], layer.mlp.fc2.weight)
             assert torch.equal(layer.self_attn.q_proj.weight, align.llm.layers[i].self_attn.q_proj.weight)
-    assert not torch.equal(experts[0].llm.layers[0].mlp.up_proj.weight, experts[1].llm.layers[0].mlp.up_proj.weight)
-    m = rows["moe"]["metrics"]
-    for task in ("shapes_vqa", "shapes_video_qa", "shapes_audio_qa", "shapes_speech_vqa"):
-        assert 0.0 <= m[f"{task}/accuracy"] <= 100.0
+    assert not torch.equal(experts[0].llm.layers[0].mlp.fc1.weight, experts[1].llm.layers[0].mlp.fc1.weight)
+    baseline = load(runs / "dense" / "final")
+    assert baseline.llm.layers[0].mlp.fc1.weight.shape[0] == 2 * align.llm.layers[0].mlp.fc1.weight.shape[0]
+    for stage in ("moe", "dense"):
+        m = rows[stage]["metrics"]
+        for task in ("shapes_vqa", "shapes_video_qa", "shapes_audio_qa", "shapes_speech_vqa"):
+            assert 0.0 <= m[f"{task}/accuracy"] <= 100.0
     routing = json.loads((runs / "moe" / "routing.json").read_text())
     assert set(routing["experts_by_modality"]) == {"image", "video", "audio", "speech"}
     for row in routing["experts_by_modality"].values():

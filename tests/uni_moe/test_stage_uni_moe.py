@@ -171,3 +171,74 @@ def test_unimoe_json_data_is_checked_before_training(tmp_path: Path):
     path.write_text(json.dumps([r for r in records if r["id"] != "bad"]))
     with pytest.raises(ValueError, match=r"mix\.json: sample '.*': field 'conversations' is \d+ tokens"):
         stage(max_length=8).train_dataset()
+
+
+def _text_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    image = model.modalities["image"]
+    ids = [image.token_id] * image.tokens_per_item + model.tokenizer("what color is the circle ?",
+                                                                      add_special_tokens=False).input_ids
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), pixel_values=pixel_values)[1]
+
+
+def test_dense_baseline_widens_the_ffns_and_starts_as_its_source(tmp_path: Path):
+    align = _stage(tmp_path, "align", _model_cfg(), init=False)
+    _export(align, tmp_path)
+    dense = _stage(tmp_path, "dense", _model_cfg(widen_ffn=2, lora=LORA))
+    h = LM["intermediate_size"]
+    assert dense.model.llm.layers[0].mlp.down_proj.weight.shape == (LM["hidden_size"], 2 * h)
+    dense.init_from(tmp_path / "runs" / "align" / "final")
+    for src, own in zip(align.model.llm.layers, dense.model.llm.layers):
+        assert torch.equal(own.mlp.gate_proj.weight[:h], src.mlp.gate_proj.weight)
+        assert torch.equal(own.mlp.up_proj.weight[:h], src.mlp.up_proj.weight)
+        assert torch.equal(own.mlp.down_proj.weight[:, :h], src.mlp.down_proj.weight)
+        # New units: random inputs (not copies: copies would get identical gradients), zero outputs.
+        assert own.mlp.gate_proj.weight[h:].std() > 0 and not torch.equal(own.mlp.gate_proj.weight[h:],
+                                                                          src.mlp.gate_proj.weight)
+        assert not own.mlp.down_proj.weight[:, h:].any()
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_text_logits(dense.model, pixels), _text_logits(align.model, pixels))
+    with pytest.raises(ValueError, match="widen_ffn builds a dense baseline"):
+        _model_cfg(widen_ffn=2, uni_moe=MOE)
+
+
+def test_init_other_vision_lm_takes_projector_and_lm_matched_by_word(tmp_path: Path):
+    """A LLaVA-like model with MoE layers and another vocabulary gives the first stage its tower, projector and LM:
+    token rows by word, each MoE layer's FFN as the mean of its experts."""
+    from zoo.moe import MoE
+    from zoo.registry import create_model, save_pretrained
+    from zoo.tokenizers import build_tokenizer, tokenizer_to_json
+
+    torch.manual_seed(3)
+    words = build_tokenizer(["what color is the circle ? zebra"])  # 'zebra': a word the Uni-MoE vocabulary lacks
+    src = create_model("moe_llava_custom", vision=dict(kind="hf", config=CLIP_VISION), lm=LM, template="phi",
+                       tokenizer={"kind": "word_level", "json": tokenizer_to_json(words)},
+                       moe=dict(num_experts=2, top_k=1, layers="sparse"))
+    with torch.no_grad():  # experts that differ, so the mean is not any one of them
+        for layer in src.llm.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.experts.down_proj.add_(torch.randn_like(layer.mlp.experts.down_proj))
+    save_pretrained(src, tmp_path / "src", "moe_llava_custom", src.model_args)
+    stage = _stage(tmp_path, "align", _model_cfg(init_other="vision_lm"), init=False)
+    own = stage.model
+    fresh = own.llm.lm.lm_head.weight.detach().clone()
+    stage.init_from(tmp_path / "src")
+    assert torch.equal(own.mm_projector[0].weight, src.mm_projector[0].weight)
+    s_vocab, o_vocab = src.tokenizer.get_vocab(), own.tokenizer.get_vocab()
+    for w in ("color", "circle", "?"):
+        assert torch.equal(own.llm.lm.model.embed_tokens.weight[o_vocab[w]],
+                           src.llm.lm.model.embed_tokens.weight[s_vocab[w]])
+        assert torch.equal(own.llm.lm.lm_head.weight[o_vocab[w]], src.llm.lm.lm_head.weight[s_vocab[w]])
+    only_own = next(w for w in o_vocab if w not in s_vocab)
+    assert torch.equal(own.llm.lm.lm_head.weight[o_vocab[only_own]], fresh[o_vocab[only_own]])
+    experts = src.llm.layers[0].mlp.experts
+    h = experts.hidden
+    torch.testing.assert_close(own.llm.layers[0].mlp.gate_proj.weight, experts.gate_up_proj[:, :h].mean(0))
+    torch.testing.assert_close(own.llm.layers[0].mlp.down_proj.weight, experts.down_proj.mean(0))
+    assert torch.equal(own.llm.layers[1].mlp.down_proj.weight, src.llm.layers[1].mlp.down_proj.weight)
+    assert torch.equal(own.llm.layers[1].self_attn.q_proj.weight, src.llm.layers[1].self_attn.q_proj.weight)
+    # Without vision_lm only the tower comes over.
+    tower_only = _stage(tmp_path, "align2", _model_cfg(), init=False)
+    tower_only.init_from(tmp_path / "src")
+    assert not torch.equal(tower_only.model.mm_projector[0].weight, src.mm_projector[0].weight)

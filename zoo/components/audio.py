@@ -250,14 +250,18 @@ class WhisperSpeechConfig:
         whisper: a transformers ``WhisperConfig`` dict (encoder and decoder sizes; whisper-small in the paper).
         num_query_tokens: learnable queries per 30-s chunk (50 in Uni-MoE).
         projector: projector type from the aligner width to the LM width (``linear`` in the released scripts).
-        max_chunks: 30-s chunks per item; an item is ``[max_chunks, 80, 3000]`` log-Mel, so it always takes
-            ``max_chunks * num_query_tokens`` LM positions (the modality contract keeps tokens per item fixed).
+        max_chunks: chunks per item; an item is ``[max_chunks, 80, 100 * chunk_seconds]`` log-Mel, so it always
+            takes ``max_chunks * num_query_tokens`` LM positions (the modality contract keeps tokens per item fixed).
+        chunk_seconds: the encoder's window: 30 s in Whisper (3000 log-Mel frames, ``max_source_positions`` 1500).
+            A smaller encoder may take a shorter window (``whisper.max_source_positions`` = 50 * chunk_seconds),
+            so clips of a few seconds are not padded to 30 s of silence that the encoder then attends over.
     """
 
     whisper: dict[str, Any]
     num_query_tokens: int = 50
     projector: str = "linear"
     max_chunks: int = 1
+    chunk_seconds: int = 30
 
 
 def _whisper_config(d: dict[str, Any]) -> Any:
@@ -285,7 +289,12 @@ class WhisperSpeechConnector(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, wcfg.d_model))
         self.projector = build_projector(cfg.projector, wcfg.d_model, lm_hidden_size)
         self.num_mel_bins = wcfg.num_mel_bins
+        # Whisper's two convolutions halve 100 frames/s: the encoder accepts exactly 2 * max_source_positions frames.
         self.frames = 2 * wcfg.max_source_positions
+        if self.frames != WHISPER_FRAMES_PER_SECOND * cfg.chunk_seconds:
+            raise ValueError(f"speech.chunk_seconds={cfg.chunk_seconds} is {WHISPER_FRAMES_PER_SECOND * cfg.chunk_seconds}"
+                             f" log-Mel frames but whisper.max_source_positions={wcfg.max_source_positions} takes "
+                             f"{self.frames}; set max_source_positions = {WHISPER_FRAMES_PER_SECOND // 2} * chunk_seconds")
 
     @property
     def tokens_per_item(self) -> int:
@@ -297,7 +306,8 @@ class WhisperSpeechConnector(nn.Module):
         return self.decoder(inputs_embeds=queries, encoder_hidden_states=encoded, use_cache=False).last_hidden_state
 
     def forward(self, features: Tensor) -> Tensor:
-        """Log-Mel ``[N, 80, 3000]`` (one chunk per item) or ``[N, C, 80, 3000]`` -> ``[N, C * Q, D_lm]``."""
+        """Log-Mel ``[N, 80, T]`` (one chunk per item) or ``[N, C, 80, T]`` -> ``[N, C * Q, D_lm]``
+        (``T = 100 * chunk_seconds``: 3000 for Whisper's 30-s window)."""
         if features.ndim == 3:
             features = features.unsqueeze(1)
         if features.ndim != 4 or features.shape[-2:] != (self.num_mel_bins, self.frames):
@@ -305,11 +315,14 @@ class WhisperSpeechConnector(nn.Module):
                              f"{tuple(features.shape)}")
         N, C = features.shape[:2]
         if C != self.cfg.max_chunks:
-            raise ValueError(f"speech input has {C} 30-s chunks per item; this model takes max_chunks="
+            raise ValueError(f"speech input has {C} {self.cfg.chunk_seconds}-s chunks per item; this model takes max_chunks="
                              f"{self.cfg.max_chunks} (pad or cut items to that many chunks)")
         flat = features.reshape(N * C, self.num_mel_bins, self.frames)
         enc_dtype = self.encoder.conv1.weight.dtype
-        with torch.no_grad():  # the encoder is frozen in every stage
+        # Frozen in every stage of the paper (its Whisper is pretrained); a recipe whose small encoder starts random
+        # may train it by making its parameters trainable (the tiny recipe's stage 1), and then it gets gradients.
+        train_encoder = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
             encoded = self.encoder(flat.to(enc_dtype)).last_hidden_state
         aligned = self.align(encoded.to(self.query_tokens.dtype))
         out = self.projector(aligned)  # [N*C, Q, D_lm]
@@ -364,6 +377,7 @@ class QFormerConnector(nn.Module):
 
 SAMPLE_RATE = 16000
 CHUNK_SAMPLES = 30 * SAMPLE_RATE
+WHISPER_FRAMES_PER_SECOND = 100  # log-Mel hop of 160 samples at 16 kHz
 
 
 def _kaldi_mel_banks(num_bins: int, n_fft: int, sample_rate: int, low: float = 20.0) -> Tensor:
@@ -412,24 +426,28 @@ def fixed_length(waveform: Tensor, samples: int) -> Tensor:
     return torch.cat([w, w[-1:].expand(samples - w.numel())])
 
 
-_WHISPER_EXTRACTOR: list[Any] = []
+_WHISPER_EXTRACTORS: dict[int, Any] = {}
 
 
-def whisper_chunks(waveform: Any, max_chunks: int) -> Tensor:
-    """Log-Mel ``[max_chunks, 80, 3000]`` of a 16 kHz waveform cut into 30-s chunks (transformers'
-    WhisperFeatureExtractor, built from its defaults: nothing is downloaded). A clip longer than ``max_chunks``
-    chunks is an error; a shorter one is followed by silent chunks so every item takes the same positions."""
+def whisper_chunks(waveform: Any, max_chunks: int, chunk_seconds: int = 30) -> Tensor:
+    """Log-Mel ``[max_chunks, 80, 100 * chunk_seconds]`` of a 16 kHz waveform cut into ``chunk_seconds`` chunks
+    (transformers' WhisperFeatureExtractor with that ``chunk_length``, built from its defaults: nothing is
+    downloaded; 30 s is Whisper's own window). A clip longer than ``max_chunks`` chunks is an error; a shorter one
+    is followed by silent chunks so every item takes the same positions."""
     import numpy as np
     from transformers import WhisperFeatureExtractor
 
-    if not _WHISPER_EXTRACTOR:
-        _WHISPER_EXTRACTOR.append(WhisperFeatureExtractor(feature_size=80, sampling_rate=SAMPLE_RATE))
+    if chunk_seconds not in _WHISPER_EXTRACTORS:
+        _WHISPER_EXTRACTORS[chunk_seconds] = WhisperFeatureExtractor(
+            feature_size=80, sampling_rate=SAMPLE_RATE, chunk_length=chunk_seconds)
+    chunk = chunk_seconds * SAMPLE_RATE
     w = np.asarray(waveform, dtype=np.float32).reshape(-1)
-    n = max(1, -(-w.size // CHUNK_SAMPLES))
+    n = max(1, -(-w.size // chunk))
     if n > max_chunks:
-        raise ValueError(f"speech clip of {w.size / SAMPLE_RATE:.1f} s needs {n} 30-s chunks; the model takes "
-                         f"max_chunks={max_chunks}")
-    chunks = [w[i * CHUNK_SAMPLES:(i + 1) * CHUNK_SAMPLES] for i in range(n)]
+        raise ValueError(f"speech clip of {w.size / SAMPLE_RATE:.1f} s needs {n} {chunk_seconds}-s chunks; the model "
+                         f"takes max_chunks={max_chunks}")
+    chunks = [w[i * chunk:(i + 1) * chunk] for i in range(n)]
     chunks += [np.zeros(SAMPLE_RATE, dtype=np.float32)] * (max_chunks - n)
-    feats = _WHISPER_EXTRACTOR[0](chunks, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length")
+    feats = _WHISPER_EXTRACTORS[chunk_seconds](chunks, sampling_rate=SAMPLE_RATE, return_tensors="np",
+                                               padding="max_length")
     return torch.from_numpy(feats["input_features"])

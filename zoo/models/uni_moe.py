@@ -26,6 +26,7 @@ official code; these names are the media keys of ``generate`` and of the eval ta
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -169,6 +170,11 @@ class UniMoEConfig(MoELLaVAConfig):
     Attributes:
         video: read ``<video>`` items (frames through the image path, mean over time).
         video_frames: frames per video item (8 in Uni-MoE's samples).
+        video_pooling: "mean": the paper's mean over frames (a video takes ``num_image_tokens`` positions and frame
+            order is lost); "frames": not in the paper: every frame's patch grid average-pooled by
+            ``video_frame_pool`` and the frames kept in order (``video_frames * num_image_tokens /
+            video_frame_pool**2`` positions), for questions about what happens when.
+        video_frame_pool: the spatial pooling factor of ``video_pooling: frames``.
         speech: a ``WhisperSpeechConfig`` dict, or None for no speech path.
         audio: an ``AudioSettings`` dict, or None for no BEATs path.
         uni_moe: ``UniMoESettings`` dict, or None for the dense model (stages 1 and 2).
@@ -181,6 +187,8 @@ class UniMoEConfig(MoELLaVAConfig):
     pad_to_square: bool = False
     video: bool = True
     video_frames: int = 8
+    video_pooling: str = "mean"
+    video_frame_pool: int = 2
     speech: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     uni_moe: dict[str, Any] | None = None
@@ -199,7 +207,7 @@ class UniMoE(MoELLaVA):
 
     Submodules beyond ``MoELLaVA``'s: ``speech`` (``WhisperSpeechConnector``), ``audio_encoder`` (``BEATs``) and
     ``audio_connector`` (``QFormerConnector``). Forward inputs by modality: ``pixel_values [N, 3, H, W]``,
-    ``video_values [N, F, 3, H, W]``, ``speech_features [N, chunks, 80, 3000]``, ``audio_fbank [N, frames, 128]``.
+    ``video_values [N, F, 3, H, W]``, ``speech_features [N, chunks, 80, 100 * chunk_seconds]``, ``audio_fbank [N, frames, 128]``.
     """
 
     architecture = "uni_moe"
@@ -210,10 +218,12 @@ class UniMoE(MoELLaVA):
         super().__init__(cfg, architecture=architecture)
         self.cfg: UniMoEConfig = cfg
         d_lm = self.llm.hidden_size
+        if cfg.video_pooling not in ("mean", "frames"):
+            raise ValueError(f"video_pooling={cfg.video_pooling!r} is unknown; use 'mean' (the paper) or 'frames'")
         if cfg.video:
             self.add_modality(Modality(
                 name="video", placeholder="<video>", token_id=cfg.video_token_id,
-                tokens_per_item=self.num_image_tokens, input_key="video_values", prepare=self._video_to_tensor,
+                tokens_per_item=self._video_tokens(), input_key="video_values", prepare=self._video_to_tensor,
                 encode=self.encode_videos))
         self.speech: WhisperSpeechConnector | None = None
         if cfg.speech is not None:
@@ -318,14 +328,29 @@ class UniMoE(MoELLaVA):
         return n
 
     # -- encoders ------------------------------------------------------------------------------------------------
+    def _video_tokens(self) -> int:
+        if self.cfg.video_pooling == "mean":
+            return self.num_image_tokens
+        side, k = math.isqrt(self.num_image_tokens), self.cfg.video_frame_pool
+        if side * side != self.num_image_tokens or side % k:
+            raise ValueError(f"video_pooling='frames' needs a square patch grid divisible by video_frame_pool={k}; "
+                             f"this tower gives {self.num_image_tokens} patches")
+        return self.cfg.video_frames * (side // k) ** 2
+
     def encode_videos(self, video_values: torch.Tensor) -> torch.Tensor:
-        """``[N, F, 3, H, W]`` -> ``[N, num_image_tokens, D_lm]``: every frame encoded and projected, then the mean
-        over frames (Uni-MoE pools after the projector)."""
+        """``[N, F, 3, H, W]`` -> ``[N, tokens, D_lm]``: every frame encoded and projected, then (``mean``, the
+        paper: Uni-MoE pools after the projector) the mean over frames, or (``frames``) each frame's patch grid
+        average-pooled, frames in order."""
         if video_values.ndim != 5:
             raise ValueError(f"video_values must be [N, frames, 3, H, W], got {tuple(video_values.shape)}")
         N, Fr = video_values.shape[:2]
-        per_frame = self.encode_images(video_values.flatten(0, 1))
-        return per_frame.view(N, Fr, *per_frame.shape[1:]).mean(dim=1)
+        per_frame = self.encode_images(video_values.flatten(0, 1))  # [N*F, T, D]
+        if self.cfg.video_pooling == "mean":
+            return per_frame.view(N, Fr, *per_frame.shape[1:]).mean(dim=1)
+        side = math.isqrt(per_frame.shape[1])
+        grid = per_frame.transpose(1, 2).reshape(N * Fr, -1, side, side)
+        pooled = torch.nn.functional.avg_pool2d(grid, self.cfg.video_frame_pool)  # [N*F, D, s, s]
+        return pooled.flatten(2).transpose(1, 2).reshape(N, -1, per_frame.shape[-1])
 
     def encode_audio(self, audio_fbank: torch.Tensor) -> torch.Tensor:
         """BEATs fbank ``[N, frames, 128]`` -> ``[N, num_query_tokens, D_lm]``."""
@@ -355,7 +380,7 @@ class UniMoE(MoELLaVA):
 
     def _speech_to_tensor(self, waveform: Any) -> torch.Tensor:
         assert self.speech is not None
-        return whisper_chunks(waveform, self.speech.cfg.max_chunks)
+        return whisper_chunks(waveform, self.speech.cfg.max_chunks, self.speech.cfg.chunk_seconds)
 
     def _audio_to_tensor(self, waveform: Any) -> torch.Tensor:
         seconds = AudioSettings(**(self.cfg.audio or {})).seconds
@@ -455,10 +480,13 @@ TINY_LM = dict(
 )
 TINY_WHISPER = dict(
     vocab_size=8, num_mel_bins=80, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500,
+    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=400,
     max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
 )
-TINY_SPEECH = dict(whisper=TINY_WHISPER, num_query_tokens=8, projector="linear", max_chunks=1)
+# An 8-s window (800 log-Mel frames, max_source_positions 400): the synthetic worlds' clips last at most 7.5 s, and
+# padding them to Whisper's 30 s made the encoder attend over ~4x more silence than sound.
+# 16 queries: a spoken question of the synthetic world has up to 10 words.
+TINY_SPEECH = dict(whisper=TINY_WHISPER, num_query_tokens=16, projector="linear", max_chunks=1, chunk_seconds=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------

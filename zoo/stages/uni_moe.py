@@ -137,7 +137,7 @@ class UniMoEStage(StageModule):
 
         self.architecture = model_cfg.architecture
         args: dict[str, Any] = {}
-        for key in ("vision", "lm", "speech", "audio", "video_frames", "template"):
+        for key in ("vision", "lm", "speech", "audio", "video_frames", "video_pooling", "video_frame_pool", "template"):
             if getattr(model_cfg, key) is not None:
                 args[key] = getattr(model_cfg, key)
         # Always explicit: the architectures default to the stage-3 model, and stages 1 and 2 are dense.
@@ -156,6 +156,10 @@ class UniMoEStage(StageModule):
             path = _local_dir(model_cfg.pretrained_lm, "model.pretrained_lm (needed by tokenizer: pretrained)")
             args["tokenizer"] = tokenizer_spec(AutoTokenizer.from_pretrained(path, local_files_only=True))
         self.model = create_model(self.architecture, **args)
+        if model_cfg.widen_ffn > 1:  # the architecture's LM (or model.lm) with wider FFNs: built once more
+            lm = dict(self.model.cfg.lm)
+            lm["intermediate_size"] = model_cfg.widen_ffn * int(lm["intermediate_size"])
+            self.model = create_model(self.architecture, **{**args, "lm": lm})
         self.model_args = self.model.model_args
         if getattr(stage, "init_source", None) is None:  # pretrained parts start the first stage only
             self._load_pretrained()
@@ -209,6 +213,9 @@ class UniMoEStage(StageModule):
             self._load_vision_tower(source, config.get("architecture"))
             return
         self._check_same_tokenizer(source, args)
+        if self.model_cfg.widen_ffn > 1:
+            self._init_widened(source)
+            return
         own_moe, src_moe = self.model_args.get("uni_moe"), args.get("uni_moe")
         if src_moe is not None and own_moe is None:
             raise ValueError(f"{source}: holds an MoE model but this stage builds a dense one (set model.uni_moe)")
@@ -241,6 +248,57 @@ class UniMoEStage(StageModule):
                              "stage from; init_from takes a Uni-MoE export, a LLaVA-like model or a CLIP")
         expected = f"model.vision of this stage (it must describe the same tower as the {arch!r} checkpoint)"
         load_state_dict_strict(target, tower.state_dict(), source, expected)
+        if self.model_cfg.init_other == "vision_lm":
+            self._load_other_lm(other, source, arch)
+
+    def _load_other_lm(self, other: Any, source: Path, arch: str | None) -> None:
+        """The projector and LM of another LLaVA-like model (``init_other: vision_lm``): the tiny recipe's LM then
+        starts from one trained on the same shapes world, as the paper's starts pretrained. Embedding and LM-head
+        rows are matched by token string (rows of words the source lacks keep their fresh init); the FFN of an MoE
+        layer is the mean of its experts (upcycled from one FFN, they stay close)."""
+        if getattr(other, "mm_projector", None) is None or getattr(other, "llm", None) is None:
+            raise ValueError(f"{source}: init_other=vision_lm needs a LLaVA-like model with a projector and an LM")
+        load_state_dict_strict(self.model.mm_projector, other.mm_projector.state_dict(), source,
+                               "the projector of this stage")
+        src_vocab, own_vocab = other.tokenizer.get_vocab(), self.model.tokenizer.get_vocab()
+        own_sd = self.model.llm.lm.state_dict()
+        sd = dense_lm_state(other.llm.lm.state_dict())
+        shared = [(own_vocab[w], i) for w, i in src_vocab.items() if w in own_vocab]
+        for key, value in list(sd.items()):
+            if value.shape[:1] == (len(src_vocab),) and key in own_sd and own_sd[key].shape[:1] == (len(own_vocab),):
+                rows = own_sd[key].clone()
+                rows[[o for o, _ in shared]] = value[[i for _, i in shared]]
+                sd[key] = rows
+        expected = f"model.lm of this stage (init_other=vision_lm: it must describe the {arch!r} model's LM)"
+        load_state_dict_strict(self.model.llm.lm, sd, source, expected)
+        print(f"stage {self.stage.name}: projector and LM from {source} ({len(shared)} of {len(own_vocab)} tokens "
+              "found in its vocabulary)", flush=True)
+
+    def _init_widened(self, source: Path) -> None:
+        """Dense baseline (``widen_ffn: k``): every weight from the dense ``source``; each FFN keeps the source's
+        hidden units and gets (k - 1) times as many new ones, random in, zero out, so the model computes the
+        source's function at step 0 and the new units (unlike copies, which would get identical gradients forever)
+        learn their own features."""
+        from zoo.registry import load
+
+        dense = load(source)
+        if self.model_args.get("lora") is not None and dense.cfg.lora is None:
+            dense.enable_lora(self.model_args["lora"])
+        sd = dense.state_dict()
+        own = self.model.state_dict()
+        for key, value in sd.items():
+            mine = own.get(key)
+            if mine is None or mine.shape == value.shape or ".mlp." not in key:
+                continue
+            grown = mine.clone()
+            if key.endswith(("down_proj.weight", "fc2.weight")):  # [d, k*h]: the new units' outputs start at zero
+                grown.zero_()
+                grown[:, : value.shape[1]] = value
+            else:  # gate / up / fc1 rows [k*h, d] and fc1 bias: the source's units first, the rest stay random
+                grown[: value.shape[0]] = value
+            sd[key] = grown
+        load_state_dict_strict(self.model, sd, f"{source} (FFNs widened {self.model_cfg.widen_ffn}x)",
+                               self.architecture)
 
     def _expert_ffns(self, name: str, expert: int) -> list[Any]:
         """The decoder-layer FFNs of stage ``name``'s export (the runner's layout: runs/<recipe>/<stage>/final)."""
@@ -395,6 +453,29 @@ class UniMoEStage(StageModule):
         return {f"routing/{m}/expert{e}": v for m, row in table.items() for e, v in enumerate(row)}
 
 
+def dense_lm_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A causal LM's state dict with every ``zoo.moe`` layer made a dense FFN: ``mlp.experts.*`` averaged over
+    experts into ``mlp.fc1`` / ``fc2`` (gelu experts) or ``mlp.gate_proj`` / ``up_proj`` / ``down_proj`` (swiglu),
+    routers dropped."""
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        head, sep, tail = key.partition(".mlp.")
+        if not sep or not (tail.startswith("experts.") or tail.startswith("router.")):
+            out[key] = value
+            continue
+        name = tail.removeprefix("experts.")
+        mean = value.float().mean(dim=0).to(value.dtype)
+        if name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+            out[f"{head}.mlp.{name.replace('_', '.')}"] = mean
+        elif name == "gate_up_proj":
+            out[f"{head}.mlp.gate_proj.weight"], out[f"{head}.mlp.up_proj.weight"] = mean.chunk(2, dim=0)
+        elif name == "down_proj":
+            out[f"{head}.mlp.down_proj.weight"] = mean
+        elif not tail.startswith("router."):
+            raise ValueError(f"{key}: only plain gelu / swiglu experts can be averaged into a dense FFN")
+    return out
+
+
 def _plot_heatmap(table: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
@@ -405,7 +486,7 @@ def _plot_heatmap(table: dict[str, list[float]], path: Path) -> None:
     values = [table[r] for r in rows]
     fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(values[0]), 0.6 + 0.5 * len(rows)))
     im = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(max(v) for v in values))
-    ax.set_xticks(range(len(values[0])), [f"expert {e}" for e in range(len(values[0]))])
+    ax.set_xticks(range(len(values[0])), [f"expert {e}" for e in range(len(values[0]))], rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(values):
         for e, v in enumerate(row):

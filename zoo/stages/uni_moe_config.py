@@ -40,6 +40,10 @@ class UniMoEModelConfig:
         default=None, metadata={"help": "BEATs + Q-Former path (AudioSettings dict; None: the architecture's)"}
     )
     video_frames: int | None = field(default=None, metadata={"min": 1, "help": "frames per video item"})
+    video_pooling: Literal["mean", "frames"] | None = field(
+        default=None, metadata={"help": "mean: the paper's mean over frames (order lost); frames: frames kept in "
+                                        "order, each pooled video_frame_pool x video_frame_pool (None: mean)"})
+    video_frame_pool: int | None = field(default=None, metadata={"min": 1, "help": "with video_pooling: frames"})
     template: str | None = field(default=None, metadata={"help": "conversation template (None: the architecture's)"})
     tokenizer: Literal["av_words", "architecture", "pretrained"] = field(
         default="av_words",
@@ -61,6 +65,16 @@ class UniMoEModelConfig:
         metadata={"help": "earlier stages (one per expert, in expert order) whose fine-tuned FFNs become the experts; "
                           "empty: every expert copies init_from's FFN"},
     )
+    init_other: Literal["vision", "vision_lm"] = field(
+        default="vision",
+        metadata={"help": "what an init_from of another architecture (a LLaVA-like model) gives: its vision tower, "
+                          "or also its projector and LM (model.lm must describe the same LM; token rows matched by "
+                          "word between the vocabularies; an MoE layer's experts averaged into the dense FFN)"},
+    )
+    widen_ffn: int = field(
+        default=1, metadata={"min": 1, "help": "dense baseline: the LM's FFNs are this many times as wide as "
+                                               "init_from's (2 with top-2 experts: the MoE model's activated size)"}
+    )
     pretrained_lm: str | None = field(
         default=None, metadata={"help": "local Hugging Face causal-LM dir loaded into the LLM (first stage only)"}
     )
@@ -79,6 +93,8 @@ class UniMoEModelConfig:
             if len(self.expert_sources) != experts:
                 raise ValueError(f"expert_sources names {len(self.expert_sources)} stages for {experts} experts "
                                  "(uni_moe.num_experts); name one stage per expert")
+        if self.widen_ffn > 1 and self.uni_moe is not None:
+            raise ValueError("widen_ffn builds a dense baseline; it needs uni_moe: null")
         if self.tokenizer == "pretrained" and self.pretrained_lm is None:
             raise ValueError("tokenizer: pretrained reads the tokenizer at pretrained_lm; set pretrained_lm")
 
