@@ -94,6 +94,9 @@ class FLMMConfig:
             U-Net sees which word looked where ("circle" vs "blue square" in a relation); 0 (the paper) = off.
         text_film: width of a FiLM conditioning of every U-Net block on the expression (the frozen LMM's hidden
             states of the last word and the mean over words, of every layer); 0 (the paper) = off.
+        sim_maps / sim_dim: per layer, ``sim_maps`` learned similarity maps between the expression (its last word's
+            and its words' mean hidden state) and every image token's hidden state, each a dot product of two
+            learned ``sim_dim``-wide projections, as extra U-Net channels; 0 (the paper) = off.
     """
 
     base_architecture: str
@@ -111,6 +114,8 @@ class FLMMConfig:
     word_slots: int = 0
     word_slot_channels: int = 4
     text_film: int = 0
+    sim_maps: int = 0
+    sim_dim: int = 16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,10 +264,15 @@ class FLMM(nn.Module):
         llm_cfg = self.lmm.llm.config
         self.num_layers, self.num_heads = llm_cfg.num_hidden_layers, llm_cfg.num_attention_heads
         maps = self.num_layers * self.num_heads
-        in_channels = maps + 2 * cfg.coord_channels + cfg.word_slots * cfg.word_slot_channels
+        in_channels = (maps + 2 * cfg.coord_channels + cfg.word_slots * cfg.word_slot_channels
+                       + self.num_layers * cfg.sim_maps)  # fmt: skip
         self.mask_head = UNetMaskHead(in_channels, cfg.unet_channels, cfg.unet_depth, cfg.text_film)
         if cfg.word_slots:
             self.word_reduce = nn.Conv2d(maps, cfg.word_slot_channels, 1)
+        if cfg.sim_maps:
+            d, width = self.lmm.llm.hidden_size, cfg.sim_maps * cfg.sim_dim
+            self.sim_text = nn.ModuleList([nn.Linear(2 * d, width) for _ in range(self.num_layers)])
+            self.sim_image = nn.ModuleList([nn.Linear(d, width) for _ in range(self.num_layers)])
         if cfg.text_film:
             self.text_cond = nn.Sequential(nn.Linear(2 * self.num_layers * self.lmm.llm.hidden_size, cfg.text_film),
                                            nn.GELU())  # fmt: skip
@@ -378,10 +388,18 @@ class FLMM(nn.Module):
     # -- heads -----------------------------------------------------------------------------------------------------
 
     def coarse_logits(self, maps: torch.Tensor, hidden: torch.Tensor | None = None,
-                      word_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                      word_mask: torch.Tensor | None = None, media: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Each channel map divided by its own sum, up-sampled to ``map_size``, then the U-Net (with the word slots
         reduced, the coordinate channels and the FiLM conditioning when configured; these need ``hidden`` and
-        ``word_mask``)."""
+        ``word_mask``; the similarity maps also ``media``, the ``[B, T]`` image-token positions)."""
+        need = self.cfg.text_film or self.cfg.sim_maps
+        if need and (hidden is None or word_mask is None):
+            raise ValueError("text_film and sim_maps need the hidden states and the word mask")
+        if need:
+            last = hidden[:, :, -1]  # [L, B, D]: rows are left-padded, so the last word is the last position
+            w = word_mask[None, :, :, None]
+            sentence = torch.cat([last, torch.where(w, hidden, 0.0).sum(2) / w.sum(2).clamp_min(1)], -1)  # [L, B, 2D]
+        grid = maps.shape[-1]
         maps = maps / maps.sum((-2, -1), keepdim=True).clamp_min(1e-12)
         size = self.cfg.map_size
         maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
@@ -395,14 +413,21 @@ class FLMM(nn.Module):
             ramp = torch.linspace(-1.0, 1.0, size, device=maps.device)
             parts += [ramp.view(1, 1, 1, size).expand(maps.shape[0], 1, size, size),
                       ramp.view(1, 1, size, 1).expand(maps.shape[0], 1, size, size)]  # fmt: skip
+        if self.cfg.sim_maps:
+            if media is None:
+                raise ValueError("sim_maps needs the image-token positions (media)")
+            b, m, r = maps.shape[0], self.cfg.sim_maps, self.cfg.sim_dim
+            image = hidden[:, media].view(self.num_layers, b, -1, hidden.shape[-1])  # [L, B, K, D]
+            sims = []
+            for layer in range(self.num_layers):
+                q = self.sim_text[layer](sentence[layer]).view(b, m, 1, r)
+                k = self.sim_image[layer](image[layer]).view(b, -1, m, r).transpose(1, 2)  # [B, m, K, r]
+                sims.append((q * k).sum(-1) / math.sqrt(r))  # [B, m, K]
+            sim = torch.cat(sims, 1).view(b, -1, grid, grid)
+            parts.append(F.interpolate(sim, size=(size, size), mode="bilinear", align_corners=False))
         cond = None
         if self.cfg.text_film:
-            if hidden is None or word_mask is None:
-                raise ValueError("text_film needs the hidden states and the word mask")
-            last = hidden[:, :, -1]  # [L, B, D]: rows are left-padded, so the last word is the last position
-            w = word_mask[None, :, :, None]
-            mean = torch.where(w, hidden, 0.0).sum(2) / w.sum(2).clamp_min(1)
-            cond = self.text_cond(torch.cat([last, mean], -1).permute(1, 0, 2).flatten(1))
+            cond = self.text_cond(sentence.permute(1, 0, 2).flatten(1))
         return self.mask_head(torch.cat(parts, 1), cond)
 
     def _text_tokens(self, hidden: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
@@ -470,7 +495,8 @@ class FLMM(nn.Module):
         **_: Any,
     ) -> GroundingOutput:
         maps, hidden = self.lmm_features(input_ids, attention_mask, pixel_values, word_mask)
-        coarse = self.coarse_logits(maps, hidden, word_mask)
+        media = self.lmm.media_mask(input_ids) if self.cfg.sim_maps else None
+        coarse = self.coarse_logits(maps, hidden, word_mask, media)
         return GroundingOutput(coarse=coarse, refined=self.refine(coarse, hidden, word_mask, sam_pixel_values))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
