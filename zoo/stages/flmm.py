@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,24 @@ __all__ = ["FLMMModelConfig", "FLMMDataConfig", "FLMMEvalConfig", "FLMMStage", "
 
 
 class RefSegTrainSet(Dataset):
-    """``data.refseg`` samples as ``(image, expression, mask)`` triples."""
+    """``data.refseg`` samples as ``(image, expression, mask)`` triples; ``repeat`` lists every sample of a kind
+    that many times (rare kinds, e.g. ShapesRefSeg's relation expressions, seen more often)."""
 
-    def __init__(self, samples: Any) -> None:
+    def __init__(self, samples: Any, repeat: dict[str, int] | None = None, kinds: Sequence[str] | None = None) -> None:
         self.samples = samples
+        repeat = repeat or {}
+        if repeat and kinds is None:
+            raise ValueError("repeat needs the samples' kinds")
+        unknown = sorted(set(repeat) - set(kinds or ()))
+        if unknown or any(n < 1 for n in repeat.values()):
+            raise ValueError(f"repeat_kinds {repeat}: kinds must be among {sorted(set(kinds or ()))}, counts >= 1")
+        self.order = [i for i in range(len(samples)) for _ in range(repeat.get(kinds[i], 1) if repeat else 1)]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.order)
 
     def __getitem__(self, i: int) -> tuple[Any, str, Any]:
-        s = self.samples[i]
+        s = self.samples[self.order[i]]
         return s.load_image(), s.text, s.mask()
 
 
@@ -80,6 +89,12 @@ class FLMMStage(StageModule):
             "use_mask_prompt": model_cfg.use_mask_prompt,
             "use_box_prompt": model_cfg.use_box_prompt,
             "use_text_prompt": model_cfg.use_text_prompt,
+            "coord_channels": model_cfg.coord_channels,
+            "word_slots": model_cfg.word_slots,
+            "word_slot_channels": model_cfg.word_slot_channels,
+            "text_film": model_cfg.text_film,
+            "sim_maps": model_cfg.sim_maps,
+            "sim_dim": model_cfg.sim_dim,
         }
         if model_cfg.sam is not None:
             args["sam"] = model_cfg.sam
@@ -106,9 +121,10 @@ class FLMMStage(StageModule):
         for source in d.sources:
             if source == "shapes":
                 ds = refseg.ShapesRefSeg(d.world, "train", d.num_scenes)
+                train = RefSegTrainSet(ds, d.repeat_kinds, [kind for *_, kind in ds.index])
                 print(f"stage {self.stage.name}: ShapesRefSeg train, {d.num_scenes} scenes, {len(ds)} expressions "
-                      f"{ds.kinds()}", flush=True)  # fmt: skip
-                parts.append(RefSegTrainSet(ds))
+                      f"{ds.kinds()}, {len(train)} after repeat_kinds {d.repeat_kinds}", flush=True)  # fmt: skip
+                parts.append(train)
             elif source == "refcoco":
                 root, images = _path(d.refcoco_root, "refcoco_root"), _path(d.refcoco_images, "refcoco_images")
                 for name in d.refcoco_datasets:
@@ -139,7 +155,8 @@ class FLMMStage(StageModule):
         if reached:
             raise ValueError(
                 f"stage {self.stage.name}: F-LMM keeps the LMM frozen, but the trainable globs reach {len(reached)} "
-                f"of its tensors (e.g. lmm.{reached[0]}); train mask_head.*, refiner.*, layer_weights, text_proj.*"
+                f"of its tensors (e.g. lmm.{reached[0]}); train the heads (mask_head.*, refiner.*, layer_weights, "
+                f"text_proj.* and the optional word_reduce.*, text_cond.*, sim_text.*, sim_image.*)"
             )
         self._t_start = time.perf_counter()
 
