@@ -389,7 +389,7 @@ class FLMM(nn.Module):
 
     def coarse_logits(self, maps: torch.Tensor, hidden: torch.Tensor | None = None,
                       word_mask: torch.Tensor | None = None, media: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """Each channel map divided by its own sum, up-sampled to ``map_size``, then the U-Net (with the word slots
+        """Each channel map divided by its own mean, up-sampled to ``map_size``, then the U-Net (with the word slots
         reduced, the coordinate channels and the FiLM conditioning when configured; these need ``hidden`` and
         ``word_mask``; the similarity maps also ``media``, the ``[B, T]`` image-token positions)."""
         need = self.cfg.text_film or self.cfg.sim_maps
@@ -400,7 +400,9 @@ class FLMM(nn.Module):
             w = word_mask[None, :, :, None]
             sentence = torch.cat([last, torch.where(w, hidden, 0.0).sum(2) / w.sum(2).clamp_min(1)], -1)  # [L, B, 2D]
         grid = maps.shape[-1]
-        maps = maps / maps.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+        # F-LMM divides each map by its sum; dividing by its mean (the same up to the constant g*g) keeps the values
+        # near 1, beside coordinate and similarity channels of that size (GroupNorm(1) would drown maps of ~1/g^2)
+        maps = maps / maps.mean((-2, -1), keepdim=True).clamp_min(1e-12)
         size = self.cfg.map_size
         maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
         n = self.num_layers * self.num_heads
