@@ -52,6 +52,7 @@ __all__ = [
     "dice_loss",
     "grounding_loss",
     "square_frame",
+    "build_sam",
 ]
 
 # A SAM small enough for 64 px scenes on a CPU: 64 px input, 4 px patches (a 16 x 16 embedding grid, 64 x 64 masks),
@@ -237,6 +238,22 @@ def _sam_pixels(image: Any, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def build_sam(sam_kwargs: dict[str, Any]) -> Any:
+    """A freshly initialised transformers ``SamModel`` from ``SamConfig`` keyword arguments, with SAM's own scale for
+    its random Fourier features.
+
+    transformers draws them (boxes, points and the image grid are all encoded with them) with std hidden_size / 2,
+    16 for ``TINY_SAM``; SAM's own draw uses 1. At 16 the frequencies are far above what a 16 x 16 grid resolves, so a
+    SAM trained from scratch cannot tell where a box or an image token is (measured: ``recipes/flmm/README.md``).
+    Real SAM weights (``FLMM.load_sam_weights``) overwrite the draw.
+    """
+    from transformers import SamConfig, SamModel
+
+    sam = SamModel(SamConfig(**sam_kwargs))
+    nn.init.normal_(sam.shared_image_embedding.positional_embedding, std=1.0)
+    return sam
+
+
 @dataclass
 class GroundingOutput:
     """Mask logits in the square frame: ``coarse`` ``[B, 1, map_size, map_size]``, ``refined`` ``[B, 1, m, m]``."""
@@ -254,8 +271,6 @@ class FLMM(nn.Module):
 
     def __init__(self, cfg: FLMMConfig) -> None:
         super().__init__()
-        from transformers import SamConfig, SamModel
-
         self.cfg = cfg
         self.lmm = create_model(cfg.base_architecture, **cfg.base_args)
         for p in self.lmm.parameters():
@@ -276,7 +291,7 @@ class FLMM(nn.Module):
         if cfg.text_film:
             self.text_cond = nn.Sequential(nn.Linear(2 * self.num_layers * self.lmm.llm.hidden_size, cfg.text_film),
                                            nn.GELU())  # fmt: skip
-        self.refiner = SamModel(SamConfig(**cfg.sam))
+        self.refiner = build_sam(cfg.sam)
         d_sam = self.refiner.config.prompt_encoder_config.hidden_size
         self.layer_weights = nn.Parameter(torch.ones(self.num_layers))
         self.text_proj = nn.Linear(self.lmm.llm.hidden_size, d_sam)

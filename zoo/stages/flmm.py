@@ -62,6 +62,17 @@ def _path(value: str | None, what: str) -> Path:
     return p
 
 
+def _sam_weights_dir(value: str) -> Path:
+    """A transformers ``SamModel`` directory: a path, or the name of one shipped under ``zoo/weights/`` (the tiny
+    SAM pretrained on the synthetic world, ``recipes/flmm/pretrain_tiny_sam.py``)."""
+    from zoo.registry import SHIPPED_WEIGHTS_DIR
+
+    shipped = SHIPPED_WEIGHTS_DIR / value
+    if not Path(os.path.expandvars(value)).exists() and "/" not in value and shipped.is_dir():
+        return shipped
+    return _path(value, "model.sam_weights")
+
+
 @register_stage("flmm")
 class FLMMStage(StageModule):
     ModelConfig = FLMMModelConfig
@@ -105,7 +116,7 @@ class FLMMStage(StageModule):
         # The reference every LMM tensor is compared with after training (the issue's "frozen" check).
         self._base_state = {k: v.clone() for k, v in base.state_dict().items()}
         if model_cfg.sam_weights is not None:
-            self.model.load_sam_weights(str(_path(model_cfg.sam_weights, "model.sam_weights")))
+            self.model.load_sam_weights(str(_sam_weights_dir(model_cfg.sam_weights)))
         self._t_start: float | None = None
         self._t_train = 0.0
 
