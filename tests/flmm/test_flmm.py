@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from zoo.models.flmm import FLMM, dice_loss, grounding_loss
 from zoo.registry import SHIPPED_WEIGHTS_DIR, save_pretrained
 
 BASE = "moe_llava_tiny.shapes"
+ROOT = Path(__file__).resolve().parents[2]
 SAM8 = {
     "vision_config": {"hidden_size": 16, "output_channels": 16, "num_hidden_layers": 1, "num_attention_heads": 1,
                       "image_size": 64, "patch_size": 8, "window_size": 0, "global_attn_indexes": [0], "mlp_dim": 32,
@@ -262,3 +264,25 @@ def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras,
     torch.testing.assert_close(x[b, -8 + layer * 2 + k], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="media"):
         m.coarse_logits(maps, hidden, batch["word_mask"])
+
+
+def test_sam_fourier_features_at_sams_scale_and_the_pretrained_tiny_sam_loads(tmp_path) -> None:
+    import importlib.util
+
+    from zoo.models.flmm import TINY_SAM, build_sam
+
+    torch.manual_seed(0)
+    pe = build_sam(TINY_SAM).shared_image_embedding.positional_embedding
+    assert pe.shape == (2, 16) and 0.5 < float(pe.std()) < 1.5  # transformers alone draws std 16 here
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_sam", ROOT / "recipes/flmm/pretrain_tiny_sam.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    res = script.pretrain(tmp_path / "sam", steps=2, batch_size=2, log_every=1)
+    assert set(res) >= {"bce", "dice", "iou", "cpu_s"} and res["scenes"] == 4
+    torch.manual_seed(1)
+    model = zoo.create_model("flmm", **{**_args(), "sam": TINY_SAM})
+    model.load_sam_weights(str(tmp_path / "sam"))
+    from transformers import SamModel
+
+    saved = SamModel.from_pretrained(str(tmp_path / "sam")).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in model.refiner.state_dict().items())

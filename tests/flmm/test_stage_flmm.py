@@ -70,3 +70,18 @@ def test_globs_that_reach_the_lmm_are_refused(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="F-LMM keeps the LMM frozen"):
         train(bad, overrides=[*TOY, "stages.flmm.trainer.max_steps=1"], runs_dir=tmp_path / "runs")
+
+
+def test_repeat_kinds_lists_rare_kinds_more_often() -> None:
+    from zoo.stages.flmm import RefSegTrainSet
+
+    class Sample:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+    kinds = ["attribute", "relation", "attribute", "position"]
+    ds = RefSegTrainSet([Sample(k) for k in kinds], {"relation": 3, "position": 2}, kinds)
+    assert ds.order == [0, 1, 1, 1, 2, 3, 3] and len(ds) == 7
+    assert RefSegTrainSet([Sample(k) for k in kinds]).order == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="kinds must be among"):
+        RefSegTrainSet([Sample(k) for k in kinds], {"relations": 2}, kinds)
