@@ -63,8 +63,8 @@ def _path(value: str | None, what: str) -> Path:
 
 
 def _sam_weights_dir(value: str) -> Path:
-    """A transformers ``SamModel`` directory: a path, or the name of one shipped under ``zoo/weights/`` (the tiny
-    SAM pretrained on the synthetic world, ``recipes/flmm/pretrain_tiny_sam.py``)."""
+    """A transformers ``SamModel`` directory: a path, or the name of one shipped under ``zoo/weights/`` (e.g. a tiny
+    SAM pretrained on the synthetic world by ``recipes/flmm/pretrain_tiny_sam.py``; none is shipped yet)."""
     from zoo.registry import SHIPPED_WEIGHTS_DIR
 
     shipped = SHIPPED_WEIGHTS_DIR / value

@@ -21,7 +21,7 @@ class FLMMModelConfig:
     unet_channels: int = field(default=32, metadata={"min": 4})
     unet_depth: int = field(default=3, metadata={"min": 1})
     sam: dict[str, Any] | None = field(default=None, metadata={"help": "SamConfig kwargs (None: zoo.models.flmm.TINY_SAM)"})
-    sam_weights: str | None = field(default=None, metadata={"help": "transformers SamModel dir for the refiner, or a shipped name (tiny_sam.shapes)"})
+    sam_weights: str | None = field(default=None, metadata={"help": "transformers SamModel dir for the refiner, or the name of one under zoo/weights/"})
     use_mask_prompt: bool = True
     use_box_prompt: bool = True
     use_text_prompt: bool = True
