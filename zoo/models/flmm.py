@@ -3,7 +3,8 @@
 The referring expression is appended to an instruction as if it were the assistant's answer (teacher forcing, one
 forward pass). The frozen LMM's post-softmax attention from the expression's words to the image tokens, for every
 layer and every head, is averaged over the words (``merge="mean"``; ``"max"`` also), stacked into ``L x H`` channel
-maps on the image-token grid, each map divided by its own sum and bilinearly up-sampled to ``map_size``; a small
+maps on the image-token grid, each map divided by its own mean (F-LMM: sum) and bilinearly up-sampled to
+``map_size``; a small
 U-Net (GroupNorm(1), bilinear-resize + conv up-sampling) turns them into coarse mask logits. A SAM-style refiner
 (transformers' ``SamModel``) sharpens them from three prompts: the coarse logits as its dense mask prompt, the box of
 the binarised coarse mask (the whole image when empty) and one text token per word (the words' hidden states of
@@ -25,7 +26,11 @@ Differences from the official code, and why:
 * Word tokens of different expressions in a batch are padded to one length with SAM's own ``not_a_point_embed``
   (what SAM pads point prompts with), so a batch runs in one decoder call; F-LMM decodes one target at a time.
 * For the synthetic world no SAM weights exist, so the tiny config's SAM image encoder is trained too (the recipe
-  says so); with real SAM weights (``load_sam_weights``) the recipe freezes it, as the paper does.
+  says so); with real SAM weights (``load_sam_weights``) the recipe freezes it, as the paper does. A fresh SAM's
+  Fourier features are drawn at SAM's own scale, not transformers' (``build_sam``).
+* Optional, off by default, on in the tiny recipe: coordinate channels, per-word map slots and a FiLM conditioning
+  of the U-Net on the expression's frozen hidden states; learned expression-to-image-token similarity maps
+  (``FLMMConfig``). They read only frozen-LMM outputs, so the LMM and its answers stay untouched.
 """
 
 from __future__ import annotations
