@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import zoo
@@ -49,14 +50,19 @@ def test_toy_run_keeps_the_lmm_and_scores_model_and_baseline(toy_run: Path) -> N
     summary = json.loads((toy_run / "summary.json").read_text())
     m = summary["metrics"]
     assert m["lmm_unchanged"] == 1.0 and summary["steps"] == 3
-    assert summary["params"]["frozen"] == 2_501_282  # exactly the tiny MoE-LLaVA
+    model = zoo.load(toy_run / "final")
+    encoder = sum(p.numel() for p in model.refiner.vision_encoder.parameters())
+    assert summary["params"]["frozen"] == 2_501_282 + encoder  # exactly the tiny MoE-LLaVA and SAM's image encoder
     for prefix in ("", "baseline_union/"):
         assert 0.0 <= m[f"{prefix}shapes_refseg/ciou"] <= 100.0  # percent
         assert f"{prefix}shapes_refseg/relation/ciou" in m or f"{prefix}shapes_refseg/attribute/ciou" in m
     results = json.loads((toy_run / "eval" / "flmm" / "results.json").read_text())
     overlays = results["artifacts"]["shapes_refseg"]["overlays"]
     assert len(overlays) == 6 and all(Path(p).is_file() for p in overlays)
-    model = zoo.load(toy_run / "final")
+    from transformers import SamModel
+
+    sam = SamModel.from_pretrained(str(ROOT / "recipes" / "flmm" / "tiny_sam_shapes")).vision_encoder.state_dict()
+    assert all(torch.equal(v, sam[k]) for k, v in model.refiner.vision_encoder.state_dict().items())  # frozen
     base = zoo.load("moe_llava_tiny.shapes")
     ref = base.state_dict()
     assert all(v.equal(ref[k]) for k, v in model.lmm.state_dict().items())

@@ -63,13 +63,15 @@ def _path(value: str | None, what: str) -> Path:
 
 
 def _sam_weights_dir(value: str) -> Path:
-    """A transformers ``SamModel`` directory: a path, or the name of one shipped under ``zoo/weights/`` (e.g. a tiny
-    SAM pretrained on the synthetic world by ``recipes/flmm/pretrain_tiny_sam.py``; none is shipped yet)."""
+    """A transformers ``SamModel`` directory: a path (a relative one also tried from the repository root, where the
+    tiny recipe's ``recipes/flmm/tiny_sam_shapes`` lives), or the name of one under ``zoo/weights/``."""
     from zoo.registry import SHIPPED_WEIGHTS_DIR
 
-    shipped = SHIPPED_WEIGHTS_DIR / value
-    if not Path(os.path.expandvars(value)).exists() and "/" not in value and shipped.is_dir():
-        return shipped
+    given = Path(os.path.expandvars(value))
+    if not given.exists():
+        for candidate in (Path(__file__).resolve().parents[2] / given, SHIPPED_WEIGHTS_DIR / value):
+            if not given.is_absolute() and candidate.is_dir():
+                return candidate
     return _path(value, "model.sam_weights")
 
 
