@@ -33,7 +33,8 @@ TOY = [
 def test_recipe_validates_and_trains_only_the_heads() -> None:
     stage = load_recipe(RECIPE).stages[0]
     assert stage.type == "flmm" and stage.init_source is None and stage.model.base == "moe_llava_tiny.shapes"
-    assert stage.frozen == ["lmm.*"] and all(not g.startswith("lmm") for g in stage.trainable)
+    assert stage.frozen == ["lmm.*", "refiner.vision_encoder.*"] and all(not g.startswith("lmm") for g in stage.trainable)
+    assert stage.model.sam_weights == "recipes/flmm/tiny_sam_shapes" and (ROOT / stage.model.sam_weights).is_dir()
     assert set(stage.eval.tasks) == {"shapes_refseg", "shapes_vqa", "shapes_pope"} and stage.eval.baseline
 
 
