@@ -5,9 +5,9 @@ pixels) and, most of the time, a blurry mask prompt (the object's mask pooled to
 pixels: what F-LMM's coarse head hands SAM) -> that object's mask, BCE + Dice.
 
 It writes a transformers ``SamModel`` directory (``save_pretrained``), the layout ``FLMM.load_sam_weights`` and the
-stage's ``model.sam_weights`` read (nothing is shipped yet; ``recipes/flmm/README.md`` has the 500-step trial)::
+stage's ``model.sam_weights`` read. The tiny recipe's ``recipes/flmm/tiny_sam_shapes`` was made with::
 
-    python recipes/flmm/pretrain_tiny_sam.py --out /tmp/tiny_sam --steps 400
+    python recipes/flmm/pretrain_tiny_sam.py --out recipes/flmm/tiny_sam_shapes --steps 400
 
 Scenes come from the world's ``train`` split only (the ShapesRefSeg test scenes are never seen).
 """
