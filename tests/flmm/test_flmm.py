@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from zoo.models.flmm import FLMM, dice_loss, grounding_loss
 from zoo.registry import SHIPPED_WEIGHTS_DIR, save_pretrained
 
 BASE = "moe_llava_tiny.shapes"
+ROOT = Path(__file__).resolve().parents[2]
 SAM8 = {
     "vision_config": {"hidden_size": 16, "output_channels": 16, "num_hidden_layers": 1, "num_attention_heads": 1,
                       "image_size": 64, "patch_size": 8, "window_size": 0, "global_attn_indexes": [0], "mlp_dim": 32,
@@ -179,3 +181,108 @@ def test_zoo_ground_writes_the_overlay_and_mask(flmm, tmp_path, capsys) -> None:
     assert "pixels selected" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="SPLIT:INDEX"):
         main(["--model", str(model_dir), "--scene", "nowhere", "the square"])
+
+
+EXTRAS = {"coord_channels": True, "word_slots": 3, "word_slot_channels": 2, "text_film": 8, "sim_maps": 2, "sim_dim": 4}
+
+
+@pytest.fixture()
+def flmm_extras(base) -> FLMM:
+    torch.manual_seed(0)
+    model = zoo.create_model("flmm", **_args(), **EXTRAS)
+    model.lmm.load_state_dict(base.state_dict())
+    return model
+
+
+def test_word_slots_are_each_words_own_maps_and_zero_past_the_end(flmm_extras, samples) -> None:
+    m = flmm_extras
+    batch = _batch(m, samples)
+    ids, attn, px, words = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["word_mask"]
+    maps, _ = m.lmm_features(ids, attn, px, words)
+    n = m.num_layers * m.num_heads
+    assert maps.shape == (len(samples), n * (1 + 3), 8, 8)
+    counts = words.sum(1)
+    T = words.shape[1]
+    for j in range(3):
+        # the word-merged maps of a mask holding only word j are word j's own maps
+        only = torch.zeros_like(words)
+        for b in range(len(samples)):
+            if j < int(counts[b]):
+                only[b, T - int(counts[b]) + j] = True
+        single, _ = m.lmm_features(ids, attn, px, only)
+        for b in range(len(samples)):
+            slot = maps[b, n * (1 + j) : n * (2 + j)]
+            if j < int(counts[b]):
+                torch.testing.assert_close(slot, single[b, :n], atol=1e-6, rtol=0)
+            else:
+                assert torch.equal(slot, torch.zeros_like(slot))
+
+
+def test_film_starts_as_the_identity_and_every_extra_head_learns(flmm_extras, samples, base) -> None:
+    m = flmm_extras
+    x = torch.randn(2, 5, 16, 16)
+    head = type(m.mask_head)(5, 4, 2, cond_dim=3)
+    torch.testing.assert_close(head(x, torch.randn(2, 3)), head(x))
+    batch = _batch(m, samples)
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    # FiLM's projections start at zero, so the expression encoder under them gets gradient from the second step
+    for _ in range(2):
+        opt.zero_grad()
+        loss, _ = m.loss(batch)
+        loss.backward()
+        opt.step()
+    got = {n.split(".")[0] for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got == {"mask_head", "refiner", "layer_weights", "text_proj", "word_reduce", "text_cond", "sim_text",
+                   "sim_image"}  # fmt: skip
+    assert all(p.grad is None for p in m.lmm.parameters())
+    # the coarse head's input: 32 merged maps, 3 slots x 2 reduced channels, x and y, 4 layers x 2 similarity maps
+    assert m.mask_head.encoder[0][0].in_channels == 32 + 3 * 2 + 2 + 4 * 2
+    ref = base.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in m.lmm.state_dict().items())
+
+
+def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras, samples) -> None:
+    m = flmm_extras
+    batch = _batch(m, samples)
+    maps, hidden = m.lmm_features(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["word_mask"])
+    media = m.lmm.media_mask(batch["input_ids"])
+    captured = {}
+    handle = m.mask_head.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
+    try:
+        m.coarse_logits(maps, hidden, batch["word_mask"], media)
+    finally:
+        handle.remove()
+    x = captured["x"]  # [B, C, map_size, map_size]; the similarity maps are the last 8 channels
+    b, layer, k = 1, 2, 1
+    words = batch["word_mask"][b]
+    sentence = torch.cat([hidden[layer, b, -1], hidden[layer, b, words].mean(0)])
+    q = m.sim_text[layer](sentence).view(2, 4)[k]
+    keys = m.sim_image[layer](hidden[layer, b, media[b]]).view(-1, 2, 4)[:, k]  # [64, 4]
+    expected = (keys @ q / 2.0).view(1, 1, 8, 8)
+    expected = torch.nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(x[b, -8 + layer * 2 + k], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="media"):
+        m.coarse_logits(maps, hidden, batch["word_mask"])
+
+
+def test_sam_fourier_features_at_sams_scale_and_the_pretrained_tiny_sam_loads(tmp_path) -> None:
+    import importlib.util
+
+    from zoo.models.flmm import TINY_SAM, build_sam
+
+    torch.manual_seed(0)
+    pe = build_sam(TINY_SAM).shared_image_embedding.positional_embedding
+    assert pe.shape == (2, 16) and 0.5 < float(pe.std()) < 1.5  # transformers alone draws std 16 here
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_sam", ROOT / "recipes/flmm/pretrain_tiny_sam.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    res = script.pretrain(tmp_path / "sam", steps=2, batch_size=2, log_every=1)
+    assert set(res) >= {"bce", "dice", "iou", "cpu_s"} and res["scenes"] == 4
+    torch.manual_seed(1)
+    model = zoo.create_model("flmm", **{**_args(), "sam": TINY_SAM})
+    model.load_sam_weights(str(tmp_path / "sam"))
+    from transformers import SamModel
+
+    saved = SamModel.from_pretrained(str(tmp_path / "sam")).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in model.refiner.state_dict().items())

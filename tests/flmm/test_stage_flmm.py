@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import zoo
@@ -32,7 +33,8 @@ TOY = [
 def test_recipe_validates_and_trains_only_the_heads() -> None:
     stage = load_recipe(RECIPE).stages[0]
     assert stage.type == "flmm" and stage.init_source is None and stage.model.base == "moe_llava_tiny.shapes"
-    assert stage.frozen == ["lmm.*"] and all(not g.startswith("lmm") for g in stage.trainable)
+    assert stage.frozen == ["lmm.*", "refiner.vision_encoder.*"] and all(not g.startswith("lmm") for g in stage.trainable)
+    assert stage.model.sam_weights == "recipes/flmm/tiny_sam_shapes" and (ROOT / stage.model.sam_weights).is_dir()
     assert set(stage.eval.tasks) == {"shapes_refseg", "shapes_vqa", "shapes_pope"} and stage.eval.baseline
 
 
@@ -49,14 +51,19 @@ def test_toy_run_keeps_the_lmm_and_scores_model_and_baseline(toy_run: Path) -> N
     summary = json.loads((toy_run / "summary.json").read_text())
     m = summary["metrics"]
     assert m["lmm_unchanged"] == 1.0 and summary["steps"] == 3
-    assert summary["params"]["frozen"] == 2_501_282  # exactly the tiny MoE-LLaVA
+    model = zoo.load(toy_run / "final")
+    encoder = sum(p.numel() for p in model.refiner.vision_encoder.parameters())
+    assert summary["params"]["frozen"] == 2_501_282 + encoder  # exactly the tiny MoE-LLaVA and SAM's image encoder
     for prefix in ("", "baseline_union/"):
         assert 0.0 <= m[f"{prefix}shapes_refseg/ciou"] <= 100.0  # percent
         assert f"{prefix}shapes_refseg/relation/ciou" in m or f"{prefix}shapes_refseg/attribute/ciou" in m
     results = json.loads((toy_run / "eval" / "flmm" / "results.json").read_text())
     overlays = results["artifacts"]["shapes_refseg"]["overlays"]
     assert len(overlays) == 6 and all(Path(p).is_file() for p in overlays)
-    model = zoo.load(toy_run / "final")
+    from transformers import SamModel
+
+    sam = SamModel.from_pretrained(str(ROOT / "recipes" / "flmm" / "tiny_sam_shapes")).vision_encoder.state_dict()
+    assert all(torch.equal(v, sam[k]) for k, v in model.refiner.vision_encoder.state_dict().items())  # frozen
     base = zoo.load("moe_llava_tiny.shapes")
     ref = base.state_dict()
     assert all(v.equal(ref[k]) for k, v in model.lmm.state_dict().items())
@@ -70,3 +77,18 @@ def test_globs_that_reach_the_lmm_are_refused(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="F-LMM keeps the LMM frozen"):
         train(bad, overrides=[*TOY, "stages.flmm.trainer.max_steps=1"], runs_dir=tmp_path / "runs")
+
+
+def test_repeat_kinds_lists_rare_kinds_more_often() -> None:
+    from zoo.stages.flmm import RefSegTrainSet
+
+    class Sample:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+    kinds = ["attribute", "relation", "attribute", "position"]
+    ds = RefSegTrainSet([Sample(k) for k in kinds], {"relation": 3, "position": 2}, kinds)
+    assert ds.order == [0, 1, 1, 1, 2, 3, 3] and len(ds) == 7
+    assert RefSegTrainSet([Sample(k) for k in kinds]).order == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="kinds must be among"):
+        RefSegTrainSet([Sample(k) for k in kinds], {"relations": 2}, kinds)

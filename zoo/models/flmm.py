@@ -3,7 +3,8 @@
 The referring expression is appended to an instruction as if it were the assistant's answer (teacher forcing, one
 forward pass). The frozen LMM's post-softmax attention from the expression's words to the image tokens, for every
 layer and every head, is averaged over the words (``merge="mean"``; ``"max"`` also), stacked into ``L x H`` channel
-maps on the image-token grid, each map divided by its own sum and bilinearly up-sampled to ``map_size``; a small
+maps on the image-token grid, each map divided by its own mean (F-LMM: sum) and bilinearly up-sampled to
+``map_size``; a small
 U-Net (GroupNorm(1), bilinear-resize + conv up-sampling) turns them into coarse mask logits. A SAM-style refiner
 (transformers' ``SamModel``) sharpens them from three prompts: the coarse logits as its dense mask prompt, the box of
 the binarised coarse mask (the whole image when empty) and one text token per word (the words' hidden states of
@@ -25,7 +26,11 @@ Differences from the official code, and why:
 * Word tokens of different expressions in a batch are padded to one length with SAM's own ``not_a_point_embed``
   (what SAM pads point prompts with), so a batch runs in one decoder call; F-LMM decodes one target at a time.
 * For the synthetic world no SAM weights exist, so the tiny config's SAM image encoder is trained too (the recipe
-  says so); with real SAM weights (``load_sam_weights``) the recipe freezes it, as the paper does.
+  says so); with real SAM weights (``load_sam_weights``) the recipe freezes it, as the paper does. A fresh SAM's
+  Fourier features are drawn at SAM's own scale, not transformers' (``build_sam``).
+* Optional, off by default, on in the tiny recipe: coordinate channels, per-word map slots and a FiLM conditioning
+  of the U-Net on the expression's frozen hidden states; learned expression-to-image-token similarity maps
+  (``FLMMConfig``). They read only frozen-LMM outputs, so the LMM and its answers stay untouched.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ __all__ = [
     "dice_loss",
     "grounding_loss",
     "square_frame",
+    "build_sam",
 ]
 
 # A SAM small enough for 64 px scenes on a CPU: 64 px input, 4 px patches (a 16 x 16 embedding grid, 64 x 64 masks),
@@ -87,6 +93,16 @@ class FLMMConfig:
         unet_channels: the U-Net's first-level width (doubles per level; the paper's MMSeg UNet: 64).
         unet_depth: down-samplings in the U-Net (the paper: 3).
         use_mask_prompt / use_box_prompt / use_text_prompt: the refiner's three prompts (all on in the paper).
+        coord_channels: append the pixel's x and y (-1..1) to the U-Net's input (CoordConv), so "the object on the
+            left" can be told from where a blob is; off in the paper.
+        word_slots: besides the word-merged maps, the maps of each of the expression's first ``word_slots`` words
+            apart (each word's ``L x H`` maps reduced by one shared 1x1 conv to ``word_slot_channels``), so the
+            U-Net sees which word looked where ("circle" vs "blue square" in a relation); 0 (the paper) = off.
+        text_film: width of a FiLM conditioning of every U-Net block on the expression (the frozen LMM's hidden
+            states of the last word and the mean over words, of every layer); 0 (the paper) = off.
+        sim_maps / sim_dim: per layer, ``sim_maps`` learned similarity maps between the expression (its last word's
+            and its words' mean hidden state) and every image token's hidden state, each a dot product of two
+            learned ``sim_dim``-wide projections, as extra U-Net channels; 0 (the paper) = off.
     """
 
     base_architecture: str
@@ -100,6 +116,12 @@ class FLMMConfig:
     use_mask_prompt: bool = True
     use_box_prompt: bool = True
     use_text_prompt: bool = True
+    coord_channels: bool = False
+    word_slots: int = 0
+    word_slot_channels: int = 4
+    text_film: int = 0
+    sim_maps: int = 0
+    sim_dim: int = 16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,9 +150,11 @@ class _InterpConv(nn.Module):
 class UNetMaskHead(nn.Module):
     """``[B, C_in, H, W]`` attention maps -> ``[B, 1, H, W]`` mask logits: a U-Net with ``depth`` down-samplings,
     two 3x3 convs per level, GroupNorm(1) and InterpConv up-sampling; input zero-padded to a multiple of
-    ``2**depth`` and cropped back."""
+    ``2**depth`` and cropped back. With ``cond_dim`` > 0, ``forward(x, cond)`` scales and shifts every block's
+    output by ``(1 + gamma, beta)`` computed from ``cond`` ``[B, cond_dim]`` (FiLM); the projections start at zero,
+    so an untrained FiLM is the identity."""
 
-    def __init__(self, in_channels: int, channels: int = 32, depth: int = 3) -> None:
+    def __init__(self, in_channels: int, channels: int = 32, depth: int = 3, cond_dim: int = 0) -> None:
         super().__init__()
         widths = [channels * 2**i for i in range(depth + 1)]
         self.depth = depth
@@ -140,17 +164,29 @@ class UNetMaskHead(nn.Module):
         self.up = nn.ModuleList([_InterpConv(widths[i + 1], widths[i]) for i in reversed(range(depth))])
         self.decoder = nn.ModuleList([_conv_block(2 * widths[i], widths[i]) for i in reversed(range(depth))])
         self.head = nn.Conv2d(widths[0], 1, 1)
+        block_widths = widths + [widths[i] for i in reversed(range(depth))]
+        self.film = nn.ModuleList([nn.Linear(cond_dim, 2 * w) for w in block_widths]) if cond_dim else None
+        if self.film is not None:
+            for lin in self.film:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _film(self, k: int, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if self.film is None or cond is None:
+            return x
+        gamma, beta = self.film[k](cond)[:, :, None, None].chunk(2, 1)
+        return x * (1 + gamma) + beta
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         mult = 2**self.depth
         x = F.pad(x, (0, -w % mult, 0, -h % mult))
         skips = []
         for i, block in enumerate(self.encoder):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            x = self._film(i, block(x if i == 0 else F.max_pool2d(x, 2)), cond)
             skips.append(x)
-        for up, block, skip in zip(self.up, self.decoder, reversed(skips[:-1])):
-            x = block(torch.cat([skip, up(x)], 1))
+        for j, (up, block, skip) in enumerate(zip(self.up, self.decoder, reversed(skips[:-1]))):
+            x = self._film(len(self.encoder) + j, block(torch.cat([skip, up(x)], 1)), cond)
         return self.head(x)[..., :h, :w]
 
 
@@ -207,6 +243,22 @@ def _sam_pixels(image: Any, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def build_sam(sam_kwargs: dict[str, Any]) -> Any:
+    """A freshly initialised transformers ``SamModel`` from ``SamConfig`` keyword arguments, with SAM's own scale for
+    its random Fourier features.
+
+    transformers draws them (boxes, points and the image grid are all encoded with them) with std hidden_size / 2,
+    16 for ``TINY_SAM``; SAM's own draw uses 1. At 16 the frequencies are far above what a 16 x 16 grid resolves, so a
+    SAM trained from scratch cannot tell where a box or an image token is (measured: ``recipes/flmm/README.md``).
+    Real SAM weights (``FLMM.load_sam_weights``) overwrite the draw.
+    """
+    from transformers import SamConfig, SamModel
+
+    sam = SamModel(SamConfig(**sam_kwargs))
+    nn.init.normal_(sam.shared_image_embedding.positional_embedding, std=1.0)
+    return sam
+
+
 @dataclass
 class GroundingOutput:
     """Mask logits in the square frame: ``coarse`` ``[B, 1, map_size, map_size]``, ``refined`` ``[B, 1, m, m]``."""
@@ -224,8 +276,6 @@ class FLMM(nn.Module):
 
     def __init__(self, cfg: FLMMConfig) -> None:
         super().__init__()
-        from transformers import SamConfig, SamModel
-
         self.cfg = cfg
         self.lmm = create_model(cfg.base_architecture, **cfg.base_args)
         for p in self.lmm.parameters():
@@ -233,8 +283,20 @@ class FLMM(nn.Module):
         self.lmm.eval()
         llm_cfg = self.lmm.llm.config
         self.num_layers, self.num_heads = llm_cfg.num_hidden_layers, llm_cfg.num_attention_heads
-        self.mask_head = UNetMaskHead(self.num_layers * self.num_heads, cfg.unet_channels, cfg.unet_depth)
-        self.refiner = SamModel(SamConfig(**cfg.sam))
+        maps = self.num_layers * self.num_heads
+        in_channels = (maps + 2 * cfg.coord_channels + cfg.word_slots * cfg.word_slot_channels
+                       + self.num_layers * cfg.sim_maps)  # fmt: skip
+        self.mask_head = UNetMaskHead(in_channels, cfg.unet_channels, cfg.unet_depth, cfg.text_film)
+        if cfg.word_slots:
+            self.word_reduce = nn.Conv2d(maps, cfg.word_slot_channels, 1)
+        if cfg.sim_maps:
+            d, width = self.lmm.llm.hidden_size, cfg.sim_maps * cfg.sim_dim
+            self.sim_text = nn.ModuleList([nn.Linear(2 * d, width) for _ in range(self.num_layers)])
+            self.sim_image = nn.ModuleList([nn.Linear(d, width) for _ in range(self.num_layers)])
+        if cfg.text_film:
+            self.text_cond = nn.Sequential(nn.Linear(2 * self.num_layers * self.lmm.llm.hidden_size, cfg.text_film),
+                                           nn.GELU())  # fmt: skip
+        self.refiner = build_sam(cfg.sam)
         d_sam = self.refiner.config.prompt_encoder_config.hidden_size
         self.layer_weights = nn.Parameter(torch.ones(self.num_layers))
         self.text_proj = nn.Linear(self.lmm.llm.hidden_size, d_sam)
@@ -303,7 +365,10 @@ class FLMM(nn.Module):
     def lmm_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, word_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, L*H, g, g]`` word-merged attention maps, ``[L, B, T, D]`` hidden states of every layer)."""
+        """``([B, L*H * (1 + word_slots), g, g]`` attention maps, ``[L, B, T, D]`` hidden states of every layer).
+
+        The maps: the ``L x H`` word-merged ones, then (``word_slots`` > 0) the ``L x H`` maps of each of the first
+        ``word_slots`` words of the expression, zeros where an expression is shorter."""
         media = self.lmm.media_mask(input_ids)
         capture = AttentionCapture(layers=range(self.num_layers), keys=media_key_positions(media), queries="all")
         hidden: list[torch.Tensor] = []
@@ -315,7 +380,9 @@ class FLMM(nn.Module):
             self.lmm(input_ids, attention_mask, pixel_values, hooks=[keep_hidden],
                      layer_kwargs={"attention_capture": capture})  # fmt: skip
         w = word_mask[:, None, :, None]
-        per_layer = []
+        counts = word_mask.sum(1)
+        T = word_mask.shape[1]
+        per_layer, per_slot = [], []
         for layer in range(self.num_layers):
             # [B, H, T, K]; rows of left padding attend to nothing (NaN), so select with where, never multiply
             maps = capture.maps[layer][0].float()
@@ -324,7 +391,15 @@ class FLMM(nn.Module):
             else:
                 merged = maps.masked_fill(~w, float("-inf")).amax(2)
             per_layer.append(merged)
-        stacked = torch.cat(per_layer, 1)  # [B, L*H, K]
+            slots = []
+            for j in range(self.cfg.word_slots):
+                # word j of each expression sits at T - count + j (rows are left-padded); absent words give zeros
+                pos = (T - counts + j).clamp(0, T - 1)
+                picked = maps[torch.arange(maps.shape[0]), :, pos]  # [B, H, K]
+                slots.append(torch.where((j < counts)[:, None, None], picked, 0.0))
+            per_slot.append(slots)
+        # [B, L*H, K], then (word_slots > 0) the L*H maps of word 0, of word 1, ...
+        stacked = torch.cat(per_layer + [torch.cat([s[j] for s in per_slot], 1) for j in range(self.cfg.word_slots)], 1)
         grid = math.isqrt(stacked.shape[-1])
         if grid * grid != stacked.shape[-1]:
             raise ValueError(f"{stacked.shape[-1]} image tokens are not a square grid")
@@ -332,12 +407,50 @@ class FLMM(nn.Module):
 
     # -- heads -----------------------------------------------------------------------------------------------------
 
-    def coarse_logits(self, maps: torch.Tensor) -> torch.Tensor:
-        """Each channel map divided by its own sum, up-sampled to ``map_size``, then the U-Net."""
-        maps = maps / maps.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+    def coarse_logits(self, maps: torch.Tensor, hidden: torch.Tensor | None = None,
+                      word_mask: torch.Tensor | None = None, media: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Each channel map divided by its own mean, up-sampled to ``map_size``, then the U-Net (with the word slots
+        reduced, the coordinate channels and the FiLM conditioning when configured; these need ``hidden`` and
+        ``word_mask``; the similarity maps also ``media``, the ``[B, T]`` image-token positions)."""
+        need = self.cfg.text_film or self.cfg.sim_maps
+        if need and (hidden is None or word_mask is None):
+            raise ValueError("text_film and sim_maps need the hidden states and the word mask")
+        if need:
+            last = hidden[:, :, -1]  # [L, B, D]: rows are left-padded, so the last word is the last position
+            w = word_mask[None, :, :, None]
+            sentence = torch.cat([last, torch.where(w, hidden, 0.0).sum(2) / w.sum(2).clamp_min(1)], -1)  # [L, B, 2D]
+        grid = maps.shape[-1]
+        # F-LMM divides each map by its sum; dividing by its mean (the same up to the constant g*g) keeps the values
+        # near 1, beside coordinate and similarity channels of that size (GroupNorm(1) would drown maps of ~1/g^2)
+        maps = maps / maps.mean((-2, -1), keepdim=True).clamp_min(1e-12)
         size = self.cfg.map_size
         maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-        return self.mask_head(maps)
+        n = self.num_layers * self.num_heads
+        parts = [maps[:, :n]]
+        if self.cfg.word_slots:
+            b = maps.shape[0]
+            words = maps[:, n:].reshape(b * self.cfg.word_slots, n, size, size)
+            parts.append(self.word_reduce(words).reshape(b, -1, size, size))
+        if self.cfg.coord_channels:
+            ramp = torch.linspace(-1.0, 1.0, size, device=maps.device)
+            parts += [ramp.view(1, 1, 1, size).expand(maps.shape[0], 1, size, size),
+                      ramp.view(1, 1, size, 1).expand(maps.shape[0], 1, size, size)]  # fmt: skip
+        if self.cfg.sim_maps:
+            if media is None:
+                raise ValueError("sim_maps needs the image-token positions (media)")
+            b, m, r = maps.shape[0], self.cfg.sim_maps, self.cfg.sim_dim
+            image = hidden[:, media].view(self.num_layers, b, -1, hidden.shape[-1])  # [L, B, K, D]
+            sims = []
+            for layer in range(self.num_layers):
+                q = self.sim_text[layer](sentence[layer]).view(b, m, 1, r)
+                k = self.sim_image[layer](image[layer]).view(b, -1, m, r).transpose(1, 2)  # [B, m, K, r]
+                sims.append((q * k).sum(-1) / math.sqrt(r))  # [B, m, K]
+            sim = torch.cat(sims, 1).view(b, -1, grid, grid)
+            parts.append(F.interpolate(sim, size=(size, size), mode="bilinear", align_corners=False))
+        cond = None
+        if self.cfg.text_film:
+            cond = self.text_cond(sentence.permute(1, 0, 2).flatten(1))
+        return self.mask_head(torch.cat(parts, 1), cond)
 
     def _text_tokens(self, hidden: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         """``[B, 1, N, D_sam]``: one token per word (layers mixed by softmax weights), padded with SAM's
@@ -404,7 +517,8 @@ class FLMM(nn.Module):
         **_: Any,
     ) -> GroundingOutput:
         maps, hidden = self.lmm_features(input_ids, attention_mask, pixel_values, word_mask)
-        coarse = self.coarse_logits(maps)
+        media = self.lmm.media_mask(input_ids) if self.cfg.sim_maps else None
+        coarse = self.coarse_logits(maps, hidden, word_mask, media)
         return GroundingOutput(coarse=coarse, refined=self.refine(coarse, hidden, word_mask, sam_pixel_values))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,24 @@ __all__ = ["FLMMModelConfig", "FLMMDataConfig", "FLMMEvalConfig", "FLMMStage", "
 
 
 class RefSegTrainSet(Dataset):
-    """``data.refseg`` samples as ``(image, expression, mask)`` triples."""
+    """``data.refseg`` samples as ``(image, expression, mask)`` triples; ``repeat`` lists every sample of a kind
+    that many times (rare kinds, e.g. ShapesRefSeg's relation expressions, seen more often)."""
 
-    def __init__(self, samples: Any) -> None:
+    def __init__(self, samples: Any, repeat: dict[str, int] | None = None, kinds: Sequence[str] | None = None) -> None:
         self.samples = samples
+        repeat = repeat or {}
+        if repeat and kinds is None:
+            raise ValueError("repeat needs the samples' kinds")
+        unknown = sorted(set(repeat) - set(kinds or ()))
+        if unknown or any(n < 1 for n in repeat.values()):
+            raise ValueError(f"repeat_kinds {repeat}: kinds must be among {sorted(set(kinds or ()))}, counts >= 1")
+        self.order = [i for i in range(len(samples)) for _ in range(repeat.get(kinds[i], 1) if repeat else 1)]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.order)
 
     def __getitem__(self, i: int) -> tuple[Any, str, Any]:
-        s = self.samples[i]
+        s = self.samples[self.order[i]]
         return s.load_image(), s.text, s.mask()
 
 
@@ -51,6 +60,19 @@ def _path(value: str | None, what: str) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"data.{what}: {p} does not exist (mmzoo never downloads; put the files there first)")
     return p
+
+
+def _sam_weights_dir(value: str) -> Path:
+    """A transformers ``SamModel`` directory: a path (a relative one also tried from the repository root, where the
+    tiny recipe's ``recipes/flmm/tiny_sam_shapes`` lives), or the name of one under ``zoo/weights/``."""
+    from zoo.registry import SHIPPED_WEIGHTS_DIR
+
+    given = Path(os.path.expandvars(value))
+    if not given.exists():
+        for candidate in (Path(__file__).resolve().parents[2] / given, SHIPPED_WEIGHTS_DIR / value):
+            if not given.is_absolute() and candidate.is_dir():
+                return candidate
+    return _path(value, "model.sam_weights")
 
 
 @register_stage("flmm")
@@ -80,6 +102,12 @@ class FLMMStage(StageModule):
             "use_mask_prompt": model_cfg.use_mask_prompt,
             "use_box_prompt": model_cfg.use_box_prompt,
             "use_text_prompt": model_cfg.use_text_prompt,
+            "coord_channels": model_cfg.coord_channels,
+            "word_slots": model_cfg.word_slots,
+            "word_slot_channels": model_cfg.word_slot_channels,
+            "text_film": model_cfg.text_film,
+            "sim_maps": model_cfg.sim_maps,
+            "sim_dim": model_cfg.sim_dim,
         }
         if model_cfg.sam is not None:
             args["sam"] = model_cfg.sam
@@ -90,7 +118,7 @@ class FLMMStage(StageModule):
         # The reference every LMM tensor is compared with after training (the issue's "frozen" check).
         self._base_state = {k: v.clone() for k, v in base.state_dict().items()}
         if model_cfg.sam_weights is not None:
-            self.model.load_sam_weights(str(_path(model_cfg.sam_weights, "model.sam_weights")))
+            self.model.load_sam_weights(str(_sam_weights_dir(model_cfg.sam_weights)))
         self._t_start: float | None = None
         self._t_train = 0.0
 
@@ -106,9 +134,10 @@ class FLMMStage(StageModule):
         for source in d.sources:
             if source == "shapes":
                 ds = refseg.ShapesRefSeg(d.world, "train", d.num_scenes)
+                train = RefSegTrainSet(ds, d.repeat_kinds, [kind for *_, kind in ds.index])
                 print(f"stage {self.stage.name}: ShapesRefSeg train, {d.num_scenes} scenes, {len(ds)} expressions "
-                      f"{ds.kinds()}", flush=True)  # fmt: skip
-                parts.append(RefSegTrainSet(ds))
+                      f"{ds.kinds()}, {len(train)} after repeat_kinds {d.repeat_kinds}", flush=True)  # fmt: skip
+                parts.append(train)
             elif source == "refcoco":
                 root, images = _path(d.refcoco_root, "refcoco_root"), _path(d.refcoco_images, "refcoco_images")
                 for name in d.refcoco_datasets:
@@ -139,7 +168,8 @@ class FLMMStage(StageModule):
         if reached:
             raise ValueError(
                 f"stage {self.stage.name}: F-LMM keeps the LMM frozen, but the trainable globs reach {len(reached)} "
-                f"of its tensors (e.g. lmm.{reached[0]}); train mask_head.*, refiner.*, layer_weights, text_proj.*"
+                f"of its tensors (e.g. lmm.{reached[0]}); train the heads (mask_head.*, refiner.*, layer_weights, "
+                f"text_proj.* and the optional word_reduce.*, text_cond.*, sim_text.*, sim_image.*)"
             )
         self._t_start = time.perf_counter()
 

@@ -21,10 +21,17 @@ class FLMMModelConfig:
     unet_channels: int = field(default=32, metadata={"min": 4})
     unet_depth: int = field(default=3, metadata={"min": 1})
     sam: dict[str, Any] | None = field(default=None, metadata={"help": "SamConfig kwargs (None: zoo.models.flmm.TINY_SAM)"})
-    sam_weights: str | None = field(default=None, metadata={"help": "local transformers SamModel dir for the refiner"})
+    sam_weights: str | None = field(default=None, metadata={"help": "transformers SamModel dir for the refiner, or the name of one under zoo/weights/"})
     use_mask_prompt: bool = True
     use_box_prompt: bool = True
     use_text_prompt: bool = True
+    coord_channels: bool = field(default=False, metadata={"help": "x, y channels for the U-Net (CoordConv)"})
+    word_slots: int = field(default=0, metadata={"min": 0, "help": "also the maps of the first N words, apart"})
+    word_slot_channels: int = field(default=4, metadata={"min": 1, "help": "channels each word's maps reduce to"})
+    text_film: int = field(default=0, metadata={"min": 0, "help": "FiLM the U-Net on the expression (width; 0 = off)"})
+    sim_maps: int = field(default=0, metadata={"min": 0,
+                          "help": "learned expression-to-image-token similarity maps per layer (0 = off)"})  # fmt: skip
+    sim_dim: int = field(default=16, metadata={"min": 1})
     cpu_threads: int | None = field(
         default=None,
         metadata={"min": 1, "help": "torch intra-op threads when training on CPU (null: torch's default); the tiny "
@@ -37,6 +44,9 @@ class FLMMDataConfig:
     sources: list[Literal["shapes", "refcoco", "png"]] = field(default_factory=lambda: ["shapes"])
     world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world (shapes)"})
     num_scenes: int = field(default=3000, metadata={"min": 1, "help": "shapes: train scenes"})
+    repeat_kinds: dict[str, int] = field(default_factory=dict,
+                                         metadata={"help": "shapes: times each sample of a kind is listed, e.g. "
+                                                   "{relation: 3}; unlisted kinds once"})  # fmt: skip
     refcoco_root: str | None = field(default=None, metadata={"help": "refcoco: folder holding <dataset>/refs(*).p"})
     refcoco_images: str | None = field(default=None, metadata={"help": "refcoco: the COCO train2014 folder"})
     refcoco_datasets: list[str] = field(default_factory=lambda: ["refcoco", "refcoco+", "refcocog"])
