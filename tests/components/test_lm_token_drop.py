@@ -203,12 +203,13 @@ def test_grouped_drops_run_sub_batches_and_match_rows_run_alone() -> None:
         _, one_tensor_steps, one_tensor_tokens = _decode(wrap, ids, mask, [hook_for(False)])
         without_cache = wrap(input_ids=ids, attention_mask=mask, hooks=[hook_for(True)])  # groups without caches
     torch.testing.assert_close(without_cache.logits, prefill.logits, atol=1e-5, rtol=1e-5)
-    calls = 1 + 2 + 3 * 2  # a prefill's hook calls: layer 0 whole, layer 1 two groups, layers 2-3 three
+    calls = 1 + 2 + 2 * 2  # a prefill's hook calls: layer 0 whole, then two groups per layer
     for part in (seen[:calls], seen[-calls:]):  # with a cache (then decoding), and the forward without one
         groups: dict[int, list[list[int]]] = {}
         for i, rows in part:
             groups.setdefault(i, []).append(sorted(rows))
-        assert groups == {0: [[0, 1, 2, 3]], 1: [[0, 1], [2, 3]], 2: [[0, 1], [2], [3]], 3: [[0, 1], [2], [3]]}
+        # after layer 1 row 2 is as short as rows 0 and 1 (which dropped after layer 0): one group, not two
+        assert groups == {0: [[0, 1, 2, 3]], 1: [[0, 1], [2, 3]], 2: [[0, 1, 2], [3]], 3: [[0, 1, 2], [3]]}
     assert torch.equal(tokens, one_tensor_tokens)
     torch.testing.assert_close(steps, one_tensor_steps, atol=1e-5, rtol=1e-5)
     real_len = mask.sum(1)
@@ -229,3 +230,43 @@ def test_grouped_drops_run_sub_batches_and_match_rows_run_alone() -> None:
         ours_prompt = prefill.logits[b, prefill.logits.shape[1] - int(kept[b]) :]
         torch.testing.assert_close(ours_prompt, ref_prompt, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(steps[b], ref_steps, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("drop_after", [1, 3])
+def test_grouped_drop_that_cannot_split_compacts_like_a_plain_drop(drop_after: int) -> None:
+    """Where the loop may not split (``layer_kwargs`` present, or a drop after the last layer), a grouped drop is
+    applied as one compacted batch: the same logits as the plain drop; a second hook of the same layer already sees
+    the shortened rows."""
+    wrap = _wrapper("phi")
+    ids, mask = _batch()
+    keep = _keep(mask, same_count=False)
+    seen: dict[bool, list[tuple[int, ...]]] = {True: [], False: []}
+
+    def drop(group: bool):
+        def hook(i, state):
+            if i == drop_after and state.hidden.shape[1] == keep.shape[1]:
+                return wrap.drop_tokens(state, keep, group_min_saving=0.0 if group else None)
+            return None
+
+        return hook
+
+    def look(group: bool):
+        def hook(i, state):
+            if i == drop_after:
+                seen[group].append((tuple(state.hidden.shape), int(state.padding_mask.sum())))
+
+        return hook
+
+    with torch.no_grad():
+        outs = {
+            group: wrap(
+                input_ids=ids, attention_mask=mask, use_cache=True, hooks=[drop(group), look(group)],
+                layer_kwargs={"unused_flag": None} if drop_after == 1 else None,
+            )
+            for group in (True, False)
+        }
+    assert seen[True] == seen[False] == [((3, 7, 32), int(keep.sum()))]
+    torch.testing.assert_close(outs[True].logits, outs[False].logits, atol=1e-6, rtol=1e-6)
+    assert [outs[True].cache.get_seq_length(i) for i in range(4)] == [
+        outs[False].cache.get_seq_length(i) for i in range(4)
+    ]

@@ -74,6 +74,9 @@ class LMState:
     # Set by ``drop_tokens(..., group_min_saving=s)``: after the hooks the loop splits this state into length groups
     # if that saves at least the share ``s`` of the padded token-slots.
     regroup: float | None = field(default=None, repr=False)
+    # With ``regroup``: the tokens to keep (``[B, T]`` bool), applied by the loop together with the split, so a
+    # grouped drop copies each kept token once (straight into its sub-batch) instead of compacting, then splitting.
+    pending_keep: torch.Tensor | None = field(default=None, repr=False)
 
 
 class LMCache:
@@ -305,10 +308,11 @@ class CausalLMWrapper(nn.Module):
         already ran keep the full sequence; ``LMCache`` records both for decoding.
 
         ``group_min_saving=s`` lets the loop run the later layers of this prefill on sub-batches grouped by kept
-        length (``_split_by_length``) instead of one tensor padded to the longest row, when that saves at least the
-        share ``s`` of the padded token-slots (each sub-batch costs one more call per layer; 0 splits whenever
-        anything is saved). That is what makes a batch cheaper when only some rows dropped tokens. The groups'
-        caches are merged back (left-padded per layer) at the end of the forward, so decoding is unchanged. Hooks running after such a drop must index per-row records with
+        length (``_regroup``, over the rows of all current sub-batches, at most two) instead of one tensor padded to
+        the longest row, when that saves at least the share ``s`` of the padded token-slots (each sub-batch costs one
+        more call per layer; 0 splits whenever anything is saved). That is what makes a batch cheaper when only some
+        rows dropped tokens. The groups' caches are merged back (left-padded per layer) at the end of the forward, so
+        decoding is unchanged. Hooks running after such a drop must index per-row records with
         ``state.rows``.
         """
         if any(kind != "full_attention" for kind in self.layer_types()):
@@ -319,6 +323,10 @@ class CausalLMWrapper(nn.Module):
         if keep.shape != state.padding_mask.shape:
             raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {tuple(state.padding_mask.shape)}")
         keep = keep.bool() & state.padding_mask.bool()
+        if group_min_saving is not None:
+            # The loop applies ``keep`` when it regroups, right after the hooks of this layer (``_regroup``).
+            state.pending_keep, state.regroup = keep, group_min_saving
+            return state
         kept = keep.sum(1)
         new_len = int(kept.max()) if kept.numel() else 0
         rows, cols = keep.nonzero(as_tuple=True)
@@ -333,12 +341,6 @@ class CausalLMWrapper(nn.Module):
         state.hidden, state.position_ids, state.padding_mask = hidden, positions, padding
         state.position_embeddings = self.lm.base_model.rotary_emb(hidden, positions)
         nxt = state.layer + 1
-        state.regroup = group_min_saving
-        if group_min_saving is not None:
-            # The loop regroups this state next and builds each group's masks; if it keeps the state whole,
-            # ``_sync_masks`` builds them before the next layer (``masks`` empty, ``mask_past`` unset).
-            state.masks, state.mask_past, state.attention_mask = {}, None, padding
-            return state
         if state.cache is not None and nxt < len(self.layers):
             state.mask_past = state.cache.past_padding(nxt, bsz, hidden.device)
             state.attention_mask = torch.cat([state.mask_past, padding], dim=1)
@@ -349,24 +351,46 @@ class CausalLMWrapper(nn.Module):
             state.masks = self.build_masks(state)
         return state
 
-    def _split_by_length(self, state: LMState) -> list[LMState]:
-        """Split a left-padded state into two sub-batches by real length when that saves padded token-slots.
+    def _regroup(self, states: list[LMState]) -> list[LMState]:
+        """Apply the pending drops of ``states`` (one prefill's sub-batches, all after the same layer) and re-partition
+        all their rows into at most two left-padded sub-batches by kept length, when that saves padded token-slots.
 
-        Sorting the rows by length, the cut that minimises ``sum(rows_g * longest_g)`` is taken if it saves at least
-        the share ``state.regroup`` of the slots. Each group is the left-padded tail of its rows, so every row keeps
-        its tokens, positions and rotary embeddings bit for bit. Only from an empty cache for the layers still to run
-        (prefill) and without ``layer_kwargs`` (they may hold per-row tensors): a group then caches its rows in a
-        fresh ``LMCache`` that ``_merge_groups`` joins back.
+        Called after a ``drop_tokens(..., group_min_saving=s)``. Sorting all rows by kept length, the cut that
+        minimises ``sum(rows_g * longest_g)`` is taken if it saves at least the share ``s`` of the slots of one batch
+        padded to the longest row; otherwise all rows run as one batch. Rows that dropped tokens after different
+        layers but are as long run together (one call per layer, not one per drop layer). Each kept token is copied
+        once, straight to its place in its sub-batch (``_gather_rows``), with its position and rotary embedding bit
+        for bit. A group that holds all rows of one state reuses that state and its cache; a new group caches its
+        rows in a fresh ``LMCache`` that ``_merge_groups`` joins back. Splitting needs empty caches for the layers
+        still to run (prefill) and no ``layer_kwargs`` (they may hold per-row tensors); otherwise every state is only
+        compacted.
         """
-        min_saving, state.regroup = state.regroup, None
-        nxt = state.layer + 1
-        if nxt >= len(self.layers) or state.layer_kwargs or state.hidden.shape[0] < 2:
-            return [state]
-        cache = state.cache
-        if cache is not None and any(cache.get_seq_length(j) for j in range(nxt, len(self.layers))):
-            return [state]
-        lengths = state.padding_mask.sum(1)
-        order = lengths.argsort()
+        savings = [s.regroup for s in states if s.regroup is not None]
+        for s in states:
+            s.regroup = None
+        nxt = states[0].layer + 1
+        splittable = (
+            bool(savings)
+            and nxt < len(self.layers)
+            and not any(s.layer_kwargs for s in states)
+            and not any(
+                s.cache is not None and any(s.cache.get_seq_length(j) for j in range(nxt, len(self.layers)))
+                for s in states
+            )
+        )
+        if not splittable:
+            return [self._compact(s) if s.pending_keep is not None else s for s in states]
+        min_saving = min(savings)
+        dev = states[0].hidden.device
+        keeps = [s.pending_keep if s.pending_keep is not None else s.padding_mask.bool() for s in states]
+        # every row of the batch: its state, its index there, its kept length, its row of the forward's batch
+        source = torch.cat([torch.full((k.shape[0],), j, dtype=torch.long) for j, k in enumerate(keeps)])
+        local = torch.cat([torch.arange(k.shape[0]) for k in keeps])
+        lengths = torch.cat([k.sum(1).cpu() for k in keeps])
+        batch_rows = torch.cat([
+            (s.rows.cpu() if s.rows is not None else torch.arange(s.hidden.shape[0])) for s in states
+        ])
+        order = lengths.argsort(stable=True)
         sorted_len = lengths[order].tolist()
         bsz, longest = len(sorted_len), sorted_len[-1]
         # cut c: rows order[:c] padded to sorted_len[c - 1], the rest to the longest
@@ -378,31 +402,92 @@ class CausalLMWrapper(nn.Module):
             if cost < best_cost:
                 best_cut, best_cost = c, cost
         if best_cut == 0 or best_cost > (1 - min_saving) * bsz * longest:
-            return [state]
+            parts = [(order, longest)]
+        else:
+            parts = [(order[:best_cut], sorted_len[best_cut - 1]), (order[best_cut:], longest)]
         groups = []
-        for idx, width in ((order[:best_cut], sorted_len[best_cut - 1]), (order[best_cut:], longest)):
-            idx = idx.sort().values
-            sub_cache = self.new_cache() if cache is not None else None
-            padding = state.padding_mask[idx, -width:] if width else state.padding_mask[idx, :0]
-            sub = LMState(
-                hidden=state.hidden[idx, state.hidden.shape[1] - width:],
-                position_ids=state.position_ids[idx, state.position_ids.shape[1] - width:],
-                padding_mask=padding,
-                attention_mask=padding,
-                cache=sub_cache,
-                position_embeddings=tuple(
-                    t[idx, t.shape[1] - width:] for t in state.position_embeddings
-                ) if state.position_embeddings is not None else None,
-                layer=state.layer,
-                extras=state.extras,
-                rows=idx if state.rows is None else state.rows[idx],
+        for members, width in parts:
+            members = members[batch_rows[members].argsort()]  # a group's rows in batch order
+            srcs = source[members]
+            whole = states[int(srcs[0])]
+            if bool((srcs == srcs[0]).all()) and members.numel() == whole.hidden.shape[0]:
+                # all rows of one state: that state (and its cache) goes on, compacted if it dropped tokens
+                groups.append(self._compact(whole) if whole.pending_keep is not None else whole)
+                continue
+            pieces = []
+            for j in srcs.unique().tolist():
+                at = (srcs == j).nonzero(as_tuple=True)[0]
+                pieces.append((at.to(dev), states[j], keeps[j], local[members[at]].to(dev)))
+            hidden, positions, rope, padding = self._gather_rows(members.numel(), width, pieces)
+            groups.append(
+                LMState(
+                    hidden=hidden,
+                    position_ids=positions,
+                    padding_mask=padding,
+                    attention_mask=padding,
+                    cache=self.new_cache() if states[0].cache is not None else None,
+                    position_embeddings=rope,
+                    layer=states[0].layer,
+                    extras=states[0].extras,
+                    rows=batch_rows[members].to(dev),
+                )  # masks: built by ``_sync_masks`` before the next layer (``masks`` empty)
             )
-            if sub_cache is not None:
-                sub.mask_past = sub_cache.past_padding(nxt, idx.numel(), padding.device)
-                sub.attention_mask = torch.cat([sub.mask_past, padding], dim=1)
-            sub.masks = self.build_masks(sub, nxt if sub_cache is not None else None)
-            groups.append(sub)
         return groups
+
+    def _compact(self, state: LMState) -> LMState:
+        """Apply ``state.pending_keep`` in place: the kept tokens, left-padded to the longest kept row."""
+        keep, state.pending_keep = state.pending_keep, None
+        n, dev = keep.shape[0], keep.device
+        width = int(keep.sum(1).max()) if n else 0
+        everything = torch.arange(n, device=dev)
+        state.hidden, state.position_ids, state.position_embeddings, state.padding_mask = self._gather_rows(
+            n, width, [(everything, state, keep, everything)]
+        )
+        state.masks, state.mask_past, state.attention_mask = {}, None, state.padding_mask  # ``_sync_masks`` builds
+        return state
+
+    @staticmethod
+    def _gather_rows(
+        n: int, width: int, pieces: list[tuple[torch.Tensor, LMState, torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor]:
+        """Hidden states, positions, rotary embeddings and padding of a new ``[n, width]`` left-padded sub-batch.
+
+        Each piece ``(at, state, keep, idx)`` puts rows ``idx`` of ``state`` (their tokens where ``keep``) at rows
+        ``at`` of the sub-batch, right-aligned. One ``index_select`` per tensor and piece: the source columns of every
+        row are found once, on small integer tensors (kept columns sorted behind -1 for the padding slots).
+        """
+        outs: dict[str, torch.Tensor] = {}
+        padding = None
+        for at, state, keep, idx in pieces:
+            seq = keep.shape[1]
+            key = torch.where(keep[idx], torch.arange(seq, device=keep.device), -1).sort(dim=1).values
+            cols = key[:, seq - width:] if width <= seq else torch.cat([key.new_full((len(idx), width - seq), -1), key], 1)
+            pad = cols < 0
+            flat = (idx[:, None] * seq + cols.clamp(min=0)).reshape(-1)
+            tensors = {"hidden": state.hidden, "positions": state.position_ids.expand(keep.shape[0], -1)}
+            if state.position_embeddings is not None:
+                tensors.update({f"rope{j}": t for j, t in enumerate(state.position_embeddings)})
+            for name, t in tensors.items():
+                vals = t.reshape(keep.shape[0] * seq, *t.shape[2:]).index_select(0, flat)
+                vals = vals.reshape(len(idx), width, *t.shape[2:])
+                vals = vals.masked_fill(pad.view(*pad.shape, *([1] * (t.dim() - 2))), 0)
+                if len(pieces) == 1:
+                    outs[name] = vals  # ``at`` is 0..n-1 here: pieces cover the sub-batch
+                else:
+                    if name not in outs:
+                        outs[name] = vals.new_zeros(n, *vals.shape[1:])
+                    outs[name].index_copy_(0, at, vals)
+            piece_padding = (~pad).long()
+            if len(pieces) == 1:
+                padding = piece_padding
+            else:
+                if padding is None:
+                    padding = piece_padding.new_zeros(n, width)
+                padding.index_copy_(0, at, piece_padding)
+        rope = None
+        if "rope0" in outs:
+            rope = tuple(outs[f"rope{j}"] for j in range(sum(k.startswith("rope") for k in outs)))
+        return outs["hidden"], outs["positions"], rope, padding
 
     @staticmethod
     def _scatter_rows(bsz: int, parts: list[tuple[torch.Tensor, torch.Tensor]], dim: int = 1) -> torch.Tensor:
@@ -513,7 +598,7 @@ class CausalLMWrapper(nn.Module):
         joined_parts: list[torch.Tensor] = []  # the groups' paddings that ``joined`` was built from
         joined = first_padding
         for i in range(len(self.layers)):
-            if len(states) == 1:
+            if len(states) == 1 and states[0].rows is None:
                 padding = states[0].padding_mask
             else:
                 grouped[i] = list(states)
@@ -532,11 +617,13 @@ class CausalLMWrapper(nn.Module):
                 state.layer_lengths = layer_lengths
                 state = self.run_layer(i, state)
                 for hook in hooks:
+                    if state.pending_keep is not None:
+                        state = self._compact(state)  # a later hook sees the drop of an earlier one
                     new = hook(i, state)
                     if new is not None:
                         state = new
-                after.extend(self._split_by_length(state) if state.regroup is not None else [state])
-            states = after
+                after.append(state)
+            states = self._regroup(after) if any(s.regroup is not None for s in after) else after
         if len(states) == 1 and states[0].rows is None:
             state = states[0]
         else:

@@ -105,7 +105,8 @@ def router_features(
     last_media = torch.where(media, cols, torch.full_like(cols, -1)).amax(1)
     span = (cols > last_media[:, None]) & (cols < last[:, None]) & padding.bool()
     count = span.sum(1)
-    mean = (span[..., None].to(hidden.dtype) * hidden).sum(1) / count.clamp(min=1)[:, None].to(hidden.dtype)
+    # one batched matmul instead of a [B, T, D] product and its sum: this runs after every layer of a prefill
+    mean = (span[:, None, :].to(hidden.dtype) @ hidden).squeeze(1) / count.clamp(min=1)[:, None].to(hidden.dtype)
     last_state = hidden[torch.arange(bsz, device=hidden.device), last]
     valid = (last_media >= 0) & (count > 0)
     return torch.cat([mean, last_state], dim=-1), valid
