@@ -223,9 +223,19 @@ class StageSpec:
     num_workers: int = field(default=0, metadata={"min": 0})
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     description: str = ""
-    # Filled in by the runner, not accepted from YAML.
-    out_dir: Path = field(default=Path("."), metadata={"yaml": False})
+    # Filled in by the runner, not accepted from YAML. No default folder: a stage built outside the runner must not
+    # write its exported data into whatever the current directory is.
+    out_dir: Path | None = field(default=None, metadata={"yaml": False})
     init_source: tuple[str, str] | None = field(default=None, metadata={"yaml": False})  # (kind, value) resolved
+
+    def run_dir(self) -> Path:
+        """The stage's run folder (``runs/<recipe>/<stage>``), the only place a stage writes to; set by the runner."""
+        if self.out_dir is None:
+            raise ValueError(
+                f"stage {self.name!r}: out_dir is not set. zoo.train.run_stage sets it to runs/<recipe>/<stage>; "
+                "when building a stage yourself, set stage.out_dir to a folder it may write in"
+            )
+        return Path(self.out_dir)
 
 
 @dataclass(kw_only=True)

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--thresholds", default="0.5,0.4,0.3,0.2,0.1", help="DyVTE p(exit) thresholds")
     p.add_argument("--fastv-layer", type=int, default=1, help="FastV pruning layer (the tiny LM has 4)")
-    p.add_argument("--fastv-keep", default="0.5,0.25,0.1", help="FastV kept fractions of the visual tokens")
+    p.add_argument("--fastv-keep", default="0.5,0.25,0.1", help="FastV kept fractions of the visual tokens (empty: no FastV points)")
     p.add_argument("--timing-threshold", type=float, default=0.5, help="DyVTE threshold whose prefill is timed")
     p.add_argument("--repeats", type=int, default=7, help="timed prefills per method and batch size")
     args = p.parse_args(argv)
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     model = zoo.load(args.model).eval()
     plain = f"dyvte:routers={args.routers},threshold=1.01"
     points = [_point(model, plain, args, out, "plain")]
-    for t in (float(x) for x in args.thresholds.split(",")):
+    for t in (float(x) for x in args.thresholds.split(",") if x.strip()):
         points.append(_point(model, f"dyvte:routers={args.routers},threshold={t}", args, out, f"dyvte_t{t}"))
-    for r in (float(x) for x in args.fastv_keep.split(",")):
+    for r in (float(x) for x in args.fastv_keep.split(",") if x.strip()):
         points.append(_point(model, f"fastv:layer={args.fastv_layer},keep={r}", args, out, f"fastv_k{r}"))
     spec = f"dyvte:routers={args.routers},threshold={args.timing_threshold}"
     timing = {}

@@ -232,3 +232,16 @@ def test_questions_per_kind_literal_lists_the_worlds_kinds():
 
     key_type = typing.get_args(typing.get_type_hints(MoELLaVADataConfig)["questions_per_kind"])[0]
     assert typing.get_args(key_type) == QA_KINDS  # the config's copy (kept import-free) matches the world's
+
+
+def test_stage_outside_the_runner_refuses_to_write_into_the_current_directory(toy_runs, tmp_path, monkeypatch):
+    """A stage whose out_dir the runner did not set says so instead of exporting data/ into the cwd."""
+    root, _ = toy_runs
+    recipe = load_recipe(root.parent.parent / "toy.yaml")
+    stage = recipe.stages[1]
+    assert stage.out_dir is None
+    monkeypatch.chdir(tmp_path)
+    task = MoELLaVAStage(stage.model, stage.data, stage.eval, stage)
+    with pytest.raises(ValueError, match="out_dir is not set"):
+        task.train_dataset()
+    assert list(tmp_path.iterdir()) == []

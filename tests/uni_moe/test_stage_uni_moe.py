@@ -29,7 +29,8 @@ def _model_cfg(**kw) -> UniMoEModelConfig:
 
 
 def _stage(tmp_path: Path, name: str, model_cfg: UniMoEModelConfig, init: bool = True) -> UniMoEStage:
-    spec = SimpleNamespace(name=name, out_dir=tmp_path / "runs" / name, init_source=("stage", "x") if init else None)
+    out = tmp_path / "runs" / name
+    spec = SimpleNamespace(name=name, out_dir=out, run_dir=lambda: out, init_source=("stage", "x") if init else None)
     torch.manual_seed(len(name))
     data = UniMoEDataConfig(items_per_modality=2, world=WORLD)
     return UniMoEStage(model_cfg, data, UniMoEEvalConfig(), spec)
@@ -153,7 +154,8 @@ def test_unimoe_json_data_is_checked_before_training(tmp_path: Path):
     path.write_text(json.dumps(records))
 
     def stage(**data) -> UniMoEStage:
-        spec = SimpleNamespace(name="s", out_dir=tmp_path / "runs" / "s", init_source=("stage", "x"))
+        out = tmp_path / "runs" / "s"
+        spec = SimpleNamespace(name="s", out_dir=out, run_dir=lambda: out, init_source=("stage", "x"))
         return UniMoEStage(_model_cfg(), UniMoEDataConfig(source="unimoe_json", json_paths=[str(path)], **data),
                            UniMoEEvalConfig(), spec)
 

@@ -112,7 +112,7 @@ class DyVTERouterStage(StageModule):
                 raise ValueError(f"stage {self.stage.name}: set model.base or init_from (the LLaVA-like base model)")
             kind, value = source
             if kind == "stage":  # an earlier stage of the same recipe: its export sits beside this stage's folder
-                return Path(self.stage.out_dir).parent / value / "final"
+                return self.stage.run_dir().parent / value / "final"
             name = value
         path = Path(name)
         return path if path.is_dir() else resolve_weights(name)

@@ -165,7 +165,7 @@ class MoELLaVAStage(StageModule):
         from data.shapes import ShapesWorld
         from data.shapes_llava import write_shapes_vqa
 
-        out = Path(self.stage.out_dir) / "data"
+        out = self.stage.run_dir() / "data"
         world = ShapesWorld(d.world)
         # The caption export also writes every scene's image (images/<id>.png), which the VQA records reuse.
         json_path = export_llava(world, "train", d.num_scenes, out, "caption")

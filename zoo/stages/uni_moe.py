@@ -304,7 +304,7 @@ class UniMoEStage(StageModule):
         """The decoder-layer FFNs of stage ``name``'s export (the runner's layout: runs/<recipe>/<stage>/final)."""
         from zoo.registry import load
 
-        path = Path(self.stage.out_dir).parent / name / "final"
+        path = self.stage.run_dir().parent / name / "final"
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"stage {self.stage.name!r} takes expert {expert} from stage {name!r}, which has "
                                     f"no export at {path}; run that stage first")
