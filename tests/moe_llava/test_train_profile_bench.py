@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -61,3 +62,47 @@ def test_profiler_report_medians_and_checkpoint_excess() -> None:
     assert rep["checkpoint_ms"] == pytest.approx(100.0)
     table = prof.format_table({"sft": rep})
     assert "| sft | 115.0 ms | 10.0 (9%) |" in table and "100 ms (4)" in table
+
+
+def _load_job_timer():
+    spec = importlib.util.spec_from_file_location("time_default_job", ROOT / "recipes/moe_llava/time_default_job.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_default_job_timer_clones_each_commit_and_tabulates_its_stages(tmp_path: Path) -> None:
+    """The back-to-back timer runs `make train` in a fresh clone of each commit and reads the stages' summaries;
+    here a stand-in Makefile writes summaries whose scores differ by commit."""
+    timer = _load_job_timer()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@t")
+    _git(repo, "config", "user.name", "t")
+    revs = []
+    for vqa in (84.0, 91.5):
+        make = ["train:"]
+        for stage in ("clip", "align", "sft", "moe"):
+            d = f"runs/moe_llava_shapes_tiny/{stage}"
+            summary = {"train_wall_s": 2.0, "steps": 10, "metrics": {"shapes_vqa/accuracy": vqa, "shapes_pope/f1": 95.0}}
+            make += [f"\tmkdir -p {d}", f"\techo '{json.dumps(summary)}' > {d}/summary.json"]
+        (repo / "Makefile").write_text("\n".join(make) + "\n")
+        _git(repo, "add", "Makefile")
+        _git(repo, "commit", "-qm", f"vqa {vqa}")
+        revs.append(_git(repo, "rev-parse", "--short", "HEAD"))
+    out = tmp_path / "out"
+    assert timer.main(["--repo", str(repo), "--out", str(out), *revs]) == 0
+    results = json.loads((out / "compare.json").read_text())
+    assert [r["sha"] for r in results] == revs
+    assert [r["stages"]["moe"]["metrics"]["shapes_vqa/accuracy"] for r in results] == [84.0, 91.5]
+    md = (out / "compare.md").read_text().splitlines()
+    assert len(md) == 4 and "| 1.00x |" in md[2] and md[3].endswith("| 91.5 | 91.5 | 95.0 | 95.0 |")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*revs, *(f"{r}.log" for r in revs), "compare.json", "compare.md"])
+    with pytest.raises(FileExistsError, match="pass an empty --out folder"):
+        timer.main(["--repo", str(repo), "--out", str(out), revs[0]])
+
