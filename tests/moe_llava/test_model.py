@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -268,3 +270,26 @@ def test_image_pos_embed_adds_a_learned_vector_per_image_token(tmp_path) -> None
     loss, _, _ = model.train()(ids, mask, px, labels)
     loss.backward()
     assert model.image_pos_embed.grad is not None and model.image_pos_embed.grad.abs().sum() > 0
+
+
+def test_image_newline_appends_a_learned_marker_after_each_row(tmp_path) -> None:
+    plain, model = tiny(), tiny(image_newline=True)
+    side = math.isqrt(plain.num_image_tokens)
+    assert side * side == plain.num_image_tokens and plain.image_newline is None
+    assert model.num_image_tokens == side * (side + 1) and model.image_newline.shape == (32,)
+    ids, mask, px, labels = _batch(model)
+    with torch.no_grad():
+        feats = model.encode_images(px).reshape(px.shape[0], side, side + 1, 32)
+        # each row is the plain model's row (same seed, same weights), then the marker
+        torch.testing.assert_close(feats[:, :, :side].reshape(px.shape[0], -1, 32), plain.encode_images(px))
+        torch.testing.assert_close(feats[:, :, side], model.image_newline.expand(px.shape[0], side, 32))
+    save_pretrained(model, tmp_path / "m", model.architecture, model.model_args)
+    loaded = load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, px)[1], model(ids, mask, px)[1])
+    assert loaded.num_image_tokens == side * (side + 1)
+    loss, _, _ = model.train()(ids, mask, px, labels)
+    loss.backward()
+    assert model.image_newline.grad is not None and model.image_newline.grad.abs().sum() > 0
+    out = model.eval().generate([_image(0)], ["what color is the circle ?"], max_new_tokens=2)
+    assert len(out) == 1

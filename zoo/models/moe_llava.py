@@ -18,6 +18,7 @@ Differences from the official code (see ``zoo.convert.moe_llava`` for loading it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -77,6 +78,10 @@ class MoELLaVAConfig:
         image_pos_embed: add a learned embedding per image-token position to the projected features (not in
             MoE-LLaVA; off for every official layout). A small LM trained from scratch reads rows from the token
             order but not columns; this gives every image token its own learned position vector in the LM's space.
+        image_newline: LLaVA-NeXT's ``image_newline``: a learned embedding appended after each row of patch tokens
+            (an image then takes ``rows x (cols + 1)`` positions; off for every official MoE-LLaVA layout). The
+            raster order alone tells rows apart (8 tokens apart) but not columns; a row marker gives every token a
+            nearby anchor whose distance is its column.
     """
 
     vision: dict[str, Any]
@@ -89,6 +94,7 @@ class MoELLaVAConfig:
     attn_implementation: str = "sdpa"
     pad_to_square: bool = True
     image_pos_embed: bool = False
+    image_newline: bool = False
 
 
 def _registered_visual(vision: dict[str, Any]) -> nn.Module | None:
@@ -168,8 +174,15 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
         self.mm_projector = build_projector(cfg.projector, self.vision_tower.out_dim, self.llm.hidden_size)
         # Zero-initialised, so switching it on leaves a trained model's outputs unchanged until it trains.
         self.image_pos_embed = (
-            nn.Parameter(torch.zeros(self.num_image_tokens, self.llm.hidden_size)) if cfg.image_pos_embed else None
+            nn.Parameter(torch.zeros(self.vision_tower.num_patches, self.llm.hidden_size))
+            if cfg.image_pos_embed
+            else None
         )
+        # LLaVA-NeXT initialises it as randn / sqrt(width) (the scale of a token embedding); a square grid only.
+        self.image_newline = None
+        if cfg.image_newline:
+            self._grid_side()
+            self.image_newline = nn.Parameter(torch.randn(self.llm.hidden_size) / self.llm.hidden_size**0.5)
         self.template = get_template(cfg.template)
         # The media this model reads, in the order their features are filled (see zoo.components.modality). A
         # model with neither an image id nor a tokenizer to find one runs on text only.
@@ -202,7 +215,16 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision_tower.num_patches
+        """Positions one image takes: the tower's patch tokens, plus one row marker per row with ``image_newline``."""
+        n = self.vision_tower.num_patches
+        return n + self._grid_side() if self.cfg.image_newline else n
+
+    def _grid_side(self) -> int:
+        n = self.vision_tower.num_patches
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"image_newline needs a square grid of patch tokens (no CLS token); the tower gives {n}")
+        return side
 
     def _resolve_image_token_id(self) -> int | None:
         if self.cfg.image_token_id is not None:
@@ -293,7 +315,14 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
         with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
             feats = self.vision_tower.forward_features(pixel_values.to(self._tower_dtype()))
         out = self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
-        return out if self.image_pos_embed is None else out + self.image_pos_embed.to(out.dtype)
+        if self.image_pos_embed is not None:
+            out = out + self.image_pos_embed.to(out.dtype)
+        if self.image_newline is not None:
+            n, side = out.shape[0], self._grid_side()
+            rows = out.reshape(n, side, side, out.shape[-1])
+            marker = self.image_newline.to(out.dtype).expand(n, side, 1, out.shape[-1])
+            out = torch.cat([rows, marker], dim=2).reshape(n, side * (side + 1), out.shape[-1])
+        return out
 
     def _tower_dtype(self) -> torch.dtype:
         p = next(self.vision_tower.parameters(), None)

@@ -68,6 +68,8 @@ class MoELLaVAStage(StageModule):
             args["image_token_id"] = model_cfg.image_token_id
         if model_cfg.image_pos_embed:
             args["image_pos_embed"] = True
+        if model_cfg.image_newline:
+            args["image_newline"] = True
         # Stage III builds the MoE model directly, so a resumed run's checkpoint matches the module tree;
         # a fresh run fills it from the dense stage-II checkpoint in init_from.
         args["moe"] = model_cfg.moe.to_dict() if model_cfg.moe is not None else None

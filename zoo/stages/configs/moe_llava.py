@@ -36,6 +36,10 @@ class MoELLaVAModelConfig:
     image_pos_embed: bool = field(
         default=False, metadata={"help": "learned per-position embedding added to the image tokens (train it too)"}
     )
+    image_newline: bool = field(
+        default=False,
+        metadata={"help": "LLaVA-NeXT's learned row marker after each row of image tokens (train it too)"},
+    )
     pretrained_lm: str | None = field(
         default=None, metadata={"help": "local Hugging Face causal-LM dir loaded into the LLM (stage I of real recipes)"}
     )
