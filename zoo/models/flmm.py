@@ -29,8 +29,10 @@ Differences from the official code, and why:
   says so); with real SAM weights (``load_sam_weights``) the recipe freezes it, as the paper does. A fresh SAM's
   Fourier features are drawn at SAM's own scale, not transformers' (``build_sam``).
 * Optional, off by default, on in the tiny recipe: coordinate channels, per-word map slots and a FiLM conditioning
-  of the U-Net on the expression's frozen hidden states; learned expression-to-image-token similarity maps
-  (``FLMMConfig``). They read only frozen-LMM outputs, so the LMM and its answers stay untouched.
+  of the U-Net on the expression's frozen hidden states, and a pixel-level correction of the refined logits from the
+  image (``pixel_refine``); off in it: learned expression-to-image-token similarity maps and the image as U-Net
+  channels (``FLMMConfig``). They read only frozen-LMM outputs and the image, so the LMM and its answers stay
+  untouched.
 """
 
 from __future__ import annotations
