@@ -183,7 +183,8 @@ def test_zoo_ground_writes_the_overlay_and_mask(flmm, tmp_path, capsys) -> None:
         main(["--model", str(model_dir), "--scene", "nowhere", "the square"])
 
 
-EXTRAS = {"coord_channels": True, "word_slots": 3, "word_slot_channels": 2, "text_film": 8, "sim_maps": 2, "sim_dim": 4}
+EXTRAS = {"coord_channels": True, "image_channels": True, "pixel_refine": 4, "word_slots": 3, "word_slot_channels": 2,
+          "text_film": 8, "sim_maps": 2, "sim_dim": 4}
 
 
 @pytest.fixture()
@@ -234,10 +235,10 @@ def test_film_starts_as_the_identity_and_every_extra_head_learns(flmm_extras, sa
         opt.step()
     got = {n.split(".")[0] for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got == {"mask_head", "refiner", "layer_weights", "text_proj", "word_reduce", "text_cond", "sim_text",
-                   "sim_image"}  # fmt: skip
+                   "sim_image", "pixel_head"}  # fmt: skip
     assert all(p.grad is None for p in m.lmm.parameters())
-    # the coarse head's input: 32 merged maps, 3 slots x 2 reduced channels, x and y, 4 layers x 2 similarity maps
-    assert m.mask_head.encoder[0][0].in_channels == 32 + 3 * 2 + 2 + 4 * 2
+    # the coarse head's input: 32 merged maps, 3 slots x 2 reduced channels, x and y, RGB, 4 layers x 2 similarity maps
+    assert m.mask_head.encoder[0][0].in_channels == 32 + 3 * 2 + 2 + 3 + 4 * 2
     ref = base.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in m.lmm.state_dict().items())
 
@@ -250,7 +251,7 @@ def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras,
     captured = {}
     handle = m.mask_head.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
     try:
-        m.coarse_logits(maps, hidden, batch["word_mask"], media)
+        m.coarse_logits(maps, hidden, batch["word_mask"], media, batch["sam_pixel_values"])
     finally:
         handle.remove()
     x = captured["x"]  # [B, C, map_size, map_size]; the similarity maps are the last 8 channels
@@ -263,7 +264,45 @@ def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras,
     expected = torch.nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
     torch.testing.assert_close(x[b, -8 + layer * 2 + k], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="media"):
-        m.coarse_logits(maps, hidden, batch["word_mask"])
+        m.coarse_logits(maps, hidden, batch["word_mask"], image=batch["sam_pixel_values"])
+
+
+def test_image_channels_are_sams_pixels_at_map_size(flmm_extras, samples) -> None:
+    m = flmm_extras
+    batch = _batch(m, samples)
+    maps, hidden = m.lmm_features(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["word_mask"])
+    media = m.lmm.media_mask(batch["input_ids"])
+    captured = {}
+    handle = m.mask_head.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
+    try:
+        m.coarse_logits(maps, hidden, batch["word_mask"], media, batch["sam_pixel_values"])
+    finally:
+        handle.remove()
+    # channels: 32 merged maps, 3 x 2 word slots, x and y, then the 3 image channels, then 8 similarity maps
+    rgb = captured["x"][:, 32 + 6 + 2 : 32 + 6 + 2 + 3]
+    size = m.cfg.map_size
+    expected = torch.nn.functional.interpolate(batch["sam_pixel_values"], size=(size, size), mode="area")
+    torch.testing.assert_close(rgb, expected)
+    with pytest.raises(ValueError, match="image"):
+        m.coarse_logits(maps, hidden, batch["word_mask"], media)
+
+
+def test_pixel_refine_starts_as_the_identity_and_sees_the_image(flmm_extras, samples) -> None:
+    m = flmm_extras
+    batch = _batch(m, samples)
+    with torch.no_grad():
+        out = m(**batch)
+        maps, hidden = m.lmm_features(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                      batch["word_mask"])  # fmt: skip
+        sam = m.refine(out.coarse, hidden, batch["word_mask"], batch["sam_pixel_values"])
+    torch.testing.assert_close(out.refined, sam)  # the correction's last conv starts at zero
+    assert m.pixel_head[0].in_channels == 5  # refined logits, coarse logits, RGB
+    torch.manual_seed(1)
+    torch.nn.init.normal_(m.pixel_head[-1].weight)
+    with torch.no_grad():
+        a = m.pixel_correction(sam, out.coarse, batch["sam_pixel_values"])
+        b = m.pixel_correction(sam, out.coarse, batch["sam_pixel_values"].flip(-1))
+    assert a.shape == sam.shape and not torch.allclose(a, b)
 
 
 def test_sam_fourier_features_at_sams_scale_and_the_pretrained_tiny_sam_loads(tmp_path) -> None:

@@ -29,8 +29,10 @@ Differences from the official code, and why:
   says so); with real SAM weights (``load_sam_weights``) the recipe freezes it, as the paper does. A fresh SAM's
   Fourier features are drawn at SAM's own scale, not transformers' (``build_sam``).
 * Optional, off by default, on in the tiny recipe: coordinate channels, per-word map slots and a FiLM conditioning
-  of the U-Net on the expression's frozen hidden states; learned expression-to-image-token similarity maps
-  (``FLMMConfig``). They read only frozen-LMM outputs, so the LMM and its answers stay untouched.
+  of the U-Net on the expression's frozen hidden states, and a pixel-level correction of the refined logits from the
+  image (``pixel_refine``); off in it: learned expression-to-image-token similarity maps and the image as U-Net
+  channels (``FLMMConfig``). They read only frozen-LMM outputs and the image, so the LMM and its answers stay
+  untouched.
 """
 
 from __future__ import annotations
@@ -100,6 +102,13 @@ class FLMMConfig:
             U-Net sees which word looked where ("circle" vs "blue square" in a relation); 0 (the paper) = off.
         text_film: width of a FiLM conditioning of every U-Net block on the expression (the frozen LMM's hidden
             states of the last word and the mean over words, of every layer); 0 (the paper) = off.
+        image_channels: append the image itself (SAM's normalised RGB input, area-resized to ``map_size``) to the
+            U-Net's input, so the coarse mask can follow the object's edges and colour instead of the blob of the
+            8 x 8 token grid; off in the paper (there only the refiner sees pixels).
+        pixel_refine: width of a last, pixel-level correction of the refined logits (three 3x3 convs at the
+            refiner's mask size over the refined logits, the up-sampled coarse logits and SAM's normalised RGB input,
+            added to the refined logits; the last conv starts at zero, so an untrained one is the identity), so mask
+            edges can follow the object's pixels instead of SAM's 4 x 4 up-sampling blocks; 0 (the paper) = off.
         sim_maps / sim_dim: per layer, ``sim_maps`` learned similarity maps between the expression (its last word's
             and its words' mean hidden state) and every image token's hidden state, each a dot product of two
             learned ``sim_dim``-wide projections, as extra U-Net channels; 0 (the paper) = off.
@@ -120,6 +129,8 @@ class FLMMConfig:
     word_slots: int = 0
     word_slot_channels: int = 4
     text_film: int = 0
+    image_channels: bool = False
+    pixel_refine: int = 0
     sim_maps: int = 0
     sim_dim: int = 16
 
@@ -284,7 +295,7 @@ class FLMM(nn.Module):
         llm_cfg = self.lmm.llm.config
         self.num_layers, self.num_heads = llm_cfg.num_hidden_layers, llm_cfg.num_attention_heads
         maps = self.num_layers * self.num_heads
-        in_channels = (maps + 2 * cfg.coord_channels + cfg.word_slots * cfg.word_slot_channels
+        in_channels = (maps + 2 * cfg.coord_channels + 3 * cfg.image_channels + cfg.word_slots * cfg.word_slot_channels
                        + self.num_layers * cfg.sim_maps)  # fmt: skip
         self.mask_head = UNetMaskHead(in_channels, cfg.unet_channels, cfg.unet_depth, cfg.text_film)
         if cfg.word_slots:
@@ -300,6 +311,12 @@ class FLMM(nn.Module):
         d_sam = self.refiner.config.prompt_encoder_config.hidden_size
         self.layer_weights = nn.Parameter(torch.ones(self.num_layers))
         self.text_proj = nn.Linear(self.lmm.llm.hidden_size, d_sam)
+        if cfg.pixel_refine:
+            w = cfg.pixel_refine
+            self.pixel_head = nn.Sequential(nn.Conv2d(5, w, 3, padding=1), nn.ReLU(True), nn.Conv2d(w, w, 3, padding=1),
+                                            nn.ReLU(True), nn.Conv2d(w, 1, 3, padding=1))  # fmt: skip
+            nn.init.zeros_(self.pixel_head[-1].weight)
+            nn.init.zeros_(self.pixel_head[-1].bias)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -408,10 +425,12 @@ class FLMM(nn.Module):
     # -- heads -----------------------------------------------------------------------------------------------------
 
     def coarse_logits(self, maps: torch.Tensor, hidden: torch.Tensor | None = None,
-                      word_mask: torch.Tensor | None = None, media: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                      word_mask: torch.Tensor | None = None, media: torch.Tensor | None = None,
+                      image: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Each channel map divided by its own mean, up-sampled to ``map_size``, then the U-Net (with the word slots
         reduced, the coordinate channels and the FiLM conditioning when configured; these need ``hidden`` and
-        ``word_mask``; the similarity maps also ``media``, the ``[B, T]`` image-token positions)."""
+        ``word_mask``; the similarity maps also ``media``, the ``[B, T]`` image-token positions; the image channels
+        ``image``, SAM's ``[B, 3, s, s]`` pixels)."""
         need = self.cfg.text_film or self.cfg.sim_maps
         if need and (hidden is None or word_mask is None):
             raise ValueError("text_film and sim_maps need the hidden states and the word mask")
@@ -435,6 +454,10 @@ class FLMM(nn.Module):
             ramp = torch.linspace(-1.0, 1.0, size, device=maps.device)
             parts += [ramp.view(1, 1, 1, size).expand(maps.shape[0], 1, size, size),
                       ramp.view(1, 1, size, 1).expand(maps.shape[0], 1, size, size)]  # fmt: skip
+        if self.cfg.image_channels:
+            if image is None:
+                raise ValueError("image_channels needs the image (SAM's pixel values)")
+            parts.append(F.interpolate(image.float(), size=(size, size), mode="area"))
         if self.cfg.sim_maps:
             if media is None:
                 raise ValueError("sim_maps needs the image-token positions (media)")
@@ -518,8 +541,19 @@ class FLMM(nn.Module):
     ) -> GroundingOutput:
         maps, hidden = self.lmm_features(input_ids, attention_mask, pixel_values, word_mask)
         media = self.lmm.media_mask(input_ids) if self.cfg.sim_maps else None
-        coarse = self.coarse_logits(maps, hidden, word_mask, media)
-        return GroundingOutput(coarse=coarse, refined=self.refine(coarse, hidden, word_mask, sam_pixel_values))
+        coarse = self.coarse_logits(maps, hidden, word_mask, media, sam_pixel_values)
+        refined = self.refine(coarse, hidden, word_mask, sam_pixel_values)
+        if self.cfg.pixel_refine:
+            refined = refined + self.pixel_correction(refined, coarse, sam_pixel_values)
+        return GroundingOutput(coarse=coarse, refined=refined)
+
+    def pixel_correction(self, refined: torch.Tensor, coarse: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_refine``'s additive correction of the ``[B, 1, m, m]`` refined logits, from them, the coarse
+        logits and SAM's RGB input, both resized to ``m``."""
+        m = refined.shape[-1]
+        up = F.interpolate(coarse, size=(m, m), mode="bilinear", align_corners=False)
+        rgb = F.interpolate(sam_pixel_values.float(), size=(m, m), mode="area")
+        return self.pixel_head(torch.cat([refined, up, rgb], 1))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """F-LMM's loss: BCE + Dice on the coarse and on the refined mask (weights 1), summed."""

@@ -106,6 +106,8 @@ class FLMMStage(StageModule):
             "word_slots": model_cfg.word_slots,
             "word_slot_channels": model_cfg.word_slot_channels,
             "text_film": model_cfg.text_film,
+            "image_channels": model_cfg.image_channels,
+            "pixel_refine": model_cfg.pixel_refine,
             "sim_maps": model_cfg.sim_maps,
             "sim_dim": model_cfg.sim_dim,
         }
@@ -169,7 +171,7 @@ class FLMMStage(StageModule):
             raise ValueError(
                 f"stage {self.stage.name}: F-LMM keeps the LMM frozen, but the trainable globs reach {len(reached)} "
                 f"of its tensors (e.g. lmm.{reached[0]}); train the heads (mask_head.*, refiner.*, layer_weights, "
-                f"text_proj.* and the optional word_reduce.*, text_cond.*, sim_text.*, sim_image.*)"
+                f"text_proj.* and the optional word_reduce.*, text_cond.*, sim_text.*, sim_image.*, pixel_head.*)"
             )
         self._t_start = time.perf_counter()
 

@@ -29,6 +29,9 @@ class FLMMModelConfig:
     word_slots: int = field(default=0, metadata={"min": 0, "help": "also the maps of the first N words, apart"})
     word_slot_channels: int = field(default=4, metadata={"min": 1, "help": "channels each word's maps reduce to"})
     text_film: int = field(default=0, metadata={"min": 0, "help": "FiLM the U-Net on the expression (width; 0 = off)"})
+    image_channels: bool = field(default=False, metadata={"help": "the image's RGB (SAM's input) as U-Net channels"})
+    pixel_refine: int = field(default=0, metadata={"min": 0, "help": "width of a pixel-level correction of the refined "
+                              "mask from the image (0 = off)"})  # fmt: skip
     sim_maps: int = field(default=0, metadata={"min": 0,
                           "help": "learned expression-to-image-token similarity maps per layer (0 = off)"})  # fmt: skip
     sim_dim: int = field(default=16, metadata={"min": 1})
