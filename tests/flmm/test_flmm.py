@@ -243,8 +243,8 @@ def test_film_starts_as_the_identity_and_every_extra_head_learns(flmm_extras, sa
     assert all(torch.equal(v, ref[k]) for k, v in m.lmm.state_dict().items())
 
 
-def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras, samples) -> None:
-    m = flmm_extras
+def _unet_input(m, samples):
+    """The batch, its LMM features and media mask, and the ``[B, C, s, s]`` input the U-Net received."""
     batch = _batch(m, samples)
     maps, hidden = m.lmm_features(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["word_mask"])
     media = m.lmm.media_mask(batch["input_ids"])
@@ -254,7 +254,12 @@ def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras,
         m.coarse_logits(maps, hidden, batch["word_mask"], media, batch["sam_pixel_values"])
     finally:
         handle.remove()
-    x = captured["x"]  # [B, C, map_size, map_size]; the similarity maps are the last 8 channels
+    return batch, maps, hidden, media, captured["x"]
+
+
+def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras, samples) -> None:
+    m = flmm_extras
+    batch, maps, hidden, media, x = _unet_input(m, samples)  # the similarity maps are x's last 8 channels
     b, layer, k = 1, 2, 1
     words = batch["word_mask"][b]
     sentence = torch.cat([hidden[layer, b, -1], hidden[layer, b, words].mean(0)])
@@ -269,17 +274,9 @@ def test_similarity_maps_are_scaled_dot_products_of_the_projections(flmm_extras,
 
 def test_image_channels_are_sams_pixels_at_map_size(flmm_extras, samples) -> None:
     m = flmm_extras
-    batch = _batch(m, samples)
-    maps, hidden = m.lmm_features(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["word_mask"])
-    media = m.lmm.media_mask(batch["input_ids"])
-    captured = {}
-    handle = m.mask_head.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
-    try:
-        m.coarse_logits(maps, hidden, batch["word_mask"], media, batch["sam_pixel_values"])
-    finally:
-        handle.remove()
+    batch, maps, hidden, media, x = _unet_input(m, samples)
     # channels: 32 merged maps, 3 x 2 word slots, x and y, then the 3 image channels, then 8 similarity maps
-    rgb = captured["x"][:, 32 + 6 + 2 : 32 + 6 + 2 + 3]
+    rgb = x[:, 32 + 6 + 2 : 32 + 6 + 2 + 3]
     size = m.cfg.map_size
     expected = torch.nn.functional.interpolate(batch["sam_pixel_values"], size=(size, size), mode="area")
     torch.testing.assert_close(rgb, expected)
