@@ -37,8 +37,8 @@ class FLMMModelConfig:
     sim_dim: int = field(default=16, metadata={"min": 1})
     cpu_threads: int | None = field(
         default=None,
-        metadata={"min": 1, "help": "torch intra-op threads when training on CPU (null: torch's default); the tiny "
-                  "heads run faster with 1 than with 2 threads that wait on each other"},
+        metadata={"min": 1, "help": "torch intra-op threads when training on CPU (null: torch's default); pin it "
+                  "to repeat a run's numbers, since the thread count changes the order of float sums"},
     )
 
 
