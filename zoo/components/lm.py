@@ -327,22 +327,12 @@ class CausalLMWrapper(nn.Module):
             # The loop applies ``keep`` when it regroups, right after the hooks of this layer (``_regroup``).
             state.pending_keep, state.regroup = keep, group_min_saving
             return state
-        kept = keep.sum(1)
-        new_len = int(kept.max()) if kept.numel() else 0
-        rows, cols = keep.nonzero(as_tuple=True)
-        dest = (keep.long().cumsum(1) - 1 + (new_len - kept)[:, None])[rows, cols]
-        bsz, dim = state.hidden.shape[0], state.hidden.shape[-1]
-        hidden = state.hidden.new_zeros(bsz, new_len, dim)
-        hidden[rows, dest] = state.hidden[rows, cols]
-        positions = state.position_ids.new_zeros(bsz, new_len)
-        positions[rows, dest] = state.position_ids.expand(bsz, -1)[rows, cols]
-        padding = state.padding_mask.new_zeros(bsz, new_len)
-        padding[rows, dest] = 1
-        state.hidden, state.position_ids, state.padding_mask = hidden, positions, padding
-        state.position_embeddings = self.lm.base_model.rotary_emb(hidden, positions)
+        state.pending_keep = keep
+        self._compact(state)  # the copy a grouped drop gets in ``_regroup``; then the masks for the next layer
+        bsz, padding = state.hidden.shape[0], state.padding_mask
         nxt = state.layer + 1
         if state.cache is not None and nxt < len(self.layers):
-            state.mask_past = state.cache.past_padding(nxt, bsz, hidden.device)
+            state.mask_past = state.cache.past_padding(nxt, bsz, padding.device)
             state.attention_mask = torch.cat([state.mask_past, padding], dim=1)
             state.masks = self.build_masks(state, nxt)
         else:
