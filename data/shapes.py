@@ -542,6 +542,42 @@ class ShapesWorld:
         unique = [_unique_descs(objects, i) for i in range(len(objects))]
         return self._vqa(lang, objects, radii, unique)
 
+    def position_questions(self, scene: Scene) -> list[QA]:
+        """Every position question ``scene`` answers unambiguously, in the templates of ``scene.vqa``.
+
+        For training data only: a scene lists at most one position question, and a 1-object scene is the only one
+        asked where its object sits in the image; here every object with a unique name gets its side of the image
+        (left / right, above / below the center) on each axis where it is clearly off-centre (the rule of
+        ``scene.vqa``: at least an eighth of the image), and every ordered pair of uniquely named objects gets each
+        relation that holds clearly (the rule of ``scene.vqa``).
+        """
+        objects = scene.objects
+        names = [o.name for o in objects]
+        named = [i for i, n in enumerate(names) if names.count(n) == 1]
+        half, clear = self.config.image_size / 2, self.config.image_size / 8
+        qas: list[QA] = []
+        for i in named:
+            o = objects[i]
+            dx, dy = o.center[0] + 0.5 - half, o.center[1] + 0.5 - half
+            if abs(dx) >= clear:
+                side = "left" if dx < 0 else "right"
+                qas.append(QA(f"Is the {o.name} on the left or on the right of the image?", side, "position"))
+            if abs(dy) >= clear:
+                side = "above" if dy < 0 else "below"
+                qas.append(QA(f"Is the {o.name} above or below the center of the image?", side, "position"))
+        for a in named:
+            for b in named:
+                if a == b:
+                    continue
+                horizontal, vertical = _relation(objects[a], objects[b], self._radius[objects[a].size],
+                                                 self._radius[objects[b].size])
+                if horizontal:
+                    qas.append(QA(f"Is the {names[a]} to the left or to the right of the {names[b]}?", horizontal,
+                                  "position"))
+                if vertical:
+                    qas.append(QA(f"Is the {names[a]} above or below the {names[b]}?", vertical, "position"))
+        return qas
+
     def scenes(self, split: str, n: int, start: int = 0) -> list[Scene]:
         return [self.scene(i, split) for i in range(start, start + n)]
 

@@ -272,6 +272,27 @@ def test_image_pos_embed_adds_a_learned_vector_per_image_token(tmp_path) -> None
     assert model.image_pos_embed.grad is not None and model.image_pos_embed.grad.abs().sum() > 0
 
 
+def test_image_pos_code_adds_a_fixed_grid_code_that_checkpoints_do_not_store(tmp_path) -> None:
+    from zoo.components.position_code import grid_position_code
+
+    plain, model = tiny(), tiny(image_pos_code=4.0)
+    side = math.isqrt(plain.num_image_tokens)
+    assert plain.image_pos_code is None
+    torch.testing.assert_close(model.image_pos_code, grid_position_code((side, side), 32, 4.0))
+    ids, mask, px, _ = _batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(px), plain.encode_images(px) + model.image_pos_code)
+    # the official key layout is unchanged: the code is rebuilt from model_args, not read from the weights
+    assert set(model.state_dict()) == set(plain.state_dict())
+    assert not any("pos_code" in n for n, _ in model.named_parameters())
+    save_pretrained(model, tmp_path / "m", model.architecture, model.model_args)
+    loaded = load(tmp_path / "m")
+    assert loaded.cfg.image_pos_code == 4.0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, px)[1], model(ids, mask, px)[1])
+        assert not torch.allclose(model(ids, mask, px)[1], plain(ids, mask, px)[1])
+
+
 def test_image_newline_appends_a_learned_marker_after_each_row(tmp_path) -> None:
     plain, model = tiny(), tiny(image_newline=True)
     side = math.isqrt(plain.num_image_tokens)

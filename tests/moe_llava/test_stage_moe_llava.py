@@ -215,6 +215,55 @@ def test_questions_per_kind_draws_more_questions_of_each_kind(tmp_path):
         _scene_questions(world, world.scene(0), {"colour": 1})
 
 
+def test_position_questions_answer_from_the_geometry():
+    from data.shapes import ShapesWorld, WorldConfig
+
+    world = ShapesWorld(WorldConfig(image_size=64))
+    seen = set()
+    for scene in world.iter_scenes("train", 40):
+        by_name = {o.name: o for o in scene.objects}
+        qas = world.position_questions(scene)
+        assert len({qa.question for qa in qas}) == len(qas) and all(qa.kind == "position" for qa in qas)
+        # the scene's own position question, when it has one about uniquely named objects, is among them
+        names = [o.name for o in scene.objects]
+        for qa in scene.vqa:
+            if qa.kind == "position" and all(names.count(n) == 1 for n in names):
+                assert (qa.question, qa.answer) in {(q.question, q.answer) for q in qas}
+        for qa in qas:
+            q = qa.question
+            if q.endswith("of the image?"):
+                o = by_name[q.removeprefix("Is the ").split(" on the left")[0].split(" above or")[0]]
+                x, y = o.center[0] + 0.5 - 32, o.center[1] + 0.5 - 32
+                want = ("left" if x < 0 else "right") if "left or" in q else ("above" if y < 0 else "below")
+                seen.add("image")
+            else:
+                rel = " to the left or to the right of the " if "to the left" in q else " above or below the "
+                a, b = (by_name[n] for n in q.removeprefix("Is the ").removesuffix("?").split(rel))
+                dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
+                want = ("left" if dx > 0 else "right") if "to the left" in q else ("above" if dy > 0 else "below")
+                seen.add("relation")
+            assert qa.answer == want, q
+    assert seen == {"image", "relation"}
+
+
+def test_extra_position_adds_position_questions_and_zero_changes_nothing(tmp_path):
+    from data.shapes import ShapesWorld, WorldConfig
+    from data.shapes_llava import write_shapes_vqa
+
+    world = ShapesWorld(WorldConfig(image_size=64))
+    plain = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0).read_text())
+    again = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0, extra_position=0).read_text())
+    assert plain == again
+    more = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0, extra_position=3).read_text())
+
+    def position_turns(records):
+        qs = [t["value"] for r in records for t in r["conversations"] if t["from"] == "human"]
+        return sum(" left or " in q or "above or below" in q for q in qs), len(qs)
+
+    (p0, n0), (p3, n3) = position_turns(plain), position_turns(more)
+    assert n3 - n0 == p3 - p0 and 30 < p3 - p0 <= 90  # only position questions were added, up to 3 a scene
+
+
 def test_recipe_validation_rejects_a_misspelt_question_kind(monkeypatch):
     from zoo.recipe import RecipeError
 

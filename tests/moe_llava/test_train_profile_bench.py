@@ -106,3 +106,24 @@ def test_default_job_timer_clones_each_commit_and_tabulates_its_stages(tmp_path:
     with pytest.raises(FileExistsError, match="pass an empty --out folder"):
         timer.main(["--repo", str(repo), "--out", str(out), revs[0]])
 
+
+
+def test_side_probe_tells_left_from_right_only_with_the_position_code(tmp_path: Path, capsys) -> None:
+    """The probe script on two tiny untrained models: with the code the projected object tokens say their side."""
+    import zoo
+    from zoo.registry import save_pretrained
+
+    spec = importlib.util.spec_from_file_location("side_probe", ROOT / "recipes/moe_llava/side_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = zoo.load("moe_llava_tiny.shapes")
+    args = {**base.model_args, "moe": None}
+    results = {}
+    for code in (0.0, 20.0):
+        model = zoo.create_model(base.architecture, **{**args, "image_pos_code": code})
+        save_pretrained(model, tmp_path / str(code), model.architecture, model.model_args)
+        mod.main(["--model", str(tmp_path / str(code)), "--scenes", "800"])
+        out = capsys.readouterr().out
+        assert "| projector output |" in out and out.count("after LM layer") == 4
+        results[code] = float(out.split("| projector output |")[1].split("|")[1])  # the test scenes' column
+    assert results[20.0] >= 90.0 and results[20.0] > results[0.0] + 15

@@ -37,6 +37,7 @@ from zoo.components.modality import (
     fill_media,
 )
 from zoo.components.modality import media_mask as modality_media_mask
+from zoo.components.position_code import grid_position_code
 from zoo.components.projector import build_projector
 from zoo.components.vision import VisionTowerConfig, build_vision_tower, image_to_tensor
 from zoo.conversation import IMAGE_PLACEHOLDER, get_template
@@ -82,6 +83,10 @@ class MoELLaVAConfig:
             (an image then takes ``rows x (cols + 1)`` positions; off for every official MoE-LLaVA layout). The
             raster order alone tells rows apart (8 tokens apart) but not columns; a row marker gives every token a
             nearby anchor whose distance is its column.
+        image_pos_code: the mean norm of a fixed 2-D sine-cosine code of each image token's grid position added to
+            the projected features (``zoo.components.position_code``; 0: off, as in every official layout). Unlike
+            ``image_pos_embed`` it is loud from step 0 and never drifts: the tiny LM answers left / right only once
+            the position is in the token at a scale comparable to the features (recipes/moe_llava/README.md).
     """
 
     vision: dict[str, Any]
@@ -95,6 +100,7 @@ class MoELLaVAConfig:
     pad_to_square: bool = True
     image_pos_embed: bool = False
     image_newline: bool = False
+    image_pos_code: float = 0.0
 
 
 def _registered_visual(vision: dict[str, Any]) -> nn.Module | None:
@@ -178,6 +184,12 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
             if cfg.image_pos_embed
             else None
         )
+        # Computed from the config, so not saved: checkpoints keep the official key layout.
+        code = None
+        if cfg.image_pos_code:
+            side = self._grid_side()
+            code = grid_position_code((side, side), self.llm.hidden_size, cfg.image_pos_code)
+        self.register_buffer("image_pos_code", code, persistent=False)
         # LLaVA-NeXT initialises it as randn / sqrt(width) (the scale of a token embedding); a square grid only.
         self.image_newline = None
         if cfg.image_newline:
@@ -317,6 +329,8 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
         out = self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
         if self.image_pos_embed is not None:
             out = out + self.image_pos_embed.to(out.dtype)
+        if self.image_pos_code is not None:
+            out = out + self.image_pos_code.to(out.dtype)
         if self.image_newline is not None:
             n, side = out.shape[0], self._grid_side()
             rows = out.reshape(n, side, side, out.shape[-1])

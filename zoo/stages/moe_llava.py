@@ -70,6 +70,8 @@ class MoELLaVAStage(StageModule):
             args["image_pos_embed"] = True
         if model_cfg.image_newline:
             args["image_newline"] = True
+        if model_cfg.image_pos_code:
+            args["image_pos_code"] = model_cfg.image_pos_code
         # Stage III builds the MoE model directly, so a resumed run's checkpoint matches the module tree;
         # a fresh run fills it from the dense stage-II checkpoint in init_from.
         args["moe"] = model_cfg.moe.to_dict() if model_cfg.moe is not None else None
@@ -174,7 +176,8 @@ class MoELLaVAStage(StageModule):
         if d.kind == "vqa":
             json_path = write_shapes_vqa(world, d.num_scenes, out, d.turns_per_conversation, d.pope_probes,
                                          d.answer_prompt, seed=self.stage.seed,
-                                         questions_per_kind=d.questions_per_kind)
+                                         questions_per_kind=d.questions_per_kind,
+                                         extra_position=d.extra_position)
         return read_llava_json(json_path, d.on_error), str(out)
 
     def train_dataset(self):

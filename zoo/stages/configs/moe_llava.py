@@ -40,6 +40,11 @@ class MoELLaVAModelConfig:
         default=False,
         metadata={"help": "LLaVA-NeXT's learned row marker after each row of image tokens (train it too)"},
     )
+    image_pos_code: float = field(
+        default=0.0,
+        metadata={"min": 0.0, "help": "mean norm of a fixed 2-D sine-cosine code of each image token's grid position, "
+                                      "added to the projected features (0: off, as in MoE-LLaVA)"},
+    )
     pretrained_lm: str | None = field(
         default=None, metadata={"help": "local Hugging Face causal-LM dir loaded into the LLM (stage I of real recipes)"}
     )
@@ -65,6 +70,11 @@ class MoELLaVADataConfig:
         default_factory=dict,
         metadata={"help": "shapes vqa: questions per scene of each kind (color, shape, count, position, exist), "
                           "drawn from fresh draws of the scene's question generator; empty: the scene's own list"},
+    )
+    extra_position: int = field(
+        default=0,
+        metadata={"min": 0, "help": "shapes vqa: up to this many more position questions per scene (each object's "
+                                    "side of the image, relations between two objects; ShapesWorld.position_questions)"},
     )
     json_paths: list[str] = field(default_factory=list, metadata={"help": "LLaVA JSON files ($VARS expanded)"})
     image_folder: str | None = field(default=None, metadata={"help": "image root (default: each JSON's folder)"})
