@@ -542,14 +542,15 @@ class ShapesWorld:
         unique = [_unique_descs(objects, i) for i in range(len(objects))]
         return self._vqa(lang, objects, radii, unique)
 
-    def position_questions(self, scene: Scene) -> list[QA]:
-        """Every position question ``scene`` answers unambiguously, in the templates of ``scene.vqa``.
+    def spatial_questions(self, scene: Scene) -> list[QA]:
+        """Every question about where things are that ``scene`` answers unambiguously, in the templates of ``scene.vqa``.
 
-        For training data only: a scene lists at most one position question, and a 1-object scene is the only one
-        asked where its object sits in the image; here every object with a unique name gets its side of the image
-        (left / right, above / below the center) on each axis where it is clearly off-centre (the rule of
-        ``scene.vqa``: at least an eighth of the image), and every ordered pair of uniquely named objects gets each
-        relation that holds clearly (the rule of ``scene.vqa``).
+        For training data only. A scene lists at most one position question (a 1-object scene is the only one asked
+        where its object sits in the image) and seldom a colour / shape question whose object is named by its place.
+        Here: every uniquely named object's side of the image on each axis where it is clearly off-centre (the rule
+        of ``scene.vqa``: at least an eighth of the image), every clear relation between two uniquely named objects
+        (the rule of ``scene.vqa``), and the colour and shape of every object that a phrase with a position word
+        ("the object on the left", "the circle at the top") names alone.
         """
         objects = scene.objects
         names = [o.name for o in objects]
@@ -576,6 +577,14 @@ class ShapesWorld:
                                   "position"))
                 if vertical:
                     qas.append(QA(f"Is the {names[a]} above or below the {names[b]}?", vertical, "position"))
+        for i, o in enumerate(objects):
+            for d in _unique_descs(objects, i):
+                if d.position is None:
+                    continue
+                if d.color is None:
+                    qas.append(QA(f"What color is the {d.text()}?", o.color, "color"))
+                if d.shape is None:
+                    qas.append(QA(f"What shape is the {d.text()}?", o.shape, "shape"))
         return qas
 
     def scenes(self, split: str, n: int, start: int = 0) -> list[Scene]:

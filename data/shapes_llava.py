@@ -34,7 +34,7 @@ def shapes_tokenizer(world: WorldConfig, num_scenes: int):
 
 
 def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_probes: int, answer_prompt: bool,
-                     seed: int, questions_per_kind: dict[str, int] | None = None, extra_position: int = 0) -> Path:
+                     seed: int, questions_per_kind: dict[str, int] | None = None, extra_spatial: int = 0) -> Path:
     """LLaVA JSON of the train scenes' questions, shuffled per scene and cut into conversations of ``turns``.
 
     The world lists a scene's questions in a fixed order (colour, shape, count, position, existence), and evaluation
@@ -44,10 +44,11 @@ def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_pr
     adversarial absent ones) add the existence questions POPE asks. ``questions_per_kind`` (e.g. ``{"color": 3}``)
     replaces the scene's one-per-kind list by that many distinct questions of each kind, gathered over fresh draws
     of the world's question generator (fewer where the scene has fewer to give: one object has few colour
-    phrases); kinds not named get none. ``extra_position`` adds up to that many more position questions per scene,
-    drawn from every one the scene answers (``ShapesWorld.position_questions``: each object's side of the image,
-    every clear relation between two objects), so where objects are supervises more than one answer in six. Images are ``images/<id>.png`` under ``out`` (written by the caption
-    export).
+    phrases); kinds not named get none. ``extra_spatial`` adds up to that many more questions per scene
+    about where things are, drawn from every one the scene answers (``ShapesWorld.spatial_questions``: each
+    object's side of the image, every clear relation between two objects, the colour and shape of an object named
+    by its place), so that where objects are supervises more than one answer in six. Images are
+    ``images/<id>.png`` under ``out`` (written by the caption export).
     """
     from zoo.registry import atomic_write
 
@@ -55,9 +56,9 @@ def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_pr
     for scene in world.iter_scenes("train", num_scenes):
         rng = np.random.default_rng(mix_seed(seed, scene.index))
         qas = {qa.question: qa.answer for qa in _scene_questions(world, scene, questions_per_kind)}
-        if extra_position:
-            more = [qa for qa in world.position_questions(scene) if qa.question not in qas]
-            for i in sorted(rng.permutation(len(more))[:extra_position]):
+        if extra_spatial:
+            more = [qa for qa in world.spatial_questions(scene) if qa.question not in qas]
+            for i in sorted(rng.permutation(len(more))[:extra_spatial]):
                 qas[more[i].question] = more[i].answer
         probes = {p.question: p.answer for p in scene.pope if p.question not in qas}
         # As many "yes" as "no" probes: absent objects outnumber present ones, and a model fed the imbalance

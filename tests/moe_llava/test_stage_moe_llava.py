@@ -215,15 +215,15 @@ def test_questions_per_kind_draws_more_questions_of_each_kind(tmp_path):
         _scene_questions(world, world.scene(0), {"colour": 1})
 
 
-def test_position_questions_answer_from_the_geometry():
+def test_spatial_questions_answer_from_the_geometry():
     from data.shapes import ShapesWorld, WorldConfig
 
     world = ShapesWorld(WorldConfig(image_size=64))
     seen = set()
     for scene in world.iter_scenes("train", 40):
         by_name = {o.name: o for o in scene.objects}
-        qas = world.position_questions(scene)
-        assert len({qa.question for qa in qas}) == len(qas) and all(qa.kind == "position" for qa in qas)
+        qas = world.spatial_questions(scene)
+        assert len({qa.question for qa in qas}) == len(qas)
         # the scene's own position question, when it has one about uniquely named objects, is among them
         names = [o.name for o in scene.objects]
         for qa in scene.vqa:
@@ -231,6 +231,18 @@ def test_position_questions_answer_from_the_geometry():
                 assert (qa.question, qa.answer) in {(q.question, q.answer) for q in qas}
         for qa in qas:
             q = qa.question
+            if qa.kind in ("color", "shape"):
+                # "What color is the circle on the left?": the extreme matching object on that axis
+                words = q.removesuffix("?").split()
+                assert words[-1] in ("left", "right", "top", "bottom"), q
+                noun = words[4] if words[4] != "object" else None
+                cands = [o for o in scene.objects if noun is None or noun in (o.shape, o.color)]
+                axis, pick = {"left": (0, min), "right": (0, max), "top": (1, min), "bottom": (1, max)}[words[-1]]
+                target = pick(cands, key=lambda o: o.center[axis])
+                assert qa.answer == (target.color if qa.kind == "color" else target.shape), q
+                seen.add("by position")
+                continue
+            assert qa.kind == "position"
             if q.endswith("of the image?"):
                 o = by_name[q.removeprefix("Is the ").split(" on the left")[0].split(" above or")[0]]
                 x, y = o.center[0] + 0.5 - 32, o.center[1] + 0.5 - 32
@@ -243,25 +255,26 @@ def test_position_questions_answer_from_the_geometry():
                 want = ("left" if dx > 0 else "right") if "to the left" in q else ("above" if dy > 0 else "below")
                 seen.add("relation")
             assert qa.answer == want, q
-    assert seen == {"image", "relation"}
+    assert seen == {"image", "relation", "by position"}
 
 
-def test_extra_position_adds_position_questions_and_zero_changes_nothing(tmp_path):
+def test_extra_spatial_adds_spatial_questions_and_zero_changes_nothing(tmp_path):
     from data.shapes import ShapesWorld, WorldConfig
     from data.shapes_llava import write_shapes_vqa
 
     world = ShapesWorld(WorldConfig(image_size=64))
     plain = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0).read_text())
-    again = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0, extra_position=0).read_text())
+    again = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0, extra_spatial=0).read_text())
     assert plain == again
-    more = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0, extra_position=3).read_text())
+    more = json.loads(write_shapes_vqa(world, 30, tmp_path, 3, 2, True, seed=0, extra_spatial=3).read_text())
+    spatial = {qa.question for scene in world.iter_scenes("train", 30) for qa in world.spatial_questions(scene)}
 
-    def position_turns(records):
-        qs = [t["value"] for r in records for t in r["conversations"] if t["from"] == "human"]
-        return sum(" left or " in q or "above or below" in q for q in qs), len(qs)
+    def questions(records):
+        return [t["value"].split("\n")[-2] for r in records for t in r["conversations"] if t["from"] == "human"]
 
-    (p0, n0), (p3, n3) = position_turns(plain), position_turns(more)
-    assert n3 - n0 == p3 - p0 and 30 < p3 - p0 <= 90  # only position questions were added, up to 3 a scene
+    added = len(questions(more)) - len(questions(plain))
+    new_spatial = sum(q in spatial for q in questions(more)) - sum(q in spatial for q in questions(plain))
+    assert added == new_spatial and 30 < added <= 90  # only spatial questions were added, up to 3 a scene
 
 
 def test_recipe_validation_rejects_a_misspelt_question_kind(monkeypatch):

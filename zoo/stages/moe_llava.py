@@ -177,7 +177,7 @@ class MoELLaVAStage(StageModule):
             json_path = write_shapes_vqa(world, d.num_scenes, out, d.turns_per_conversation, d.pope_probes,
                                          d.answer_prompt, seed=self.stage.seed,
                                          questions_per_kind=d.questions_per_kind,
-                                         extra_position=d.extra_position)
+                                         extra_spatial=d.extra_spatial)
         return read_llava_json(json_path, d.on_error), str(out)
 
     def train_dataset(self):

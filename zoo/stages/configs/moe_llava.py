@@ -71,10 +71,11 @@ class MoELLaVADataConfig:
         metadata={"help": "shapes vqa: questions per scene of each kind (color, shape, count, position, exist), "
                           "drawn from fresh draws of the scene's question generator; empty: the scene's own list"},
     )
-    extra_position: int = field(
+    extra_spatial: int = field(
         default=0,
-        metadata={"min": 0, "help": "shapes vqa: up to this many more position questions per scene (each object's "
-                                    "side of the image, relations between two objects; ShapesWorld.position_questions)"},
+        metadata={"min": 0, "help": "shapes vqa: up to this many more questions per scene about where things are "
+                                    "(side of the image, relations, colour / shape of an object named by its place; "
+                                    "ShapesWorld.spatial_questions)"},
     )
     json_paths: list[str] = field(default_factory=list, metadata={"help": "LLaVA JSON files ($VARS expanded)"})
     image_folder: str | None = field(default=None, metadata={"help": "image root (default: each JSON's folder)"})
