@@ -341,6 +341,30 @@ def test_video_pooling_mean_ignores_frame_order_frames_keeps_it():
         small(uni_moe=None, lora=None, video_pooling="sum")
 
 
+def test_video_time_and_image_position_codes_add_where_and_when_without_new_weights():
+    from zoo.components.position_code import grid_position_code
+
+    g = torch.Generator().manual_seed(6)
+    video = torch.randn(2, 3, 3, 32, 32, generator=g)
+    base = dict(uni_moe=None, lora=None, video_pooling="frames", video_frame_pool=2)
+    torch.manual_seed(0)
+    plain = small(**base)
+    torch.manual_seed(0)
+    coded = small(**base, video_time_code=3.0, image_pos_code=2.0)
+    assert set(coded.state_dict()) == set(plain.state_dict())  # both codes are rebuilt, never stored
+    coded.load_state_dict(plain.state_dict())
+    side = int(plain.num_image_tokens ** 0.5)
+    per_frame = (side // 2) ** 2
+    d = plain.llm.hidden_size
+    space = grid_position_code((side, side), d, 2.0)  # added to each frame's patches, then pooled 2x2
+    pooled_space = torch.nn.functional.avg_pool2d(space.T.reshape(1, d, side, side), 2).flatten(2)[0].T
+    time = grid_position_code((3,), d, 3.0)
+    want = plain.encode_videos(video).reshape(2, 3, per_frame, d) + pooled_space + time[:, None, :]
+    torch.testing.assert_close(coded.encode_videos(video), want.reshape(2, 3 * per_frame, d))
+    with pytest.raises(ValueError, match="video_time_code needs video_pooling: frames"):
+        small(uni_moe=None, lora=None, video_time_code=1.0)
+
+
 def test_whisper_encoder_trains_only_when_its_parameters_are_trainable():
     from zoo.components.audio import WhisperSpeechConfig, WhisperSpeechConnector
     from zoo.models.uni_moe import TINY_SPEECH

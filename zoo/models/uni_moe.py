@@ -47,6 +47,7 @@ from zoo.components.audio import (
 )
 from zoo.components.lora import add_lora, merge_lora
 from zoo.components.modality import Modality
+from zoo.components.position_code import grid_position_code
 from zoo.models.moe_llava import CLIP_L_336, TINY_VISION, MoELLaVA, MoELLaVAConfig
 from zoo.moe import MoE, MoEConfig, moe_layer_indices
 from zoo.moe.layer import ExpertLoRAExperts, Experts
@@ -175,6 +176,10 @@ class UniMoEConfig(MoELLaVAConfig):
             ``video_frame_pool`` and the frames kept in order (``video_frames * num_image_tokens /
             video_frame_pool**2`` positions), for questions about what happens when.
         video_frame_pool: the spatial pooling factor of ``video_pooling: frames``.
+        video_time_code: with ``video_pooling: frames``, the mean norm of a fixed sine-cosine code of the frame index
+            added to every token of that frame (``zoo.components.position_code``; 0: off, as in the paper). With
+            ``image_pos_code`` each video token then says where and when it is, so one attention head that finds an
+            object in two frames reads how it moved.
         speech: a ``WhisperSpeechConfig`` dict, or None for no speech path.
         audio: an ``AudioSettings`` dict, or None for no BEATs path.
         uni_moe: ``UniMoESettings`` dict, or None for the dense model (stages 1 and 2).
@@ -189,6 +194,7 @@ class UniMoEConfig(MoELLaVAConfig):
     video_frames: int = 8
     video_pooling: str = "mean"
     video_frame_pool: int = 2
+    video_time_code: float = 0.0
     speech: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     uni_moe: dict[str, Any] | None = None
@@ -220,6 +226,13 @@ class UniMoE(MoELLaVA):
         d_lm = self.llm.hidden_size
         if cfg.video_pooling not in ("mean", "frames"):
             raise ValueError(f"video_pooling={cfg.video_pooling!r} is unknown; use 'mean' (the paper) or 'frames'")
+        time_code = None
+        if cfg.video_time_code:
+            if cfg.video_pooling != "frames":
+                raise ValueError("video_time_code needs video_pooling: frames (the mean over frames has no time)")
+            time_code = grid_position_code((cfg.video_frames,), d_lm, cfg.video_time_code)
+        # Rebuilt from the config, not stored: the checkpoint keeps the official key layout.
+        self.register_buffer("video_time_code", time_code, persistent=False)
         if cfg.video:
             self.add_modality(Modality(
                 name="video", placeholder="<video>", token_id=cfg.video_token_id,
@@ -350,7 +363,10 @@ class UniMoE(MoELLaVA):
         side = math.isqrt(per_frame.shape[1])
         grid = per_frame.transpose(1, 2).reshape(N * Fr, -1, side, side)
         pooled = torch.nn.functional.avg_pool2d(grid, self.cfg.video_frame_pool)  # [N*F, D, s, s]
-        return pooled.flatten(2).transpose(1, 2).reshape(N, -1, per_frame.shape[-1])
+        tokens = pooled.flatten(2).transpose(1, 2).reshape(N, Fr, -1, per_frame.shape[-1])
+        if self.video_time_code is not None:
+            tokens = tokens + self.video_time_code.to(tokens.dtype)[:Fr, None, :]
+        return tokens.reshape(N, -1, per_frame.shape[-1])
 
     def encode_audio(self, audio_fbank: torch.Tensor) -> torch.Tensor:
         """BEATs fbank ``[N, frames, 128]`` -> ``[N, num_query_tokens, D_lm]``."""

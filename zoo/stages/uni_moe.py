@@ -137,7 +137,8 @@ class UniMoEStage(StageModule):
 
         self.architecture = model_cfg.architecture
         args: dict[str, Any] = {}
-        for key in ("vision", "lm", "speech", "audio", "video_frames", "video_pooling", "video_frame_pool", "template"):
+        for key in ("vision", "lm", "speech", "audio", "video_frames", "video_pooling", "video_frame_pool", "template",
+                    "image_pos_code", "video_time_code"):
             if getattr(model_cfg, key) is not None:
                 args[key] = getattr(model_cfg, key)
         # Always explicit: the architectures default to the stage-3 model, and stages 1 and 2 are dense.

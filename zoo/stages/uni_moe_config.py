@@ -44,6 +44,12 @@ class UniMoEModelConfig:
         default=None, metadata={"help": "mean: the paper's mean over frames (order lost); frames: frames kept in "
                                         "order, each pooled video_frame_pool x video_frame_pool (None: mean)"})
     video_frame_pool: int | None = field(default=None, metadata={"min": 1, "help": "with video_pooling: frames"})
+    image_pos_code: float | None = field(
+        default=None, metadata={"min": 0.0, "help": "mean norm of a fixed 2-D code of each image token's grid place "
+                                                    "added to the projected features, video frames too (None / 0: off)"})
+    video_time_code: float | None = field(
+        default=None, metadata={"min": 0.0, "help": "with video_pooling: frames, mean norm of a fixed code of the "
+                                                    "frame index added to that frame's tokens (None / 0: off)"})
     template: str | None = field(default=None, metadata={"help": "conversation template (None: the architecture's)"})
     tokenizer: Literal["av_words", "architecture", "pretrained"] = field(
         default="av_words",
