@@ -34,7 +34,8 @@ def shapes_tokenizer(world: WorldConfig, num_scenes: int):
 
 
 def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_probes: int, answer_prompt: bool,
-                     seed: int, questions_per_kind: dict[str, int] | None = None, extra_spatial: int = 0) -> Path:
+                     seed: int, questions_per_kind: dict[str, int] | None = None, extra_spatial: int = 0,
+                     answer_prompt_turns: str = "all") -> Path:
     """LLaVA JSON of the train scenes' questions, shuffled per scene and cut into conversations of ``turns``.
 
     The world lists a scene's questions in a fixed order (colour, shape, count, position, existence), and evaluation
@@ -47,10 +48,15 @@ def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_pr
     phrases); kinds not named get none. ``extra_spatial`` adds up to that many more questions per scene
     about where things are, drawn from every one the scene answers (``ShapesWorld.spatial_questions``: each
     object's side of the image, every clear relation between two objects, the colour and shape of an object named
-    by its place), so that where objects are supervises more than one answer in six. Images are
+    by its place), so that where objects are supervises more than one answer in six. ``answer_prompt_turns``
+    ``"first"`` puts the short-answer instruction on a conversation's first question only (the one every benchmark
+    prompt looks like), so later turns cost about 10 tokens less each. Images are
     ``images/<id>.png`` under ``out`` (written by the caption export).
     """
     from zoo.registry import atomic_write
+
+    if answer_prompt_turns not in ("all", "first"):
+        raise ValueError(f"answer_prompt_turns is {answer_prompt_turns!r}; expected 'all' or 'first'")
 
     records = []
     for scene in world.iter_scenes("train", num_scenes):
@@ -72,7 +78,8 @@ def write_shapes_vqa(world: Any, num_scenes: int, out: Path, turns: int, pope_pr
         for c in range(0, len(items), turns):
             conv = []
             for k, (q, a) in enumerate(items[c : c + turns]):
-                q = f"{q}\n{SHORT_ANSWER_PROMPT}" if answer_prompt else q
+                prompted = answer_prompt and (k == 0 or answer_prompt_turns == "all")
+                q = f"{q}\n{SHORT_ANSWER_PROMPT}" if prompted else q
                 conv += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if k == 0 else q}, {"from": "gpt", "value": a}]
             records.append({"id": f"{scene.id}-{c // turns}", "image": f"images/{scene.id}.png", "conversations": conv})
     path = out / "train_vqa_shuffled.json"

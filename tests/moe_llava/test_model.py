@@ -314,3 +314,52 @@ def test_image_newline_appends_a_learned_marker_after_each_row(tmp_path) -> None
     assert model.image_newline.grad is not None and model.image_newline.grad.abs().sum() > 0
     out = model.eval().generate([_image(0)], ["what color is the circle ?"], max_new_tokens=2)
     assert len(out) == 1
+
+
+def test_tower_feature_cache_reuses_frozen_features_and_matches_the_plain_model() -> None:
+    model = tiny()
+    ids, mask, px, labels = _batch(model)
+    with torch.no_grad():
+        plain = model.encode_images(px)
+    calls = []
+    model.vision_tower.model.embeddings.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    model.cache_tower_features()
+    # while any tower parameter trains the cache is bypassed: gradients must reach the tower
+    model.train()
+    model(ids, mask, px, labels)[0].backward()
+    assert calls == [2] and len(model.tower_cache) == 0
+    assert model.vision_tower.model.embeddings.patch_embedding.weight.grad is not None
+    model.vision_tower.requires_grad_(False)
+    model.zero_grad()
+    twice = torch.cat([px, px[:1]])  # the first image twice: encoded once
+    feats = model.encode_images(twice)
+    assert calls == [2, 2] and len(model.tower_cache) == 2 and model.tower_cache.hits == 1
+    torch.testing.assert_close(feats, torch.cat([plain, plain[:1]]), rtol=1e-5, atol=1e-5)
+    loss, _, _ = model(ids, mask, px, labels)  # all cached: no tower call, projector and LM still train
+    loss.backward()
+    assert calls == [2, 2] and model.tower_cache.hits == 3
+    assert model.mm_projector[0].weight.grad is not None
+    model.cache_tower_features(False)
+    model.encode_images(px)
+    assert calls == [2, 2, 2] and model.tower_cache is None
+
+
+def test_frozen_feature_cache_evicts_least_recently_used() -> None:
+    from zoo.components.feature_cache import FrozenFeatureCache
+
+    cache, seen = FrozenFeatureCache(max_items=2), []
+
+    def encode(x):
+        seen.append(x[:, 0, 0].tolist())
+        return x * 2
+
+    a, b, c = (torch.full((1, 2, 2), v) for v in (1.0, 2.0, 3.0))
+    torch.testing.assert_close(cache(encode, torch.cat([a, b])), torch.cat([a, b]) * 2)
+    cache(encode, a)  # a is now the most recent
+    cache(encode, c)  # evicts b
+    out = cache(encode, torch.cat([b, a]))
+    torch.testing.assert_close(out, torch.cat([b, a]) * 2)
+    assert seen == [[1.0, 2.0], [3.0], [2.0]] and len(cache) == 2
+    assert (cache.hits, cache.misses) == (2, 4)
+    with pytest.raises(ValueError, match="max_items"):
+        FrozenFeatureCache(max_items=0)

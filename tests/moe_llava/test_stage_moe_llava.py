@@ -190,6 +190,28 @@ def test_shapes_vqa_conversations_are_shuffled_and_complete(tmp_path):
     assert len(first_kinds) >= 4  # the first turn is not always the colour question
 
 
+def test_answer_prompt_on_first_turn_only(tmp_path):
+    from data.formats import SHORT_ANSWER_PROMPT, export_llava
+    from data.shapes import ShapesWorld, WorldConfig
+    from data.shapes_llava import write_shapes_vqa
+
+    world = ShapesWorld(WorldConfig(image_size=32))
+    export_llava(world, "train", 6, tmp_path, "caption")
+    every = json.loads(write_shapes_vqa(world, 6, tmp_path, 3, 2, True, seed=0).read_text())
+    first = json.loads(write_shapes_vqa(world, 6, tmp_path, 3, 2, True, seed=0, answer_prompt_turns="first").read_text())
+    assert len(every) == len(first)
+    for a, b in zip(every, first):
+        human_a, human_b = a["conversations"][::2], b["conversations"][::2]
+        assert all(t["value"].endswith(SHORT_ANSWER_PROMPT) for t in human_a)
+        assert human_b[0]["value"] == human_a[0]["value"]  # the first turn is the benchmark's prompt
+        for ta, tb in zip(human_a[1:], human_b[1:]):
+            assert tb["value"] == ta["value"].removesuffix(f"\n{SHORT_ANSWER_PROMPT}")
+        assert b["conversations"][1::2] == a["conversations"][1::2]  # same answers, same order
+    assert any(len(r["conversations"]) > 2 for r in first)  # later turns exist and lost the instruction
+    with pytest.raises(ValueError, match="answer_prompt_turns"):
+        write_shapes_vqa(world, 6, tmp_path, 3, 2, True, seed=0, answer_prompt_turns="last")
+
+
 def test_questions_per_kind_draws_more_questions_of_each_kind(tmp_path):
     from data.shapes import ShapesWorld, WorldConfig
     from data.shapes_llava import _scene_questions

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.components.feature_cache import FrozenFeatureCache
 from zoo.components.generation import MultimodalGenerationMixin
 from zoo.components.lm import CausalLMWrapper, LayerHook, build_causal_lm
 from zoo.components.modality import (
@@ -215,6 +216,7 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
         self.moe_layers: list[int] = []
         if cfg.moe is not None:
             self._upcycle(MoESettings.from_dict(cfg.moe))
+        self.tower_cache: FrozenFeatureCache | None = None
 
     # -- config / bookkeeping ------------------------------------------------------------------------------------
     @property
@@ -320,12 +322,25 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
             "llm_active": total - vision - proj - inactive,
         }
 
+    def cache_tower_features(self, enabled: bool = True, max_items: int | None = None) -> None:
+        """Compute the tower's features once per distinct image and reuse them (``zoo.components.feature_cache``).
+
+        Used only while no tower parameter requires grad: a frozen tower's output is a function of the pixels, and
+        LLaVA's stages I-III show each image many times. Off again with ``enabled=False``; the cache is dropped then.
+        Loading other weights into the tower while it is on would serve stale features: switch it off first.
+        """
+        self.tower_cache = FrozenFeatureCache(max_items) if enabled else None
+
     # -- forward -------------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` -> projected features ``[N, num_image_tokens, D_lm]``."""
         tower_trains = any(p.requires_grad for p in self.vision_tower.parameters()) and self.training
-        with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
-            feats = self.vision_tower.forward_features(pixel_values.to(self._tower_dtype()))
+        pixels = pixel_values.to(self._tower_dtype())
+        if self.tower_cache is not None and not any(p.requires_grad for p in self.vision_tower.parameters()):
+            feats = self.tower_cache(self.vision_tower.forward_features, pixels)
+        else:
+            with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
+                feats = self.vision_tower.forward_features(pixels)
         out = self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
         if self.image_pos_embed is not None:
             out = out + self.image_pos_embed.to(out.dtype)

@@ -41,7 +41,7 @@ from zoo.stages import register_stage
 from zoo.stages.base import StageModule
 from zoo.stages.configs.clip import ClipDataConfig, ClipEvalConfig, ClipModelConfig
 
-__all__ = ["ClipModelConfig", "ClipDataConfig", "ClipEvalConfig", "ClipContrastiveStage", "make_world"]
+__all__ = ["ClipModelConfig", "ClipDataConfig", "ClipEvalConfig", "ClipContrastiveStage", "make_world", "zero_shot_report"]
 
 def make_world(cfg: ClipDataConfig) -> Any:
     from data.shapes import ShapesWorld, WorldConfig
@@ -151,45 +151,51 @@ class ClipContrastiveStage(StageModule):
 
     @torch.no_grad()
     def evaluate(self, out_dir: Path) -> dict[str, float]:
-        import open_clip
-
-        model = self.model.eval()
-        device = next(model.parameters()).device
         world = self.world
         if self.eval_cfg.max_objects is not None:
             # The label is the main object's class; in a multi-object training world a single-object test world
             # keeps zero-shot classification unambiguous.
             world = make_world(dataclasses.replace(self.data_cfg, min_objects=1, max_objects=self.eval_cfg.max_objects))
-        names = world.class_names
-        templates = self.eval_cfg.templates
-        groups = [templates] if self.eval_cfg.aggregate == "mean_embedding" else [[t] for t in templates]
-        classifiers = [
-            open_clip.build_zero_shot_classifier(model, self.tokenizer, names, g, num_classes_per_batch=None,
-                                                 device=device)
-            for g in groups
-        ]
-        data = WorldCaptions(world, self.eval_cfg.split, self.eval_cfg.num_samples, self.transform)
-        preds, labels = [], []
-        for start in range(0, len(data), self.eval_cfg.batch_size):
-            items = [data[i] for i in range(start, min(len(data), start + self.eval_cfg.batch_size))]
-            images = torch.stack([item[0] for item in items]).to(device)
-            feats = model.encode_image(images, normalize=True)
-            scores = torch.stack([feats @ c for c in classifiers]).amax(dim=0)
-            preds.append(scores.argmax(dim=-1).cpu())
-            labels.append(torch.tensor([item[2] for item in items]))
-        pred, label = torch.cat(preds), torch.cat(labels)
-        pairs = world.pairs
-        color_ok = [pairs[p][0] == pairs[t][0] for p, t in zip(pred.tolist(), label.tolist())]
-        shape_ok = [pairs[p][1] == pairs[t][1] for p, t in zip(pred.tolist(), label.tolist())]
-        # Percent, as every accuracy a user reads in mmzoo (eval reports, recipe summaries, README tables).
-        metrics = {
-            "zeroshot_acc": 100 * float((pred == label).float().mean()),
-            "color_acc": 100 * sum(color_ok) / len(color_ok),
-            "shape_acc": 100 * sum(shape_ok) / len(shape_ok),
-        }
-        confusion = torch.zeros(len(names), len(names), dtype=torch.long)
-        confusion.index_put_((label, pred), torch.ones_like(label), accumulate=True)
-        report = {"split": self.eval_cfg.split, "num_samples": len(data), "class_names": names,
-                  "templates": templates, "aggregate": self.eval_cfg.aggregate, "metrics": metrics, "confusion": confusion.tolist()}
+        report = zero_shot_report(self.model.eval(), self.tokenizer, self.transform, world, self.eval_cfg)
         (Path(out_dir) / "zeroshot.json").write_text(json.dumps(report, indent=1))
-        return metrics
+        return report["metrics"]
+
+
+@torch.no_grad()
+def zero_shot_report(model: Any, tokenizer: Any, transform: Any, world: Any, eval_cfg: ClipEvalConfig) -> dict[str, Any]:
+    """open_clip zero-shot classification of ``eval_cfg.num_samples`` scenes of ``world``'s ``eval_cfg.split``:
+    ``metrics`` (top-1 over colour x shape classes, colour and shape read off the predicted class, in percent) and
+    the confusion matrix. Shared by the stage's evaluation and the shipped tower's re-check."""
+    import open_clip
+
+    device = next(model.parameters()).device
+    names = world.class_names
+    templates = eval_cfg.templates
+    groups = [templates] if eval_cfg.aggregate == "mean_embedding" else [[t] for t in templates]
+    classifiers = [
+        open_clip.build_zero_shot_classifier(model, tokenizer, names, g, num_classes_per_batch=None, device=device)
+        for g in groups
+    ]
+    data = WorldCaptions(world, eval_cfg.split, eval_cfg.num_samples, transform)
+    preds, labels = [], []
+    for start in range(0, len(data), eval_cfg.batch_size):
+        items = [data[i] for i in range(start, min(len(data), start + eval_cfg.batch_size))]
+        images = torch.stack([item[0] for item in items]).to(device=device, dtype=next(model.parameters()).dtype)
+        feats = model.encode_image(images, normalize=True)
+        scores = torch.stack([feats @ c.to(feats.dtype) for c in classifiers]).amax(dim=0)
+        preds.append(scores.argmax(dim=-1).cpu())
+        labels.append(torch.tensor([item[2] for item in items]))
+    pred, label = torch.cat(preds), torch.cat(labels)
+    pairs = world.pairs
+    color_ok = [pairs[p][0] == pairs[t][0] for p, t in zip(pred.tolist(), label.tolist())]
+    shape_ok = [pairs[p][1] == pairs[t][1] for p, t in zip(pred.tolist(), label.tolist())]
+    # Percent, as every accuracy a user reads in mmzoo (eval reports, recipe summaries, README tables).
+    metrics = {
+        "zeroshot_acc": 100 * float((pred == label).float().mean()),
+        "color_acc": 100 * sum(color_ok) / len(color_ok),
+        "shape_acc": 100 * sum(shape_ok) / len(shape_ok),
+    }
+    confusion = torch.zeros(len(names), len(names), dtype=torch.long)
+    confusion.index_put_((label, pred), torch.ones_like(label), accumulate=True)
+    return {"split": eval_cfg.split, "num_samples": len(data), "class_names": names, "templates": templates,
+            "aggregate": eval_cfg.aggregate, "metrics": metrics, "confusion": confusion.tolist()}

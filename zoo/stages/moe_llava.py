@@ -177,7 +177,8 @@ class MoELLaVAStage(StageModule):
             json_path = write_shapes_vqa(world, d.num_scenes, out, d.turns_per_conversation, d.pope_probes,
                                          d.answer_prompt, seed=self.stage.seed,
                                          questions_per_kind=d.questions_per_kind,
-                                         extra_spatial=d.extra_spatial)
+                                         extra_spatial=d.extra_spatial,
+                                         answer_prompt_turns=d.answer_prompt_turns)
         return read_llava_json(json_path, d.on_error), str(out)
 
     def train_dataset(self):
@@ -244,6 +245,10 @@ class MoELLaVAStage(StageModule):
 
     def on_train_start(self) -> None:
         self._t_start = time.perf_counter()
+        # The trainable globs are applied by now: a frozen tower's features are computed once per image.
+        frozen_tower = not any(p.requires_grad for p in self.model.vision_tower.parameters())
+        if self.model_cfg.cache_tower_features and frozen_tower and self.model.tower_cache is None:
+            self.model.cache_tower_features()
 
     def on_train_end(self) -> None:
         import torch.distributed as dist
@@ -251,6 +256,11 @@ class MoELLaVAStage(StageModule):
         if self._t_start is not None:
             self._t_train += time.perf_counter() - self._t_start
             self._t_start = None
+        cache = self.model.tower_cache
+        if cache is not None:
+            print(f"stage {self.stage.name}: tower features of {len(cache)} images computed once, reused "
+                  f"{cache.hits} times", flush=True)
+            self.model.cache_tower_features(False)  # evaluation and export see the plain model
         ds = self._train_data()
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1 and dist.is_available() and dist.is_initialized():
