@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmzoo-installed
+# The dev extras (test tools, parity references such as diffusers, pyarrow, pycocoevalcap) are only for tests and
+# benchmarks: training and evaluating need the runtime install alone, half the install time on a fresh machine.
+DEV_STAMP := $(VENV)/.mmzoo-dev-installed
 # torch first and pinned: on our machines these two wheels install from local disk; override for another build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 RECIPE ?= recipes/moe_llava/shapes_tiny.yaml
@@ -10,10 +13,11 @@ MODEL  ?= moe_llava_tiny.shapes
 TASKS  ?= shapes_vqa,shapes_pope
 PYTEST_ARGS ?=
 
-.PHONY: setup train eval test test-all bench lint clean help
+.PHONY: setup runtime train eval test test-all bench lint clean help
 
 help:
 	@echo "make setup            create $(VENV) with mmzoo (editable) and dev tools"
+	@echo "make runtime          create $(VENV) with mmzoo (editable) only (what train and eval need)"
 	@echo "make train [RECIPE=]  run a staged recipe (default: $(RECIPE))"
 	@echo "make eval  [MODEL= TASKS=]  evaluate a model (default: $(MODEL) on $(TASKS))"
 	@echo "make test             fast test suite;  make test-all  also the slow end-to-end tests"
@@ -24,15 +28,21 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e .
 	@touch $(STAMP)
 
-setup: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(DEV_STAMP)
 
-train: setup
+runtime: $(STAMP)
+
+setup: $(DEV_STAMP)
+
+train: runtime
 	$(BIN)/zoo train $(RECIPE)
 
-eval: setup
+eval: runtime
 	$(BIN)/zoo eval --model $(MODEL) --tasks $(TASKS)
 
 test: setup

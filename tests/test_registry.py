@@ -122,23 +122,26 @@ def test_every_shipped_weight_is_listed_and_loads_in_a_fresh_interpreter():
     from zoo.checkpoint import sha256_file
     from zoo.weights_table import SHIPPED
 
-    assert set(SHIPPED) == {"moe_llava_tiny.shapes", "uni_moe_tiny.shapes_av", "dit_moe_tiny.digits", "digit_cnn.digits"}
+    assert set(SHIPPED) == {"clip_vit_tiny4.shapes", "moe_llava_tiny.shapes", "uni_moe_tiny.shapes_av", "dit_moe_tiny.digits",
+                            "digit_cnn.digits"}
     for name, cfg in SHIPPED.items():
         assert cfg.sha256 == sha256_file(registry.resolve_weights_dir(cfg, name) / registry.WEIGHTS_NAME)
     code = (
         "import sys, zoo, zoo.cli\n"
         "zoo.cli.main(['list', '--pretrained'])\n"
-        "for name in ('moe_llava_tiny.shapes', 'uni_moe_tiny.shapes_av', 'dit_moe_tiny.digits', 'digit_cnn.digits'):\n"
+        "for name in ('clip_vit_tiny4.shapes', 'moe_llava_tiny.shapes', 'uni_moe_tiny.shapes_av', 'dit_moe_tiny.digits',"
+        " 'digit_cnn.digits'):\n"
         "    m = zoo.load(name)\n"
         "    print(name, type(m).__name__, sum(p.numel() for p in m.parameters()), m.training)\n"
         "print('eval imported:', any(k == 'eval' or k.startswith('eval.') for k in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    listed = {line.split()[0] for line in out[:-5]}
-    assert any(line.split()[0] == "digit_cnn.digits" and "offline" in line for line in out[:-5])
+    listed = {line.split()[0] for line in out[:-6]}
+    assert any(line.split()[0] == "digit_cnn.digits" and "offline" in line for line in out[:-6])
     for name in (*SHIPPED, "moe_llava_phi2_4e.official", "dit_moe_xl_2_8e2a.official"):
         assert name in listed
-    assert out[-5:] == [
+    assert out[-6:] == [
+        "clip_vit_tiny4.shapes CLIP 4114945 False",
         "moe_llava_tiny.shapes MoELLaVA 2501282 False",
         "uni_moe_tiny.shapes_av UniMoE 3645695 False",
         "dit_moe_tiny.digits DiT 627744 False",

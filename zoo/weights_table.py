@@ -12,6 +12,12 @@ and converts it on first use (``zoo.registry.fetch_official``); a release fetche
 the shipped file scores on the first 64 documents per task, which ``tests/moe_llava/test_demo_weights.py`` checks.
 Made with ``recipes/moe_llava/ship_demo.py``.
 
+``clip_vit_tiny4.shapes``: the tiny MoE-LLaVA's vision tower, the whole CLIP (image and text towers) of
+``recipes/clip/shapes_tiny4_patch.yaml``, float16; the tiny MoE-LLaVA recipe starts stage I from it, as MoE-LLaVA
+starts from a released CLIP. ``metrics``: zero-shot accuracy of the run (600 single-object test scenes) and, under
+``demo200/``, of the shipped file on the first 200, which ``tests/clip/test_tower_weights.py`` checks. Made with
+``recipes/clip/ship_tower.py``.
+
 ``uni_moe_tiny.shapes_av``: stage 3 (moe) of ``recipes/uni_moe/shapes_av_tiny.yaml``, float16; ``metrics`` holds the
 run's own evaluation (first 200 documents per task) and, under ``demo32/``, what the shipped file scores on the first
 32 documents per task, which ``tests/uni_moe/test_demo_weights.py`` checks. Made with ``recipes/uni_moe/ship_demo.py``.
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 from zoo.registry import WeightsCfg, register_weights
 
-__all__ = ["MOE_LLAVA_TINY_SHAPES", "UNI_MOE_TINY_SHAPES_AV", "DIT_MOE_TINY_DIGITS", "DIGIT_CNN_DIGITS", "SHIPPED", "OFFICIAL"]
+__all__ = ["CLIP_VIT_TINY4_SHAPES", "MOE_LLAVA_TINY_SHAPES", "UNI_MOE_TINY_SHAPES_AV", "DIT_MOE_TINY_DIGITS", "DIGIT_CNN_DIGITS", "SHIPPED", "OFFICIAL"]
 
 MOE_LLAVA_TINY_SHAPES = WeightsCfg(
     file="moe_llava_tiny.shapes",
@@ -53,6 +59,26 @@ MOE_LLAVA_TINY_SHAPES = WeightsCfg(
         "stage III (moe) of `make train` on a fresh clone of this commit, idle 2-core machine (clip 265 s, align "
         "62 s, sft 556 s, moe 70 s; 18:00 in all, install included); the dense stage-II model of the same run "
         "scored ShapesVQA 85.1, POPE F1 97.0 (first 1000 documents per task)"
+    ),
+)
+
+CLIP_VIT_TINY4_SHAPES = WeightsCfg(
+    file="clip_vit_tiny4.shapes",
+    sha256="cba020bff229c0614aaa096ceeab572ec6d21ca4d2d5c4bbaa7500ca5c3b797c",
+    recipe="recipes/clip/shapes_tiny4_patch.yaml@cb07fb78635912c4f20f8edf8240481fc8974a1d",
+    metrics={
+        "zeroshot_acc": 95.333332,
+        "color_acc": 100.0,
+        "shape_acc": 95.333333,
+        "demo200/zeroshot_acc": 94.0,
+        "demo200/color_acc": 100.0,
+        "demo200/shape_acc": 94.0,
+    },
+    license="apache-2.0",
+    notes=(
+        "stage clip of recipes/moe_llava/shapes_tiny.yaml at that commit, the settings of shapes_tiny4_patch.yaml "
+        "(1000 steps x 64, 420 s on the 2-core machine partly shared with a test run); 4.1M parameters, 0.84M of "
+        "them the image tower"
     ),
 )
 
@@ -102,6 +128,7 @@ DIGIT_CNN_DIGITS = WeightsCfg(
 
 # "arch.tag" -> shipped weights under zoo/weights/<file>/
 SHIPPED: dict[str, WeightsCfg] = {
+    "clip_vit_tiny4.shapes": CLIP_VIT_TINY4_SHAPES,
     "moe_llava_tiny.shapes": MOE_LLAVA_TINY_SHAPES,
     "uni_moe_tiny.shapes_av": UNI_MOE_TINY_SHAPES_AV,
     "dit_moe_tiny.digits": DIT_MOE_TINY_DIGITS,

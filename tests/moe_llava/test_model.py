@@ -363,3 +363,18 @@ def test_frozen_feature_cache_evicts_least_recently_used() -> None:
     assert (cache.hits, cache.misses) == (2, 4)
     with pytest.raises(ValueError, match="max_items"):
         FrozenFeatureCache(max_items=0)
+
+
+def test_image_pos_code_dims_puts_the_code_in_the_first_dimensions_only() -> None:
+    from zoo.components.position_code import grid_position_code
+
+    model = tiny(image_pos_code=4.0, image_pos_code_dims=8)
+    side = math.isqrt(model.num_image_tokens)
+    code = model.image_pos_code
+    assert code.shape == (side * side, 32)
+    torch.testing.assert_close(code[:, :8], grid_position_code((side, side), 8, 4.0))
+    assert code[:, 8:].abs().max() == 0  # the rest of the width is left to the features
+    assert torch.linalg.matrix_rank(code.double()) <= 8
+    for bad in (2, 33):
+        with pytest.raises(ValueError, match="image_pos_code_dims"):
+            tiny(image_pos_code=4.0, image_pos_code_dims=bad)

@@ -88,6 +88,10 @@ class MoELLaVAConfig:
             the projected features (``zoo.components.position_code``; 0: off, as in every official layout). Unlike
             ``image_pos_embed`` it is loud from step 0 and never drifts: the tiny LM answers left / right only once
             the position is in the token at a scale comparable to the features (recipes/moe_llava/README.md).
+        image_pos_code_dims: how many of the LM's dimensions (the first ones) the code occupies (0: all). Over the
+            whole width a code of every grid place spans as many directions as there are places (63 of 128 for an
+            8x8 grid), which the features then share; a few dimensions hold the place as well and leave the rest
+            to what the object is.
     """
 
     vision: dict[str, Any]
@@ -102,6 +106,7 @@ class MoELLaVAConfig:
     image_pos_embed: bool = False
     image_newline: bool = False
     image_pos_code: float = 0.0
+    image_pos_code_dims: int = 0
 
 
 def _registered_visual(vision: dict[str, Any]) -> nn.Module | None:
@@ -189,7 +194,12 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
         code = None
         if cfg.image_pos_code:
             side = self._grid_side()
-            code = grid_position_code((side, side), self.llm.hidden_size, cfg.image_pos_code)
+            width = self.llm.hidden_size
+            dims = cfg.image_pos_code_dims or width
+            if not 4 <= dims <= width:
+                raise ValueError(f"image_pos_code_dims must be 0 (all) or 4..{width} (the LM's width), got {dims}")
+            code = torch.zeros(side * side, width)
+            code[:, :dims] = grid_position_code((side, side), dims, cfg.image_pos_code)
         self.register_buffer("image_pos_code", code, persistent=False)
         # LLaVA-NeXT initialises it as randn / sqrt(width) (the scale of a token embedding); a square grid only.
         self.image_newline = None

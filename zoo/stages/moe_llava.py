@@ -72,6 +72,8 @@ class MoELLaVAStage(StageModule):
             args["image_newline"] = True
         if model_cfg.image_pos_code:
             args["image_pos_code"] = model_cfg.image_pos_code
+        if model_cfg.image_pos_code_dims:
+            args["image_pos_code_dims"] = model_cfg.image_pos_code_dims
         # Stage III builds the MoE model directly, so a resumed run's checkpoint matches the module tree;
         # a fresh run fills it from the dense stage-II checkpoint in init_from.
         args["moe"] = model_cfg.moe.to_dict() if model_cfg.moe is not None else None

@@ -50,6 +50,11 @@ class MoELLaVAModelConfig:
         metadata={"help": "while the tower is frozen, compute its features once per distinct image and reuse them "
                           "(exact: the same function of the same pixels; about 7% of a stage-II step on the tiny recipe)"},
     )
+    image_pos_code_dims: int = field(
+        default=0,
+        metadata={"min": 0, "help": "how many of the LM's dimensions the position code occupies (0: all; a few "
+                                    "leave the rest of the width to the features)"},
+    )
     pretrained_lm: str | None = field(
         default=None, metadata={"help": "local Hugging Face causal-LM dir loaded into the LLM (stage I of real recipes)"}
     )
