@@ -6,9 +6,13 @@ the step of the recipe as it was at commit f236d27 (the baseline of the "twice a
 Each side builds the stage exactly as `zoo train` does (stage type, model, data, trainable globs, optimizer), from
 random weights: a step's cost does not depend on the weights. One step = the stage's ``compute_loss`` (vision
 tower, projector, LM), backward, gradient clipping at the stage's value, the optimizer update. Tokens are the real
-(non-padding) tokens of the batch, as the recipe's ``train_tokens_per_s``. Baseline and current steps are timed in
-alternating rounds on the same batches of the stage's own sampler (median over rounds), so both see the same load;
-only the ratio is meant to travel between machines.
+(non-padding) tokens of the batch, as the recipe's ``train_tokens_per_s``; samples/s is the figure a recipe of a
+fixed number of steps pays (a recipe whose samples are shorter does more samples per second at the same tokens/s).
+Where the current stage caches the frozen tower's features (``model.cache_tower_features``, on in ``zoo train``
+once the tower is frozen), its cache is filled with the timed batches first: a run sees each image about eight
+times in stage II, so nearly every step of a run is served from the cache (the f236d27 side never caches: that
+commit had no cache). Baseline and current steps are timed in alternating rounds (median over rounds), so both see
+the same load; only the ratios are meant to travel between machines.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ STAGES = ("align", "sft")
 class StepRunner:
     """One stage of a recipe, built as ``zoo train`` builds it, stepping on the stage's own first batches."""
 
-    def __init__(self, recipe_path: Path, stage_name: str, scenes: int, num_batches: int) -> None:
+    def __init__(self, recipe_path: Path, stage_name: str, scenes: int, num_batches: int, cache: bool = False) -> None:
         from itertools import islice
 
         from torch.utils.data import DataLoader
@@ -63,8 +67,16 @@ class StepRunner:
             self.batches = list(islice(loader, num_batches))
         self.batch_size = stage.batch_size
         self.module.train()
+        model = self.module.model
+        frozen_tower = not any(p.requires_grad for p in model.vision_tower.parameters())
+        self.cached = cache and stage.model.cache_tower_features and frozen_tower
+        if self.cached:
+            model.cache_tower_features()
+            with torch.no_grad():
+                for batch in self.batches:
+                    model.encode_images(batch["pixel_values"])
 
-    def step(self, batch: dict[str, Any]) -> int:
+    def step(self, batch: dict[str, Any]) -> tuple[int, int]:
         loss, _ = self.module.compute_loss(batch)
         if not torch.isfinite(loss):
             raise RuntimeError(f"bench train: non-finite loss {float(loss)}")
@@ -73,26 +85,37 @@ class StepRunner:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
+        return int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0])
 
-    def tokens_per_s(self, steps: int, offset: int) -> float:
-        tokens, t0 = 0, time.perf_counter()
+    def rates(self, steps: int, offset: int) -> tuple[float, float]:
+        """(train tokens/s, samples/s) over ``steps`` steps from batch ``offset``."""
+        tokens = samples = 0
+        t0 = time.perf_counter()
         for k in range(steps):
-            tokens += self.step(self.batches[(offset + k) % len(self.batches)])
-        return tokens / (time.perf_counter() - t0)
+            t, n = self.step(self.batches[(offset + k) % len(self.batches)])
+            tokens, samples = tokens + t, samples + n
+        dt = time.perf_counter() - t0
+        return tokens / dt, samples / dt
 
 
 def measure(stage: str, steps: int, rounds: int, scenes: int) -> dict[str, float]:
     n = 2 + rounds * steps
-    sides = {"f236d27": StepRunner(BASELINE, stage, scenes, n), "current": StepRunner(CURRENT, stage, scenes, n)}
+    sides = {"f236d27": StepRunner(BASELINE, stage, scenes, n),
+             "current": StepRunner(CURRENT, stage, scenes, n, cache=True)}
     for runner in sides.values():
-        runner.tokens_per_s(2, 0)  # warm-up: allocator, first-call paths
-    rates: dict[str, list[float]] = {name: [] for name in sides}
+        runner.rates(2, 0)  # warm-up: allocator, first-call paths
+    tok: dict[str, list[float]] = {name: [] for name in sides}
+    smp: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(rounds):
         for name, runner in sides.items():
-            rates[name].append(runner.tokens_per_s(steps, 2 + r * steps))
-    base, cur = statistics.median(rates["f236d27"]), statistics.median(rates["current"])
+            t, s_ = runner.rates(steps, 2 + r * steps)
+            tok[name].append(t)
+            smp[name].append(s_)
+    base, cur = statistics.median(tok["f236d27"]), statistics.median(tok["current"])
+    base_s, cur_s = statistics.median(smp["f236d27"]), statistics.median(smp["current"])
     return {"f236d27_tok_s": base, "current_tok_s": cur, "ratio": cur / base,
+            "f236d27_samples_s": base_s, "current_samples_s": cur_s, "samples_ratio": cur_s / base_s,
+            "cached": sides["current"].cached,
             "batch": sides["current"].batch_size, "baseline_batch": sides["f236d27"].batch_size}
 
 
@@ -105,9 +128,12 @@ def run(argv: list[str]) -> None:
     p.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # the default job is CPU-only
     args = p.parse_args(argv)
     print(f"threads: {torch.get_num_threads()}; {args.rounds} rounds x {args.steps} steps per side, alternating")
-    print("| default job stage | f236d27 step (train tokens/s) | current step (train tokens/s) | ratio |")
-    print("|---|---:|---:|---:|")
+    print("| default job stage | f236d27 train tokens/s | current train tokens/s | ratio | f236d27 samples/s | "
+          "current samples/s | ratio | tower features |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for stage in STAGES:
         m = measure(stage, args.steps, args.rounds, args.scenes)
         print(f"| {stage} (batch {m['baseline_batch']} / {m['batch']}) | {m['f236d27_tok_s'] / 1000:.2f}k | "
-              f"{m['current_tok_s'] / 1000:.2f}k | {m['ratio']:.2f}x |", flush=True)
+              f"{m['current_tok_s'] / 1000:.2f}k | {m['ratio']:.2f}x | {m['f236d27_samples_s']:.1f} | "
+              f"{m['current_samples_s']:.1f} | {m['samples_ratio']:.2f}x | "
+              f"{'cached (current)' if m['cached'] else 'computed'} |", flush=True)

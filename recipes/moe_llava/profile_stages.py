@@ -1,6 +1,6 @@
 """Where a recipe's training time goes: per-step phases of every stage, measured inside a short real run.
 
-    python recipes/moe_llava/profile_stages.py --runs-dir /tmp/profile --steps clip=200,align=60,sft=300,moe=60
+    python recipes/moe_llava/profile_stages.py --runs-dir /tmp/profile --steps align=60,sft=300,moe=60
 
 Runs the recipe (default: the default job, ``recipes/moe_llava/shapes_tiny.yaml``) with fewer steps per stage and a
 Lightning callback that timestamps every step's phases:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/moe_llava/shapes_tiny.yaml")
     p.add_argument("--runs-dir", required=True, help="output root (a fresh folder: stages are trained with --force)")
-    p.add_argument("--steps", default="clip=200,align=60,sft=300,moe=60",
+    p.add_argument("--steps", default="align=60,sft=300,moe=60",
                    help="STAGE=STEPS,... the shortened max_steps per stage")
     p.add_argument("--warmup", type=int, default=10, help="first steps of each stage left out of the medians")
     p.add_argument("--set", action="append", default=[], help="extra recipe overrides, as zoo train --set")

@@ -29,18 +29,36 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert "RECIPE ?= recipes/moe_llava/shapes_tiny.yaml" in makefile
     r = load_recipe(TINY)
     names = [s.name for s in r.stages]
-    assert names == ["clip", "align", "sft", "moe"]
-    clip, align, sft, moe = r.stages
-    assert clip.type == "clip_contrastive" and align.init_source == ("stage", "clip")
+    assert names == ["align", "sft", "moe"]
+    align, sft, moe = r.stages
+    # Stage I starts from the shipped tower, as MoE-LLaVA starts from a released CLIP.
+    assert align.init_source == ("weights", "clip_vit_tiny4.shapes")
     assert align.trainable == ["mm_projector.*", "llm.*"] and align.data.template == "plain" and align.data.kind == "caption"
     assert sft.trainable == ["mm_projector.*", "llm.*"] and sft.model.moe is None
     assert moe.model.moe.num_experts == 4 and moe.model.moe.top_k == 2
     assert moe.model.moe.aux_loss_coef == 0.01 and moe.trainable == ["llm.lm.model.layers.*.mlp.*"]
     for s in (sft, moe):
         assert set(s.eval.tasks) == {"shapes_vqa", "shapes_pope"}
-    # Stage 0 is the CLIP recipe's stage, except that its tower has a fourth block and it trains longer on the VQA
-    # world's 1-3 object scenes with the dense patch loss (so the penultimate patch tokens LLaVA reads carry shape),
-    # and scores zero-shot on single objects.
+        assert (s.data.extra_spatial, s.data.answer_prompt_turns) == (0, "all")
+    # Stages I-III read that tower (its features cached: it is frozen), with the LM that `moe_llava_tiny` builds.
+    from zoo.models.moe_llava import TINY_LM
+
+    assert all(s.model.vision.model_name == "clip_vit_tiny4" for s in (align, sft, moe))
+    assert all(s.model.lm == TINY_LM for s in (align, sft, moe))
+    assert all(s.model.image_pos_code == 0.0 for s in (align, sft, moe))
+    assert all(s.model.cache_tower_features for s in (align, sft, moe))
+    assert TINY_LM["rope_theta"] == 300.0 and moe.optim.lr == 5e-5
+
+
+def test_tower_recipe_is_the_clip_recipe_with_four_blocks_and_the_patch_loss():
+    """The shipped tower's recipe is the CLIP recipe's stage, except that its tower has a fourth block and it trains
+    longer on the VQA world's 1-3 object scenes with the dense patch loss (so the penultimate patch tokens LLaVA reads
+    carry shape), and scores zero-shot on single objects."""
+    import zoo.weights_table  # noqa: F401
+    from zoo.registry import get_weights_cfg
+
+    clip = load_recipe(ROOT / "recipes" / "clip" / "shapes_tiny4_patch.yaml").stages[0]
+    assert get_weights_cfg("clip_vit_tiny4.shapes").recipe.split("@")[0] == "recipes/clip/shapes_tiny4_patch.yaml"
     ref = load_recipe(ROOT / "recipes" / "clip" / "shapes_tiny.yaml").stages[0]
     for key in ("type", "optim", "schedule", "batch_size", "seed", "trainable"):
         assert getattr(clip, key) == getattr(ref, key), key
@@ -48,12 +66,6 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert (ref.model.architecture, clip.model.architecture) == ("clip_vit_tiny", "clip_vit_tiny4")
     assert dataclasses.replace(clip.trainer, max_steps=ref.trainer.max_steps) == ref.trainer
     assert (ref.trainer.max_steps, clip.trainer.max_steps) == (600, 1000)
-    # Stages I-III read the tower stage 0 trained, with the LM that `moe_llava_tiny` builds by default.
-    from zoo.models.moe_llava import TINY_LM
-
-    assert all(s.model.vision.model_name == "clip_vit_tiny4" for s in (align, sft, moe))
-    assert all(s.model.lm == TINY_LM for s in (align, sft, moe))
-    assert TINY_LM["rope_theta"] == 300.0 and moe.optim.lr == 5e-5
     assert dataclasses.replace(clip.data, max_objects=1, num_train=4096, patch_loss=0.0) == ref.data
     assert (clip.data.max_objects, clip.data.patch_loss, clip.data.hard_negatives) == (3, 5.0, 0)
     assert dataclasses.replace(clip.eval, max_objects=None) == ref.eval and clip.eval.max_objects == 1

@@ -44,6 +44,8 @@ def test_bench_steps_both_recipes_on_real_batches(tmp_path: Path, monkeypatch: p
     assert list(tmp_path.iterdir()) == []  # the stages' exported data went to a temporary folder, not the cwd
     assert m["batch"] == m["baseline_batch"] == 16
     assert m["f236d27_tok_s"] > 0 and m["current_tok_s"] > 0 and math.isfinite(m["ratio"])
+    assert m["f236d27_samples_s"] > 0 and math.isfinite(m["samples_ratio"])
+    assert m["cached"]  # stage II's tower is frozen: the current side serves it from the cache, as a run does
 
 
 def test_profiler_report_medians_and_checkpoint_excess() -> None:
