@@ -77,7 +77,7 @@ def test_shipped_configs_carry_no_absolute_paths():
             yield value
 
     configs = sorted((ROOT / "zoo" / "weights").glob("*/config.json"))
-    assert len(configs) == 4
+    assert len(configs) == 5
     for config in configs:
         absolute = [s for s in strings(json.loads(config.read_text())) if s.startswith("/") or re.match(r"[A-Z]:\\", s)]
         assert not absolute, f"{config}: {absolute}"

@@ -304,7 +304,7 @@ def test_recipe_validation_rejects_a_misspelt_question_kind(monkeypatch):
 
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     bad = "stages.sft.data.questions_per_kind={colour: 2}"
-    with pytest.raises(RecipeError, match=r"stages\[2\]\.data\.questions_per_kind.*did you mean 'color'"):
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.data\.questions_per_kind.*did you mean 'color'"):
         load_recipe("recipes/moe_llava/shapes_tiny.yaml", [bad])
 
 

@@ -68,7 +68,7 @@ def _broken_copies(tmp_path: Path, recipes: list[Path]) -> dict[str, str]:
     # The case: a typo deep in the nested MoESettings of the last stage.
     assert tiny.count("num_experts: 4") == 1
     (tmp_path / "moe_typo.yaml").write_text(tiny.replace("num_experts: 4", "num_expertz: 4"), encoding="utf-8")
-    broken[str(tmp_path / "moe_typo.yaml")] = "stages[3].model.moe.num_expertz: unknown key. Did you mean 'num_experts'?"
+    broken[str(tmp_path / "moe_typo.yaml")] = "stages[2].model.moe.num_expertz: unknown key. Did you mean 'num_experts'?"
     # VisionTowerConfig's own __post_init__ check, now in zoo.components.vision_config.
     assert tiny.count("kind: zoo,") == 1
     (tmp_path / "vision_kind.yaml").write_text(tiny.replace("kind: zoo,", "kind: zooo,"), encoding="utf-8")
@@ -95,7 +95,7 @@ def test_validating_every_recipe_and_its_mistakes_imports_no_torch_transformers_
     for path, expected in broken.items():
         assert out["errors"][path] is not None, f"{path} validated although it is broken"
         assert expected in out["errors"][path], out["errors"][path]
-    assert out["cli_rc"] == 2 and "stages[3].model.moe.num_expertz: unknown key" in out["cli_err"], out
+    assert out["cli_rc"] == 2 and "stages[2].model.moe.num_expertz: unknown key" in out["cli_err"], out
     assert out["heavy"] == [], f"recipe validation imported {out['heavy']}"
 
 
