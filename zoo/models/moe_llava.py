@@ -344,11 +344,12 @@ class MoELLaVA(MultimodalGenerationMixin, nn.Module):
     # -- forward -------------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` -> projected features ``[N, num_image_tokens, D_lm]``."""
-        tower_trains = any(p.requires_grad for p in self.vision_tower.parameters()) and self.training
+        tower_frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
         pixels = pixel_values.to(self._tower_dtype())
-        if self.tower_cache is not None and not any(p.requires_grad for p in self.vision_tower.parameters()):
+        if self.tower_cache is not None and tower_frozen:
             feats = self.tower_cache(self.vision_tower.forward_features, pixels)
         else:
+            tower_trains = not tower_frozen and self.training
             with torch.set_grad_enabled(tower_trains and torch.is_grad_enabled()):
                 feats = self.vision_tower.forward_features(pixels)
         out = self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))
