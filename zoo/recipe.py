@@ -97,7 +97,8 @@ class OptimConfig:
     """Optimizer over the trainable parameters (weight decay applies to tensors with ndim >= 2 only)."""
 
     # a short name, or the import path of any torch.optim.Optimizer subclass (e.g. torch.optim.RAdam), which is
-    # built as cls(param_groups, lr=lr, **args)
+    # built as cls(param_groups, lr=lr, **args). "muon": Muon on the 2-D hidden weights, AdamW (betas, eps) on
+    # embeddings, heads and vectors, one lr and weight decay for both (zoo/stages/optimizers.py)
     name: str = "adamw"
     args: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of an optimizer "
                                                                           "given by import path"})
@@ -119,7 +120,7 @@ class OptimConfig:
                              "lr / betas / eps / momentum keys)")  # fmt: skip
 
 
-SHORT_OPTIMIZERS = ("adamw", "adam", "sgd")
+SHORT_OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
 
 
 @dataclass(kw_only=True)

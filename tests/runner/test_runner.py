@@ -108,10 +108,13 @@ def test_stage_needs_its_source_finished(tmp_path, tiny_stage):
         train(write_recipe(tmp_path), stage="b", runs_dir=tmp_path / "runs")
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_stage, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_stage, monkeypatch, optimizer):
     from zoo.train import train
 
-    path = write_recipe(tmp_path)
+    recipe = yaml.safe_load(yaml.safe_dump(RECIPE))
+    recipe["stages"][0]["optim"]["name"] = optimizer  # muon: its two inner states must resume exactly too
+    path = write_recipe(tmp_path, recipe)
     straight = train(path, stage="a", runs_dir=tmp_path / "straight")[0]
 
     monkeypatch.setenv("MMZOO_RUNS", str(tmp_path / "resumed"))  # also checks the env default for the root

@@ -52,6 +52,7 @@ the dataclass their code takes (``moe: MoESettings | None``), so the recipe vali
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import random
 from abc import ABC, abstractmethod
@@ -245,10 +246,22 @@ class StageModule(L.LightningModule, ABC):
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {self.stage.name!r}: no trainable parameters (check `trainable` / `frozen`)")
-        groups = param_groups(
-            [(n.removeprefix("model."), p) for n, p in params], optim.lr, optim.weight_decay, optim.lr_scale
-        )
-        if optim.name == "adamw":
+        named = [(n.removeprefix("model."), p) for n, p in params]
+        groups = param_groups(named, optim.lr, optim.weight_decay, optim.lr_scale)
+        if optim.name == "muon":
+            from zoo.stages.optimizers import MuonAdamW, is_muon_param
+
+            def groups_of(part: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+                # the globs were checked against all parameters above; keep those that match within this part
+                scale = {g: s for g, s in optim.lr_scale.items() if any(fnmatch.fnmatchcase(n, g) for n, _ in part)}
+                return param_groups(part, optim.lr, optim.weight_decay, scale) if part else []
+
+            opt = MuonAdamW(
+                groups_of([(n, p) for n, p in named if is_muon_param(n, p)]),
+                groups_of([(n, p) for n, p in named if not is_muon_param(n, p)]),
+                lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+            )  # fmt: skip
+        elif optim.name == "adamw":
             opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
         elif optim.name == "adam":
             opt = torch.optim.Adam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
