@@ -39,13 +39,16 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert moe.model.moe.aux_loss_coef == 0.01 and moe.trainable == ["llm.lm.model.layers.*.mlp.*"]
     for s in (sft, moe):
         assert set(s.eval.tasks) == {"shapes_vqa", "shapes_pope"}
-        assert (s.data.extra_spatial, s.data.answer_prompt_turns) == (0, "all")
+        assert (s.data.extra_spatial, s.data.answer_prompt_turns) == (3, "all")
     # Stages I-III read that tower (its features cached: it is frozen), with the LM that `moe_llava_tiny` builds.
     from zoo.models.moe_llava import TINY_LM
 
     assert all(s.model.vision.model_name == "clip_vit_tiny4" for s in (align, sft, moe))
     assert all(s.model.lm == TINY_LM for s in (align, sft, moe))
-    assert all(s.model.image_pos_code == 0.0 for s in (align, sft, moe))
+    # the position code in the first 16 dimensions, in every stage (the projector learns it in stage I)
+    assert all((s.model.image_pos_code, s.model.image_pos_code_dims) == (6.0, 16) for s in (align, sft, moe))
+    assert (sft.optim.name, sft.optim.lr, sft.trainer.max_steps) == ("muon", 2e-3, 2000)
+    assert align.optim.name == moe.optim.name == "adamw"
     assert all(s.model.cache_tower_features for s in (align, sft, moe))
     assert TINY_LM["rope_theta"] == 300.0 and moe.optim.lr == 5e-5
 
