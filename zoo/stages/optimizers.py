@@ -42,9 +42,9 @@ def orthogonalise(g: Tensor, steps: int = 5) -> Tensor:
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on the hidden weight matrices and ``torch.optim.AdamW`` on the rest, as one optimizer.
 
-    Muon (as ``torch.optim.Muon``, in float32 on CPU): Nesterov momentum, then the update orthogonalised (``orthogonalise``) and scaled to AdamW's RMS by
-    ``0.2 * sqrt(max(rows, cols))`` (Moonshot's rule, "Muon is Scalable for LLM Training"), so both halves take the
-    same learning rate and weight decay (decoupled). One object, so that one LR scheduler, one Lightning optimizer and
+    Muon (as ``torch.optim.Muon``, in float32 on CPU): Nesterov momentum, then the update orthogonalised
+    (``orthogonalise``) and scaled to AdamW's RMS by ``0.2 * sqrt(max(rows, cols))`` (Moonshot's rule, "Muon is
+    Scalable for LLM Training"), so both halves take the same learning rate and weight decay (decoupled). One object, so that one LR scheduler, one Lightning optimizer and
     one checkpointed state cover both: the Muon groups are its own, the AdamW groups are the inner AdamW's group dicts
     themselves, so a scheduler's lr writes reach them.
     """
