@@ -222,6 +222,8 @@ class StageSpec:
     batch_size: int = field(metadata={"min": 1, "help": "per-device micro-batch size"})
     seed: int = 0
     num_workers: int = field(default=0, metadata={"min": 0})
+    group_by_length: int = field(default=0, metadata={
+        "min": 0, "help": "0: random batches; N: sort every N random batches by sample length, so batches pad less"})
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     description: str = ""
     # Filled in by the runner, not accepted from YAML. No default folder: a stage built outside the runner must not
@@ -709,6 +711,12 @@ def check_stage_configs(recipe: Recipe) -> None:
             if dataclasses.is_dataclass(value):
                 continue  # already validated
             setattr(stage, section, checker.dataclass(value or {}, cls, f"stages[{i}].{section}"))
+        # Length grouping needs each sample's length, which only some stage types' data report (their DataConfig
+        # says so), and this is the place to say so: before any stage has run.
+        if stage.group_by_length and not getattr(type(stage.data), "reports_sample_lengths", False):
+            checker.fail(f"stages[{i}].group_by_length",
+                         f"stage type {stage.type!r} does not report sample lengths, so it cannot group batches by "
+                         "length; remove group_by_length (or set it to 0)")
         # Stages a stage reads besides init_from (Uni-MoE's expert_sources) must be earlier ones, like init_from.
         refs = getattr(stage.model, "earlier_stage_refs", None)
         if refs is not None:

@@ -88,3 +88,18 @@ class TinyRegressionStage(StageModule):
         mse = nn.functional.mse_loss(self.model(data.x), data.y)
         weight_sum = sum(float(p.double().sum()) for p in self.model.parameters())
         return {"eval_mse": float(mse), "weight_sum": weight_sum}
+
+
+@dataclass(kw_only=True)
+class TinyLengthDataConfig(TinyDataConfig):
+    reports_sample_lengths = True  # (a ClassVar by annotation-less assignment) the validator reads it
+
+
+@register_stage("runner_tiny_lengths")
+class TinyLengthStage(TinyRegressionStage):
+    """The regression stage with made-up sample lengths, so a recipe may group its batches by length."""
+
+    DataConfig = TinyLengthDataConfig
+
+    def sample_lengths(self) -> list[int]:
+        return [(7 * i) % 13 for i in range(self.data_cfg.num_samples)]

@@ -30,7 +30,9 @@ What the base class supplies:
 - ``train_dataloader``: an infinite, resumable stream (:class:`StepBatchSampler`). Micro-batch ``k`` on rank ``r``
   is a pure function of ``(seed, k, r)``, so a run resumed from a checkpoint sees exactly the batches an
   uninterrupted run would have seen, and ``N`` processes with ``batch_size = B / N`` see the same global batches as
-  one process with ``batch_size = B``.
+  one process with ``batch_size = B``. A stage with ``group_by_length: N`` gets :class:`LengthGroupedBatchSampler`
+  instead (same guarantees; batches of similar length), over the lengths its ``sample_lengths()`` reports and its
+  ``DataConfig`` declares (``reports_sample_lengths = True``), which the recipe validator checks.
 - ``on_train_batch_start``: reseeds ``torch``/``numpy``/``random`` from ``(seed, step, micro-batch, rank)`` so
   randomness in the forward pass (dropout, noise, timesteps) is a function of the step (Lightning checkpoints do not
   store RNG state). Randomness in ``train_dataset`` items or ``collate_fn`` must instead be seeded by the sample
@@ -72,7 +74,7 @@ from zoo.registry import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 if TYPE_CHECKING:
     from zoo.recipe import StageSpec
 
-__all__ = ["StageModule", "StepBatchSampler", "build_lr_lambda", "mix_seed"]
+__all__ = ["LengthGroupedBatchSampler", "StageModule", "StepBatchSampler", "build_lr_lambda", "mix_seed"]
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -107,6 +109,42 @@ class StepBatchSampler(Sampler[list[int]]):
         while True:
             yield self.batch(k)
             k += 1
+
+
+class LengthGroupedBatchSampler(StepBatchSampler):
+    """:class:`StepBatchSampler` whose batches hold samples of similar length, so a padded batch wastes little.
+
+    The global stream is cut into megabatches of ``group`` global batches (``group * B * W`` consecutive positions
+    of the seeded per-epoch permutation); each megabatch is sorted by sample length, cut back into ``group``
+    batches, and those batches are visited in a seeded random order. Micro-batch ``k`` is still a pure function of
+    ``(seed, k, rank)``, so resuming and sharding behave exactly as in the base class; within a megabatch every
+    sample is seen once, as before. This is LLaVA's ``group_by_modality_length`` idea: a random batch of the tiny
+    recipe's VQA records (88-163 tokens) is about 10% padding, a batch grouped over 32 batches under 1%.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, lengths: list[int] | np.ndarray, group: int,
+                 rank: int = 0, world_size: int = 1, start: int = 0):
+        super().__init__(num_samples, batch_size, seed, rank=rank, world_size=world_size, start=start)
+        if len(lengths) != num_samples:
+            raise ValueError(f"lengths has {len(lengths)} entries for a dataset of {num_samples} samples")
+        if group < 1:
+            raise ValueError(f"group is {group}; it must be >= 1 (batches per length-sorted megabatch)")
+        self.lengths, self.group = np.asarray(lengths), group
+        self._mega, self._mega_batches = -1, []
+
+    def batch(self, k: int) -> list[int]:
+        mega, slot = divmod(k, self.group)
+        if mega != self._mega:
+            span = self.batch_size * self.world_size
+            first = mega * self.group * span
+            indices = np.array([self._index(p) for p in range(first, first + self.group * span)])
+            # longest first, ties in stream order: the sort is stable, so equal lengths keep their random order
+            indices = indices[np.argsort(-self.lengths[indices], kind="stable")]
+            order = torch.randperm(self.group, generator=torch.Generator().manual_seed(mix_seed(self.seed, mega, 1)))
+            self._mega = mega
+            self._mega_batches = [indices[int(b) * span : (int(b) + 1) * span].tolist() for b in order]
+        own = self._mega_batches[slot]
+        return own[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
 
 def build_lr_lambda(name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -161,6 +199,11 @@ class StageModule(L.LightningModule, ABC):
         """Numbers for summary.json and the results table, computed after training on global rank 0."""
         return {}
 
+    def sample_lengths(self) -> list[int] | None:
+        """Each training sample's length (what padding follows, e.g. tokens), for ``group_by_length``; default None
+        (the stage type cannot group by length)."""
+        return None
+
     def skipped_samples(self) -> int | dict[str, int]:
         """Training samples skipped as unreadable (``data.on_error: skip``), summed over DataLoader workers.
 
@@ -205,14 +248,17 @@ class StageModule(L.LightningModule, ABC):
     def train_dataloader(self) -> DataLoader:
         dataset = self.get_train_dataset()
         trainer = self.trainer
-        sampler = StepBatchSampler(
-            len(dataset),
-            self.stage.batch_size,
-            self.stage.seed,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            start=self.micro_batches_done,
-        )
+        where = dict(rank=trainer.global_rank, world_size=trainer.world_size, start=self.micro_batches_done)
+        if self.stage.group_by_length:
+            lengths = self.sample_lengths()
+            if lengths is None:
+                raise ValueError(f"stage {self.stage.name!r}: group_by_length is set, but stage type "
+                                 f"{self.stage_type!r} does not report sample lengths; remove group_by_length")
+            sampler: StepBatchSampler = LengthGroupedBatchSampler(
+                len(dataset), self.stage.batch_size, self.stage.seed, lengths, self.stage.group_by_length, **where
+            )
+        else:
+            sampler = StepBatchSampler(len(dataset), self.stage.batch_size, self.stage.seed, **where)
         return DataLoader(
             dataset,
             batch_sampler=sampler,

@@ -211,6 +211,10 @@ class MoELLaVAStage(StageModule):
         self.data_summary = ds.summary()
         return ds
 
+    def sample_lengths(self) -> list[int]:
+        """Tokens per record (image tokens included), what a padded batch's length follows."""
+        return [len(e.input_ids) for e in self.get_train_dataset().encoded]
+
     def collate_fn(self, samples: list[Any]) -> dict[str, Any]:
         from data.llava import LlavaCollator
 

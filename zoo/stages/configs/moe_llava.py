@@ -4,7 +4,7 @@ from the stage module and free of torch so that validating a recipe stays fast."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from data.shapes import WorldConfig
 from zoo.components.vision_config import VisionTowerConfig
@@ -65,6 +65,9 @@ class MoELLaVAModelConfig:
 
 @dataclass(kw_only=True)
 class MoELLaVADataConfig:
+    # the stage reports each record's token count, so a recipe may set the stage's group_by_length
+    reports_sample_lengths: ClassVar[bool] = True
+
     source: Literal["shapes", "llava_json", "webdataset"] = "shapes"
     kind: Literal["caption", "vqa"] = field(default="vqa", metadata={"help": "shapes export: caption or vqa"})
     world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world (source=shapes)"})
