@@ -47,7 +47,7 @@ def test_tiny_recipe_is_the_make_train_default_and_validates():
     assert all(s.model.lm == TINY_LM for s in (align, sft, moe))
     # the position code in the first 16 dimensions, in every stage (the projector learns it in stage I)
     assert all((s.model.image_pos_code, s.model.image_pos_code_dims) == (6.0, 16) for s in (align, sft, moe))
-    assert (sft.optim.name, sft.optim.lr, sft.trainer.max_steps) == ("muon", 2e-3, 2000)
+    assert (sft.optim.name, sft.optim.lr, sft.trainer.max_steps) == ("muon", 2e-3, 2500)
     assert align.optim.name == moe.optim.name == "adamw"
     assert all(s.model.cache_tower_features for s in (align, sft, moe))
     assert TINY_LM["rope_theta"] == 300.0 and moe.optim.lr == 5e-5
