@@ -92,7 +92,7 @@ class TinyRegressionStage(StageModule):
 
 @dataclass(kw_only=True)
 class TinyLengthDataConfig(TinyDataConfig):
-    reports_sample_lengths = True  # (a ClassVar by annotation-less assignment) the validator reads it
+    reports_sample_lengths = True  # a class attribute, not a field (no annotation): the recipe validator reads it
 
 
 @register_stage("runner_tiny_lengths")
